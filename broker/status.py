@@ -1,0 +1,69 @@
+"""Rendering the broker's status document (``neuron-broker status``) as a table."""
+from __future__ import annotations
+
+from neuron_client.cores import format_visible
+
+
+def _age(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def core_rows(doc: dict) -> list[list[str]]:
+    rows = []
+    for c in doc["cores"]:
+        owner = c["owner"]
+        worker = c["worker"]
+        models = ", ".join(f"{m['name']}#{m['id']}" for m in c["models"]) or "-"
+        device = c.get("device", "")
+        where = f"{device} cpus {format_visible(c['cpus'])}" if device == "cpu" else device
+        rows.append([
+            f"nc{c['core']}",
+            c["state"],
+            where,
+            f"{worker['pid']}{'' if worker['ready'] else ' (starting)'}" if worker["pid"] else "-",
+            _bytes(worker["rss"]) if worker["rss"] else "-",
+            f"{owner['pid']} {_cut(owner['cmd'], 32)}" if owner else "-",
+            _age(owner["age_s"]) if owner else "-",
+            _cut(models, 40),
+            str(c["requests"]),
+        ])
+    return rows
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+HEADERS = ["CORE", "STATE", "DEVICE", "WORKER", "MEMORY", "OWNER (PID COMMAND)", "LEASE AGE", "MODELS", "REQUESTS"]
+
+
+def render(doc: dict) -> str:
+    b = doc["broker"]
+    owned = sum(1 for c in doc["cores"] if c["state"] == "owned")
+    head = (f"neuron-broker pid {b['pid']} · {b['backend']} backend · {b['cores']} cores ({owned} owned) · "
+            f"{b['address']} · up {_age(b['uptime_s'])}")
+    out = [head, table(HEADERS, core_rows(doc))]
+    if doc.get("pending"):
+        out.append("waiting: " + "; ".join(f"pid {p['pid']} for {p['requested']} ({p['waited_s']:.1f}s)"
+                                           for p in doc["pending"]))
+    return "\n".join(out)

@@ -1,0 +1,91 @@
+"""Find the broker, or start one in the background: safely when several processes start at once.
+
+The first client that finds no broker takes ``autostart.lock`` in the broker directory, checks again, and starts
+``python -m broker start --foreground`` as a detached process logging to ``broker.log``; the others wait on the lock
+and then find the broker it started.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+import time
+
+from . import config, transport
+from .errors import BrokerUnavailableError
+
+
+def running_pid(directory: str) -> int:
+    """The pid in the broker's pid file if that process is alive, else 0."""
+    try:
+        with open(config.pid_file(directory)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return 0
+    except PermissionError:
+        pass
+    return pid
+
+
+def spawn_broker(directory: str, cores: int | None = None, extra_args=(), timeout_s: float = config.BROKER_START_TIMEOUT_S):
+    """Start a detached broker and wait until it answers; returns its :class:`protocol.Pong`."""
+    config.ensure_private_dir(directory)
+    args = [sys.executable, "-m", "broker", "start", "--foreground", "--dir", directory]
+    if cores:
+        args += ["--cores", str(cores)]
+    args += list(extra_args)
+    env = dict(os.environ, **{config.ENV_BROKER_DIR: directory})
+    for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES"):  # the broker owns no cores itself
+        env.pop(var, None)
+    with open(config.log_file(directory), "ab") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=True, close_fds=True)
+    address = config.broker_address(directory)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        pong = transport.ping(address, 0.5)
+        if pong is not None:
+            return pong
+        if code is not None:
+            if code == 3:  # another broker won the race; it answers soon
+                continue
+            raise BrokerUnavailableError(
+                f"the broker exited with code {code} while starting; see {config.log_file(directory)}")
+    raise BrokerUnavailableError(
+        f"the broker did not answer within {timeout_s:.0f}s of starting; see {config.log_file(directory)}")
+
+
+def ensure_broker(directory: str | None = None):
+    """The broker's :class:`protocol.Pong`, starting a broker (cores = CPU count) when none runs and autostart is on."""
+    directory = directory or config.broker_dir()
+    address = config.broker_address(directory)
+    explicit = os.environ.get(config.ENV_BROKER_ADDRESS)
+    if explicit or running_pid(directory):
+        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        if pong is not None:
+            return pong
+        if explicit:
+            raise BrokerUnavailableError(f"no broker answers at {config.ENV_BROKER_ADDRESS}={explicit}; "
+                                         "start one there or unset the variable")
+    if not config.autostart_enabled():
+        raise BrokerUnavailableError(
+            f"no broker is running (looked in {directory}) and {config.ENV_AUTOSTART}=0; "
+            "start one with 'neuron-broker start' or unset the variable")
+    config.ensure_private_dir(directory)
+    fd = os.open(os.path.join(directory, "autostart.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if running_pid(directory):
+            pong = transport.ping(address, config.BROKER_START_TIMEOUT_S)
+            if pong is not None:
+                return pong
+        return spawn_broker(directory)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)

@@ -1,0 +1,40 @@
+"""``neuron_client.jit.load``: the counterpart of ``torch.jit.load`` that places the model on the process's cores."""
+from __future__ import annotations
+
+import os
+
+from . import placement, tracing
+from .errors import ModelLoadError
+from .model import NeuronModel
+
+
+def _read(f) -> tuple[str, bytes]:
+    if hasattr(f, "read"):
+        return getattr(f, "name", "model"), f.read()
+    path = os.fspath(f)
+    try:
+        with open(path, "rb") as fh:
+            return os.path.basename(path), fh.read()
+    except FileNotFoundError:
+        raise ModelLoadError(f"model file {path!r} does not exist (working directory {os.getcwd()})") from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path!r} is a directory; give the path of a file saved with torch.jit.save") from None
+    except PermissionError:
+        raise ModelLoadError(f"no permission to read model file {path!r}") from None
+
+
+def load(f, map_location=None, _extra_files=None) -> NeuronModel:
+    """Load a saved TorchScript model onto the process's cores.
+
+    Placement follows the enclosing ``neuron_cores_context`` / ``multicore_context`` (this thread's), else the
+    least-used core. A file saved after ``lazy_load`` is not placed until its first call (or ``DataParallel``); one
+    saved after ``async_load`` starts loading now in the background and its first call waits.
+    """
+    name, data = _read(f)
+    meta = tracing.read_meta(data)
+    model = NeuronModel(str(name), data, meta, placement.current())
+    if meta.get("lazy_load"):
+        model.state = "lazy"
+        return model
+    model.place(background=bool(meta.get("async_load")))
+    return model

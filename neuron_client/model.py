@@ -1,0 +1,208 @@
+"""A model placed on cores: the client-side proxy that ``neuron_client.jit.load`` returns.
+
+It holds the model file's bytes and its recorded metadata, one replica per core it is loaded on, and serves calls
+round-robin over the replicas, preferring an idle one (a replica busy with one call does not hold up calls that
+another could serve). Loading is synchronous, lazy (at the first call or DataParallel) or asynchronous (in the
+background; the first call waits), as the file's flags say.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+
+from . import config, placement, protocol
+from .errors import InputShapeError, ModelLoadError, NeuronRuntimeError
+from .runtime import Runtime, get_runtime
+
+
+@dataclass
+class Replica:
+    core: int  # global core id
+    nc: int  # index among the process's cores
+    model_id: int
+    in_flight: int = 0
+
+
+class NeuronModel:
+    def __init__(self, name: str, data: bytes, meta: dict, where: placement.Placement | None = None):
+        self.name = name
+        self.meta = meta
+        self._data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        self._where = where or placement.current()
+        self.replicas: list[Replica] = []
+        self.state = "unloaded"
+        self._rr = 0
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._local = threading.local()
+        self._runtime: Runtime | None = None
+        self._finalizer = None
+        self.static_shapes = True
+
+    # -- metadata --------------------------------------------------------------------------------------------
+    @property
+    def input_specs(self) -> list[dict] | None:
+        return self.meta.get("inputs")
+
+    @property
+    def cores(self) -> list[int]:
+        """Global ids of the cores holding this model's replicas."""
+        return [r.core for r in self.replicas]
+
+    @property
+    def last_core(self) -> int | None:
+        """The global core that served this thread's most recent call."""
+        return getattr(self._local, "last_core", None)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def place(self, where: placement.Placement | None = None, background: bool = False) -> None:
+        """(Re)load onto the cores ``where`` names (default: the placement in force when the model was created)."""
+        rt = get_runtime()
+        self.unload()
+        self._start(rt, placement.resolve(where or self._where, rt.models_per_core), background)
+
+    def load_onto(self, ncs: list[int], background: bool = False) -> None:
+        """(Re)load onto exactly these core indices of the process (DataParallel's placement)."""
+        rt = get_runtime()
+        self.unload()
+        for nc in ncs:
+            rt.global_core(nc)  # validates
+        self._start(rt, list(ncs), background)
+
+    def _start(self, rt: Runtime, ncs: list[int], background: bool) -> None:
+        with self._lock:
+            self._runtime = rt
+            self.state = "loading"
+            self._ready.clear()
+            self._load_error = None
+            for nc in ncs:
+                rt.models_per_core[nc] += 1
+        if background:
+            threading.Thread(target=self._load, args=(rt, ncs), name=f"load-{self.name}", daemon=True).start()
+        else:
+            self._load(rt, ncs)
+            self.wait_loaded()
+
+    def _load(self, rt: Runtime, ncs: list[int]) -> None:
+        def one(nc: int) -> Replica:
+            core = rt.global_core(nc)
+            reply = rt.channel(core).request(
+                protocol.Load(token=rt.token, name=self.name, data=self._data), config.LOAD_TIMEOUT_S, [self._data])
+            return Replica(core=core, nc=nc, model_id=reply.model_id)
+
+        try:
+            if len(ncs) == 1:
+                replicas = [one(ncs[0])]
+            else:  # replicas load concurrently, one thread per core
+                futures = [rt.submit(one, nc) for nc in ncs]
+                replicas = [f.result() for f in futures]
+            with self._lock:
+                self.replicas = replicas
+                self.state = "loaded"
+            self._finalizer = weakref.finalize(self, rt.unload_later, [(r.core, r.model_id) for r in replicas])
+        except BaseException as exc:
+            with self._lock:
+                self.state = "failed"
+                self._load_error = exc
+                for nc in ncs:
+                    rt.models_per_core[nc] -= 1
+        finally:
+            self._ready.set()
+
+    def wait_loaded(self, timeout_s: float = config.LOAD_TIMEOUT_S) -> None:
+        if self.state == "lazy" or self.state == "unloaded":
+            self.place(background=False)
+        if not self._ready.wait(timeout_s):
+            raise ModelLoadError(f"{self.name} did not finish loading within {timeout_s:.0f}s")
+        if self._load_error is not None:
+            err = self._load_error
+            if isinstance(err, NeuronRuntimeError):
+                raise type(err)(f"{err} (while loading {self.name})") from None
+            raise ModelLoadError(f"loading {self.name} failed: {type(err).__name__}: {err}") from err
+
+    def unload(self) -> None:
+        """Remove the model from its cores (it can be placed again)."""
+        with self._lock:
+            replicas, self.replicas = self.replicas, []
+            rt = self._runtime
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            if rt is not None:
+                for r in replicas:
+                    rt.models_per_core[r.nc] -= 1
+            self.state = "unloaded"
+        if rt is not None and replicas and not rt.closed:
+            for r in replicas:
+                try:
+                    rt.channel(r.core).request(protocol.Unload(token=rt.token, model_id=r.model_id),
+                                               config.BROKER_REQUEST_TIMEOUT_S)
+                except NeuronRuntimeError:
+                    pass
+
+    # -- calls -----------------------------------------------------------------------------------------------
+    def _pick(self) -> Replica:
+        with self._lock:
+            n = len(self.replicas)
+            order = [self.replicas[(self._rr + i) % n] for i in range(n)]
+            chosen = min(order, key=lambda r: r.in_flight)  # first idle one in round-robin order
+            self._rr = (self.replicas.index(chosen) + 1) % n
+            chosen.in_flight += 1
+            return chosen
+
+    def check_shapes(self, args: tuple) -> None:
+        specs = self.input_specs
+        if not self.static_shapes or specs is None:
+            return
+        given = [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in protocol.walk_tensors(args)]
+        if given != specs:
+            def fmt(ss):
+                return ", ".join(f"{s['dtype']}{s['shape']}" for s in ss) or "none"
+
+            raise InputShapeError(
+                f"{self.name} was traced for inputs ({fmt(specs)}) but got ({fmt(given)}); traced models have "
+                "static shapes: pad or split the input, trace again for this shape, or use DataParallel's dynamic "
+                "batching or a bucketed model")
+
+    def run(self, args: tuple, replica: Replica | None = None):
+        """Run one call on ``replica`` (default: the next in round-robin order); no shape check."""
+        if self.state != "loaded":
+            self.wait_loaded()
+        rt = self._runtime
+        r = replica
+        if r is None:
+            r = self._pick()
+        else:
+            with self._lock:
+                r.in_flight += 1
+        try:
+            out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
+        finally:
+            with self._lock:
+                r.in_flight -= 1
+        self._local.last_core = r.core
+        return out
+
+    def __call__(self, *args):
+        if self.state != "loaded":
+            self.wait_loaded()
+        self.check_shapes(args)
+        return self.run(args)
+
+    forward = __call__
+
+    def submit(self, *args) -> Future:
+        """Run a call in the background; returns a ``concurrent.futures.Future`` of its outputs."""
+        if self.state != "loaded":
+            self.wait_loaded()
+        self.check_shapes(args)
+        return self._runtime.submit(self.run, args)
+
+    def __repr__(self) -> str:
+        where = f"cores {self.cores}" if self.replicas else self.state
+        return f"NeuronModel({self.name!r}, {where})"

@@ -1,0 +1,481 @@
+"""The wire format: the one module that knows how messages look on a socket.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack header
+``{"v": PROTOCOL_VERSION, "op": <name>, "id": <request id>, "body": {...}}``, and every further frame is the raw
+bytes of one tensor named in the body. Tensors, tuples, lists, dicts and scalars nest freely inside a body: a tensor
+becomes a msgpack extension that points at its frame (or, when large, at a region of a shared-memory segment), a tuple
+becomes an extension holding its items. Nothing is ever pickled.
+
+Every message type is declared once below as a dataclass with its op name. :func:`encode` turns one into frames,
+:func:`decode` turns frames back into a typed message or raises :class:`ProtocolError` with a clear reason: bad input
+never gets further than this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_FRAMES = 4096
+
+EXT_TENSOR = 1  # [frame index, dtype, shape]
+EXT_SHM_TENSOR = 2  # [segment name, offset, dtype, shape]
+EXT_TUPLE = 3  # packed list of items
+
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float32", "float64", "float16", "bfloat16", "complex64", "complex128",
+        "int8", "int16", "int32", "int64", "uint8", "bool",
+    )
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+MESSAGES: dict[str, type] = {}
+
+
+def message(op: str):
+    """Register a dataclass as the message type for ``op``."""
+
+    def register(cls):
+        cls = dataclass(cls)
+        cls.op = op
+        MESSAGES[op] = cls
+        cls._hints = None
+        return cls
+
+    return register
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Message types. Control plane: client <-> broker.
+
+
+@message("ping")
+class Ping:
+    pass
+
+
+@message("pong")
+class Pong:
+    pid: int
+    cores: int
+    backend: str
+    version: int = PROTOCOL_VERSION
+
+
+@message("acquire")
+class Acquire:
+    pid: int
+    create_time: float
+    cmd: str
+    visible: typing.Optional[list] = None  # exact global core ids
+    count: typing.Optional[int] = None  # contiguous count; None with visible None = all cores
+    wait_s: float = 0.0  # opt-in queueing (NEURON_RT_ACQUIRE_TIMEOUT)
+
+
+@message("granted")
+class Granted:
+    lease_id: str
+    token: str
+    cores: list  # global core ids, ascending
+    workers: list  # [{"core", "endpoint", "pid"}] in core order
+    heartbeat_s: float
+    lease_timeout_s: float
+
+
+@message("heartbeat")
+class Heartbeat:
+    lease_id: str
+
+
+@message("release")
+class Release:
+    lease_id: str
+
+
+@message("status")
+class Status:
+    pass
+
+
+@message("status_reply")
+class StatusReply:
+    doc: dict
+
+
+@message("stop")
+class Stop:
+    pass
+
+
+@message("ok")
+class Ok:
+    pass
+
+
+@message("error")
+class Error:
+    code: str
+    message: str
+
+
+# Supervision: broker <-> worker.
+
+
+@message("worker_ready")
+class WorkerReady:
+    core: int
+    pid: int
+    endpoint: str
+
+
+@message("worker_stats")
+class WorkerStats:
+    core: int
+    models: list  # [{"id", "name", "requests", "bytes"}]
+    requests: int
+    errors: int
+    rss: int
+    busy: bool
+
+
+@message("assign")
+class Assign:
+    """The core now belongs to ``lease_id`` (empty: to nobody; the worker drops the previous owner's models)."""
+
+    lease_id: str
+    token: str
+    owner_pid: int
+
+
+@message("shutdown")
+class Shutdown:
+    pass
+
+
+# Data plane: client <-> worker.
+
+
+@message("load")
+class Load:
+    token: str
+    name: str
+    data: Any  # uint8 tensor: the TorchScript file's bytes (the worker never opens client-named paths)
+
+
+@message("loaded")
+class Loaded:
+    model_id: int
+    load_s: float
+
+
+@message("unload")
+class Unload:
+    token: str
+    model_id: int
+
+
+@message("call")
+class Call:
+    token: str
+    model_id: int
+    args: Any  # tuple of inputs: any nesting of tensors, tuples, lists, dicts and scalars
+    reply_shm: typing.Optional[str] = None  # client segment the worker may write large outputs into
+    reply_shm_size: int = 0
+
+
+@message("result")
+class Result:
+    outputs: Any
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tensors.
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {dtype} cannot travel; supported: {', '.join(DTYPES)}") from None
+
+
+def _dtype(name) -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPES:
+        raise ProtocolError(f"unknown dtype {name!r}; supported: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _shape(shape) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 64:
+        raise ProtocolError(f"bad tensor shape {shape!r}: expected a list of at most 64 non-negative ints")
+    return tuple(shape)
+
+
+def nbytes_of(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * (torch.empty((), dtype=dtype).element_size())
+
+
+class TensorSink:
+    """Where an encoder puts tensor bytes: appended frames, or a shared-memory arena for large ones.
+
+    ``shm`` is an object with ``put(tensor) -> (segment name, offset) | None`` (None: no room, use a frame).
+    """
+
+    def __init__(self, shm=None, shm_threshold: int = 1 << 62):
+        self.frames: list = []
+        self.shm = shm
+        self.shm_threshold = shm_threshold
+
+    def put(self, t: torch.Tensor) -> msgpack.ExtType:
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        name = dtype_name(t.dtype)
+        shape = list(t.shape)
+        nbytes = t.numel() * t.element_size()
+        if self.shm is not None and nbytes >= self.shm_threshold:
+            where = self.shm.put(t)
+            if where is not None:
+                return msgpack.ExtType(EXT_SHM_TENSOR, msgpack.packb([where[0], where[1], name, shape]))
+        self.frames.append(tensor_buffer(t))
+        return msgpack.ExtType(EXT_TENSOR, msgpack.packb([len(self.frames), name, shape]))
+
+
+def tensor_buffer(t: torch.Tensor):
+    """A zero-copy, buffer-protocol view of a CPU tensor's bytes (keeps the tensor alive)."""
+    t = t.contiguous()
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return b""
+    import ctypes
+
+    buf = (ctypes.c_char * n).from_address(t.data_ptr())
+    buf._tensor = t  # the view must not outlive the storage
+    return buf
+
+
+def tensor_from_buffer(buf, dtype: torch.dtype, shape, copy: bool) -> torch.Tensor:
+    """A tensor over ``buf`` (a writable buffer) or over a copy of it."""
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    if copy:
+        buf = bytearray(buf)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+class TensorSource:
+    """Where a decoder finds tensor bytes: the message's frames, and shared-memory segments by name.
+
+    ``shm`` is an object with ``view(name, offset, nbytes) -> writable memoryview``. With ``copy_shm`` the decoded
+    tensor owns a copy (the client side, whose arena is reused); without it, the tensor is a view (the worker side).
+    """
+
+    def __init__(self, frames, shm=None, copy_shm: bool = True):
+        self.frames = frames
+        self.shm = shm
+        self.copy_shm = copy_shm
+
+    def frame_tensor(self, index, dtype_s, shape_l) -> torch.Tensor:
+        dtype, shape = _dtype(dtype_s), _shape(shape_l)
+        if not isinstance(index, int) or not 1 <= index < len(self.frames):
+            raise ProtocolError(f"tensor points at frame {index!r} but the message has {len(self.frames)} frames")
+        buf = memoryview(self.frames[index])
+        want = nbytes_of(dtype, shape)
+        if buf.nbytes != want:
+            raise ProtocolError(
+                f"tensor header says {dtype_s}{list(shape)} ({want} bytes) but its frame holds {buf.nbytes} bytes"
+            )
+        return tensor_from_buffer(buf, dtype, shape, copy=True)
+
+    def shm_tensor(self, name, offset, dtype_s, shape_l) -> torch.Tensor:
+        dtype, shape = _dtype(dtype_s), _shape(shape_l)
+        if self.shm is None:
+            raise ProtocolError("a shared-memory tensor arrived where none is accepted")
+        if not isinstance(name, str) or not isinstance(offset, int) or offset < 0:
+            raise ProtocolError(f"bad shared-memory reference {name!r}@{offset!r}")
+        nbytes = nbytes_of(dtype, shape)
+        view = self.shm.view(name, offset, nbytes)
+        return tensor_from_buffer(view, dtype, shape, copy=self.copy_shm)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Encoding and decoding.
+
+
+def _default(sink: TensorSink | None):
+    def hook(obj):
+        if isinstance(obj, torch.Tensor):
+            if sink is None:
+                raise ProtocolError("this message cannot carry tensors")
+            return sink.put(obj)
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(obj), default=hook, strict_types=True))
+        if isinstance(obj, dict):  # dict subclasses (OrderedDict, ...)
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses (IntEnum, numpy scalars, ...)
+            for base in (bool, int, float, str, bytes):
+                if isinstance(obj, base):
+                    return base(obj)
+        if isinstance(obj, torch.dtype):
+            return dtype_name(obj)
+        raise ProtocolError(f"a value of type {type(obj).__name__} cannot travel; use tensors, numbers, strings, "
+                            "None, tuples, lists and dicts")
+
+    return hook
+
+
+def encode(msg, req_id: int = 0, sink: TensorSink | None = None) -> list:
+    """The frames of ``msg``: its header, then one frame per tensor that ``sink`` did not place in shared memory."""
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    header = {"v": PROTOCOL_VERSION, "op": msg.op, "id": req_id, "body": body}
+    if sink is None:
+        sink = TensorSink()
+    head = msgpack.packb(header, default=_default(sink), strict_types=True)
+    return [head, *sink.frames]
+
+
+def encode_error(code: str, text: str, req_id: int = 0) -> list:
+    return encode(Error(code=code, message=text), req_id)
+
+
+@dataclass
+class Envelope:
+    """A decoded message with its request id."""
+
+    req_id: int
+    msg: Any
+    op: str = field(default="")
+
+
+def _ext_hook(source: TensorSource | None):
+    def hook(code, data):
+        try:
+            if code == EXT_TUPLE:
+                items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+                if not isinstance(items, list):
+                    raise ProtocolError("a tuple extension must hold a list")
+                return tuple(items)
+            if code in (EXT_TENSOR, EXT_SHM_TENSOR):
+                if source is None:
+                    raise ProtocolError("this message cannot carry tensors")
+                ref = msgpack.unpackb(data, raw=False)
+                if not isinstance(ref, list):
+                    raise ProtocolError("a tensor reference must be a list")
+                if code == EXT_TENSOR and len(ref) == 3:
+                    return source.frame_tensor(*ref)
+                if code == EXT_SHM_TENSOR and len(ref) == 4:
+                    return source.shm_tensor(*ref)
+                raise ProtocolError(f"malformed tensor reference {ref!r}")
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack's own errors on hostile bytes
+            raise ProtocolError(f"malformed extension {code}: {exc}") from None
+        raise ProtocolError(f"unknown extension type {code}")
+
+    return hook
+
+
+def _hints(cls):
+    if cls._hints is None:
+        cls._hints = typing.get_type_hints(cls)
+    return cls._hints
+
+
+def _type_ok(value, hint) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or hint)
+
+
+def decode(frames, source: TensorSource | None = None) -> Envelope:
+    """Parse ``frames`` into an :class:`Envelope`; raise :class:`ProtocolError` saying what is wrong."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"message has {len(frames)} frames; at most {MAX_FRAMES} are accepted")
+    head = memoryview(frames[0])
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {head.nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if source is None:
+        source = TensorSource(frames)
+    try:
+        header = msgpack.unpackb(head, ext_hook=_ext_hook(source), raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "upgrade the older side so that client, broker and workers match"
+        )
+    op, req_id, body = header.get("op"), header.get("id", 0), header.get("body", {})
+    if not isinstance(req_id, int):
+        raise ProtocolError(f"request id must be an int, got {req_id!r}")
+    cls = MESSAGES.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op!r}; known: {', '.join(sorted(MESSAGES))}")
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{op}: body must be a map")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = set(body) - names
+    if extra:
+        raise ProtocolError(f"{op}: unexpected fields {sorted(map(str, extra))}")
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING:
+                raise ProtocolError(f"{op}: missing field {f.name!r}")
+            continue
+        if not _type_ok(body[f.name], hints[f.name]):
+            raise ProtocolError(f"{op}: field {f.name!r} has the wrong type ({type(body[f.name]).__name__})")
+    return Envelope(req_id=req_id, msg=cls(**body), op=op)
+
+
+def peek_req_id(frames) -> int:
+    """Best-effort request id of a message that failed to decode, so that the error reply can echo it."""
+    try:
+        header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=False,
+                                 ext_hook=lambda c, d: None)
+        rid = header.get("id", 0) if isinstance(header, dict) else 0
+        return rid if isinstance(rid, int) else 0
+    except Exception:
+        return 0
+
+
+def walk_tensors(obj):
+    """Every tensor in a nesting of tuples, lists and dicts, in order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from walk_tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from walk_tensors(item)
+

@@ -1,0 +1,273 @@
+"""The process's connection to the runtime: its lease on cores, the heartbeat, and channels to the workers.
+
+One :class:`Runtime` per process, created on first use (:func:`get_runtime`). It asks the broker for the cores the
+environment names (``NEURON_RT_VISIBLE_CORES`` / ``NEURON_RT_NUM_CORES`` / all), keeps the lease alive with a
+heartbeat thread, and gives each thread its own channel to each core's worker (ZeroMQ sockets are single-threaded,
+and a call then needs no hand-off between threads). Core indices inside the process are relative: ``nc0`` is the
+first core the process owns.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import psutil
+
+from . import autostart, config, cores, protocol, shm, transport
+from .errors import (LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError, ProtocolError,
+                     RequestTimeoutError, WorkerUnavailableError)
+
+log = logging.getLogger("neuron_client")
+
+
+class _ReplySegments:
+    """The tensor source's view of shared memory on the client: only its own reply arena."""
+
+    def __init__(self, arena: shm.Arena):
+        self.arena = arena
+
+    def view(self, name, offset, nbytes):
+        if self.arena.segment is None or name != self.arena.name:
+            raise ProtocolError(f"the worker answered in segment {name!r}, which this client did not offer")
+        return self.arena.segment.view(offset, nbytes)
+
+
+class WorkerChannel:
+    """One thread's connection to one core's worker, with its shared-memory arenas."""
+
+    def __init__(self, runtime: "Runtime", core: int, endpoint: str, worker_pid: int):
+        self.runtime = runtime
+        self.core = core
+        self.worker_pid = worker_pid
+        self.channel = transport.Channel(endpoint)
+        self.request_arena = shm.Arena()
+        self.reply_arena = shm.Arena()
+        self.threshold = config.SHM_THRESHOLD_BYTES if shm.available() else 1 << 62
+
+    def alive(self) -> None:
+        """Raise if the worker died or the lease was lost while waiting for a reply."""
+        self.runtime.check_lease()
+        if self.worker_pid and not _pid_running(self.worker_pid):
+            raise WorkerUnavailableError(
+                f"the worker of neuroncore {self.core} (pid {self.worker_pid}) died while serving this request; "
+                "the broker starts a fresh one: load the model again and retry")
+
+    def request(self, msg, timeout_s: float, tensors=()):
+        need = shm.reserve_bytes(tensors, self.threshold)
+        sink = None
+        if need:
+            self.request_arena.reset(need)
+            sink = protocol.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
+        source = _ReplySegments(self.reply_arena)
+        env = self.channel.request(msg, timeout_s, sink=sink, alive=self.alive,
+                                   source=lambda frames: protocol.TensorSource(frames, shm=source, copy_shm=True))
+        return env.msg
+
+    def call(self, model_id: int, args: tuple, timeout_s: float):
+        tensors = list(protocol.walk_tensors(args))
+        msg = protocol.Call(token=self.runtime.token, model_id=model_id, args=args,
+                            reply_shm=self.reply_arena.name, reply_shm_size=self.reply_arena.size)
+        outputs = self.request(msg, timeout_s, tensors).outputs
+        big = shm.reserve_bytes(protocol.walk_tensors(outputs), self.threshold)
+        if big > self.reply_arena.size:  # next time, large outputs come back through shared memory
+            self.reply_arena.reset(big)
+        return outputs
+
+    def close(self) -> None:
+        self.channel.close()
+        self.request_arena.release()
+        self.reply_arena.release()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def acquire_timeout_s(env) -> float:
+    text = env.get(config.ENV_ACQUIRE_TIMEOUT, "").strip()
+    if not text:
+        return 0.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise NeuronCoreSpecError(f"{config.ENV_ACQUIRE_TIMEOUT}={text!r} is not a number of seconds >= 0")
+    return value
+
+
+class Runtime:
+    def __init__(self, env=None):
+        env = os.environ if env is None else env
+        self.pid = os.getpid()
+        request = cores.request_from_env(env)
+        wait_s = acquire_timeout_s(env)
+        self.directory = config.broker_dir()
+        self.address = config.broker_address(self.directory)
+        autostart.ensure_broker(self.directory)
+        me = psutil.Process()
+        ch = transport.Channel(self.address)
+        try:
+            granted = ch.request(protocol.Acquire(
+                pid=self.pid, create_time=me.create_time(), cmd=_command_line(),
+                visible=list(request.visible) if request.visible is not None else None,
+                count=request.count, wait_s=wait_s), config.BROKER_REQUEST_TIMEOUT_S + wait_s).msg
+        finally:
+            ch.close()
+        self.lease_id: str = granted.lease_id
+        self.token: str = granted.token
+        self.cores: list[int] = list(granted.cores)
+        self.workers = {w["core"]: w for w in granted.workers}
+        self.lost: str | None = None
+        self.closed = False
+        self._local = threading.local()
+        self._channels: list[WorkerChannel] = []
+        self._lock = threading.Lock()
+        self.models_per_core = [0] * len(self.cores)  # for least-used placement
+        self._executor: ThreadPoolExecutor | None = None
+        self._unloads: queue.SimpleQueue = queue.SimpleQueue()  # (core, model id) of collected models
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(granted.heartbeat_s,),
+                                           name="neuron-heartbeat", daemon=True)
+        self._heartbeat.start()
+        atexit.register(self.close)
+
+    # -- cores -----------------------------------------------------------------------------------------------
+    @property
+    def num_cores(self) -> int:
+        return len(self.cores)
+
+    def global_core(self, nc: int) -> int:
+        """The host-wide id of the process's ``nc``-th core."""
+        if not 0 <= nc < len(self.cores):
+            raise ValueError(f"nc{nc} is outside the {len(self.cores)} NeuronCores this process owns "
+                             f"(nc0-nc{len(self.cores) - 1}, global {cores.format_cores(self.cores)})")
+        return self.cores[nc]
+
+    # -- lease -----------------------------------------------------------------------------------------------
+    def check_lease(self) -> None:
+        if self.pid != os.getpid():
+            raise NeuronRuntimeError("this neuron_client runtime belongs to the parent process; a forked child "
+                                     "must not use it (start children with the 'spawn' method)")
+        if self.lost:
+            raise LeaseLostError(f"this process lost its NeuronCores {cores.format_cores(self.cores)}: {self.lost}")
+        if self.closed:
+            raise NeuronRuntimeError("the neuron_client runtime was closed")
+
+    def _heartbeat_loop(self, interval_s: float) -> None:
+        ch = transport.Channel(self.address)
+        try:
+            while not self._stop.wait(interval_s):
+                self._flush_unloads()
+                try:
+                    ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S)
+                except LeaseLostError as exc:
+                    self.lost = str(exc)
+                    log.error("%s", exc)
+                    return
+                except RequestTimeoutError:
+                    log.warning("the broker did not answer a heartbeat")
+        finally:
+            ch.close()
+
+    # -- background work -------------------------------------------------------------------------------------
+    def submit(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on the runtime's thread pool (each pool thread has its own worker channels)."""
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=4 * len(self.cores) + 4,
+                                                    thread_name_prefix="neuron-call")
+        return self._executor.submit(fn, *args)
+
+    def unload_later(self, replicas) -> None:
+        """Unload a garbage-collected model's replicas from the heartbeat thread (never re-entering a caller's
+        socket from inside a finaliser)."""
+        for core, model_id in replicas:
+            self._unloads.put((core, model_id))
+
+    def _flush_unloads(self) -> None:
+        while True:
+            try:
+                core, model_id = self._unloads.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self.channel(core).request(protocol.Unload(token=self.token, model_id=model_id),
+                                           config.BROKER_REQUEST_TIMEOUT_S)
+            except NeuronRuntimeError:
+                pass
+
+    # -- workers ---------------------------------------------------------------------------------------------
+    def channel(self, core: int) -> WorkerChannel:
+        """This thread's channel to global ``core``'s worker."""
+        self.check_lease()
+        chans = getattr(self._local, "channels", None)
+        if chans is None:
+            chans = self._local.channels = {}
+        ch = chans.get(core)
+        if ch is None:
+            w = self.workers[core]
+            ch = chans[core] = WorkerChannel(self, core, w["endpoint"], w["pid"])
+            with self._lock:
+                self._channels.append(ch)
+        return ch
+
+    def close(self) -> None:
+        """Release the lease and close every socket; idempotent."""
+        if self.closed or self.pid != os.getpid():
+            return
+        self.closed = True
+        self._stop.set()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for ch in self._channels:
+                ch.close()
+            self._channels.clear()
+        if not self.lost:
+            ch = transport.Channel(self.address)
+            try:
+                ch.request(protocol.Release(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S)
+            except NeuronRuntimeError:
+                pass
+            finally:
+                ch.close()
+
+
+def _command_line() -> str:
+    try:
+        return " ".join(psutil.Process().cmdline()) or sys.argv[0]
+    except psutil.Error:
+        return " ".join(sys.argv)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process's runtime, acquiring its cores on first use."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None or _runtime.closed:
+            _runtime = Runtime()
+        rt = _runtime
+    rt.check_lease()
+    return rt
+
+
+def shutdown() -> None:
+    """Release this process's cores now (they are also released at exit)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is not None:
+            _runtime.close()
+            _runtime = None

@@ -1,0 +1,121 @@
+"""Tracing: TorchScript models with their input shapes and load flags recorded inside the saved file.
+
+The record is a string attribute ``neuron_meta`` (JSON) registered on the traced module, so a plain
+``torch.jit.save`` keeps it. :func:`read_meta` reads it back from a file without loading the model and without
+executing anything in the file (a restricted unpickler that resolves no globals).
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+
+import torch
+
+from . import protocol
+
+META_ATTR = "neuron_meta"
+META_FORMAT = 1
+
+
+def tensor_specs(inputs) -> list[dict]:
+    """Shape and dtype of every tensor in a nesting of inputs, in order."""
+    return [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in protocol.walk_tensors(inputs)]
+
+
+def get_meta(module) -> dict:
+    c = getattr(module, "_c", None)
+    if c is None or not c.hasattr(META_ATTR):
+        return {}
+    try:
+        return json.loads(c.getattr(META_ATTR))
+    except (TypeError, ValueError):
+        return {}
+
+
+def set_meta(module, meta: dict) -> None:
+    c = module._c
+    text = json.dumps(meta, sort_keys=True)
+    if c.hasattr(META_ATTR):
+        c.setattr(META_ATTR, text)
+    else:
+        c._register_attribute(META_ATTR, torch._C.StringType.get(), text)
+
+
+def update_meta(module, **changes) -> None:
+    if not isinstance(module, torch.jit.ScriptModule):
+        raise TypeError(f"expected a traced TorchScript module (from neuron_client.trace), got {type(module).__name__}")
+    meta = get_meta(module) or {"format": META_FORMAT}
+    meta.update(changes)
+    set_meta(module, meta)
+
+
+def trace(model, example_inputs, **trace_kwargs) -> torch.jit.ScriptModule:
+    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) with ``torch.jit.trace``, recording input shapes."""
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    if isinstance(model, torch.nn.Module):
+        model = model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example_inputs, **trace_kwargs)
+    set_meta(traced, {"format": META_FORMAT, "inputs": tensor_specs(example_inputs),
+                      "lazy_load": False, "async_load": False})
+    return traced
+
+
+def lazy_load(trace, enable_lazy_load: bool = True) -> None:
+    """Delay loading onto a core until the first call (or DataParallel); saved inside the model file."""
+    update_meta(trace, lazy_load=bool(enable_lazy_load))
+
+
+def async_load(trace, enable_async_load: bool = True) -> None:
+    """Make loading onto a core non-blocking; the first call waits for it. Saved inside the model file."""
+    update_meta(trace, async_load=bool(enable_async_load))
+
+
+class _Stub:
+    """Stands in for every class a TorchScript pickle names: holds state, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+
+class _MetaUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):  # never resolve a real global: nothing in the file can run
+        return _Stub
+
+    def persistent_load(self, pid):
+        return None
+
+
+def read_meta(data: bytes) -> dict:
+    """The ``neuron_meta`` record of a saved TorchScript file's bytes; ``{}`` if it has none."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if not names:
+                return {}
+            top = _MetaUnpickler(io.BytesIO(z.read(names[0]))).load()
+    except Exception:
+        return {}
+    state = getattr(top, "state", None)
+    if isinstance(state, dict) and isinstance(state.get(META_ATTR), str):
+        try:
+            meta = json.loads(state[META_ATTR])
+            return meta if isinstance(meta, dict) else {}
+        except ValueError:
+            return {}
+    return {}

@@ -1,0 +1,147 @@
+"""ZeroMQ sockets: the only module that imports zmq.
+
+Every socket has ``linger=0``; every wait has a timeout. A :class:`Channel` is one DEALER connection with
+request/reply matched by request id (a late reply to a request that timed out is recognised and dropped).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+
+import zmq
+
+from . import protocol
+from .errors import ProtocolError, RequestTimeoutError, from_code
+
+POLLIN = zmq.POLLIN
+Again = zmq.Again
+ZMQError = zmq.ZMQError
+
+_ctx: zmq.Context | None = None
+_ctx_pid = 0
+_ctx_lock = threading.Lock()
+
+
+def context() -> zmq.Context:
+    """This process's context (a forked child gets a fresh one; it must not touch its parent's sockets)."""
+    global _ctx, _ctx_pid
+    with _ctx_lock:
+        if _ctx is None or _ctx_pid != os.getpid():
+            _ctx = zmq.Context()
+            _ctx_pid = os.getpid()
+        return _ctx
+
+
+def _socket(kind: int) -> zmq.Socket:
+    s = context().socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    return s
+
+
+def dealer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+    s = _socket(zmq.DEALER)
+    if identity:
+        s.setsockopt(zmq.IDENTITY, identity)
+    s.connect(endpoint)
+    return s
+
+
+def router(endpoint: str) -> zmq.Socket:
+    s = _socket(zmq.ROUTER)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing silently
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if os.path.exists(path):
+            os.unlink(path)
+    s.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], 0o600)
+    return s
+
+
+def poller(*sockets) -> zmq.Poller:
+    p = zmq.Poller()
+    for s in sockets:
+        p.register(s, zmq.POLLIN)
+    return p
+
+
+def send(sock: zmq.Socket, frames, identity: bytes | None = None) -> bool:
+    """Send without blocking; False if the peer is gone or its queue is full."""
+    try:
+        if identity is not None:
+            frames = [identity, *frames]
+        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        return True
+    except (zmq.Again, zmq.ZMQError):
+        return False
+
+
+def recv(sock: zmq.Socket):
+    return sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+
+
+class Channel:
+    """One DEALER connection to a broker or worker, used by one thread at a time."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.sock = dealer(endpoint)
+        self._ids = itertools.count(1)
+        self.pid = os.getpid()
+
+    def request(self, msg, timeout_s: float, sink=None, source=None, alive=None, on_frames=None):
+        """Send ``msg`` and return the reply's :class:`protocol.Envelope`.
+
+        ``source(frames)`` builds the tensor source for the reply; ``alive()`` is called every
+        ``config.LIVENESS_POLL_S`` while waiting and may raise to abandon the wait (a dead worker).
+        An error reply is raised as its named exception.
+        """
+        from .config import LIVENESS_POLL_S
+
+        if self.pid != os.getpid():
+            raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
+                               "create the runtime in the child instead")
+        rid = next(self._ids)
+        frames = protocol.encode(msg, rid, sink)
+        self.sock.send_multipart(frames, copy=False)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeoutError(
+                    f"no reply to {msg.op!r} from {self.endpoint} within {timeout_s:.1f}s; the peer is busy or gone"
+                )
+            if not self.sock.poll(int(min(left, LIVENESS_POLL_S) * 1000) + 1, zmq.POLLIN):
+                if alive is not None:
+                    alive()
+                continue
+            reply = self.sock.recv_multipart(copy=False)
+            if protocol.peek_req_id(reply) != rid:
+                continue  # a late reply to an abandoned request
+            env = protocol.decode(reply, source(reply) if source else None)
+            if env.req_id != rid:
+                continue
+            if isinstance(env.msg, protocol.Error):
+                raise from_code(env.msg.code, env.msg.message)
+            return env
+
+    def close(self) -> None:
+        try:
+            self.sock.close(linger=0)
+        except Exception:
+            pass
+
+
+def ping(endpoint: str, timeout_s: float):
+    """The broker's :class:`protocol.Pong`, or None if nothing answers in time."""
+    ch = Channel(endpoint)
+    try:
+        env = ch.request(protocol.Ping(), timeout_s)
+        return env.msg if isinstance(env.msg, protocol.Pong) else None
+    except (RequestTimeoutError, ProtocolError):
+        return None
+    finally:
+        ch.close()

@@ -1,0 +1,230 @@
+"""A worker process: one per core, pinned to that core's compute, holding and running its owner's models.
+
+Two threads, two sockets:
+
+* the **data** thread (main) serves clients on the core's ROUTER socket: ``load``, ``unload``, ``call``; it owns the
+  model store and the shared-memory mappings, so nothing else mutates them;
+* the **control** thread talks to the broker: it announces the worker, receives ``assign`` (the core's owner changed)
+  and ``shutdown``, sends stats, and exits the process if the broker is gone.
+
+A request must carry the current owner's lease token. When the owner changes, the data thread drops every model and
+mapping of the previous owner before serving anything else.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from neuron_client import config, protocol, transport
+from neuron_client.errors import (ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError,
+                                  code_of)
+from neuron_client.shm import SegmentCache, SegmentWriter
+
+from . import backends
+from .store import ModelStore
+
+log = logging.getLogger("neuron.worker")
+DATA_POLL_MS = 200
+REVOKED_TOKENS_KEPT = 64
+
+
+@dataclass
+class WorkerConfig:
+    core: int
+    directory: str
+    backend: str
+    placement: dict
+    broker_pid: int
+    shm_threshold: int = config.SHM_THRESHOLD_BYTES
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, device: str):
+        self.cfg = cfg
+        self.core = cfg.core
+        self.store = ModelStore(cfg.core, device)
+        self.segments = SegmentCache()
+        self.lock = threading.Condition()
+        self.owner_token = ""
+        self.owner_lease = ""
+        self.owner_epoch = 0  # bumped on every owner change
+        self.served_epoch = 0  # the epoch whose owner the store holds models for
+        self.revoked: list[str] = []
+        self.requests = 0
+        self.errors = 0
+        self.busy = False
+        self.stats_dirty = threading.Event()
+        self.stopping = threading.Event()
+        self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
+
+    # -- ownership -------------------------------------------------------------------------------------------
+    def assign(self, lease_id: str, token: str) -> None:
+        with self.lock:
+            if self.owner_token and self.owner_token != token:
+                self.revoked = (self.revoked + [self.owner_token])[-REVOKED_TOKENS_KEPT:]
+            self.owner_lease, self.owner_token = lease_id, token
+            self.owner_epoch += 1
+            self.lock.notify_all()
+
+    def authorize(self, token) -> None:
+        """Return when ``token`` is the owner's; wait a little for the broker's word on a token not yet seen."""
+        deadline = time.monotonic() + config.WORKER_ASSIGN_WAIT_S
+        with self.lock:
+            while token != self.owner_token:
+                left = deadline - time.monotonic()
+                if not token or token in self.revoked or left <= 0:
+                    raise NotOwnerError(
+                        f"core {self.core} is not held by this lease "
+                        f"({'it is free' if not self.owner_token else 'another process owns it'}); "
+                        "acquire it through the broker (the lease may have been reclaimed)"
+                    )
+                self.lock.wait(left)
+
+    def sync_owner(self) -> None:
+        """In the data thread: forget the previous owner's models and mappings after an owner change."""
+        epoch = self.owner_epoch
+        if epoch != self.served_epoch:
+            self.store.clear()
+            self.segments.clear()
+            self.served_epoch = epoch
+            self.stats_dirty.set()
+
+    # -- data plane ------------------------------------------------------------------------------------------
+    def on_load(self, msg: protocol.Load):
+        data = msg.data
+        if not hasattr(data, "dtype") or data.dim() != 1:
+            raise ProtocolError("load: 'data' must be a 1-d uint8 tensor of the model file's bytes")
+        blob = bytes(memoryview(protocol.tensor_buffer(data)))
+        model_id, load_s = self.store.load(msg.name, blob)
+        self.stats_dirty.set()
+        return protocol.Loaded(model_id=model_id, load_s=load_s), None
+
+    def on_unload(self, msg: protocol.Unload):
+        self.store.unload(msg.model_id)
+        self.stats_dirty.set()
+        return protocol.Ok(), None
+
+    def on_call(self, msg: protocol.Call):
+        import torch
+
+        entry = self.store.get(msg.model_id)
+        args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
+        try:
+            with torch.inference_mode():
+                outputs = entry.module(*args)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()
+            detail = first[-1] if first else ""
+            raise ModelExecutionError(
+                f"model {entry.name!r} raised on neuroncore {self.core}: {type(exc).__name__}: {detail}"
+            ) from None
+        finally:
+            entry.requests += 1
+        sink = None
+        if msg.reply_shm:
+            seg = self.segments.get(msg.reply_shm)
+            sink = protocol.TensorSink(shm=SegmentWriter(seg), shm_threshold=self.cfg.shm_threshold)
+        return protocol.Result(outputs=outputs), sink
+
+    def handle(self, frames) -> list:
+        rid = 0
+        try:
+            env = protocol.decode(frames, protocol.TensorSource(frames, shm=self.segments, copy_shm=False))
+            rid = env.req_id
+            handler = self.handlers.get(env.op)
+            if handler is None:
+                raise ProtocolError(f"a worker does not serve {env.op!r}; it serves {', '.join(self.handlers)}")
+            self.authorize(env.msg.token)
+            self.sync_owner()
+            self.busy = True
+            try:
+                reply, sink = handler(env.msg)
+            finally:
+                self.busy = False
+            if env.op == "call":
+                self.requests += 1
+            return protocol.encode(reply, rid, sink)
+        except Exception as exc:
+            self.errors += 1
+            if rid == 0:
+                rid = protocol.peek_req_id(frames)
+            if not isinstance(exc, NeuronRuntimeError):
+                log.exception("core %d: unexpected error", self.core)
+                exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
+            return protocol.encode_error(code_of(exc), str(exc), rid)
+        finally:
+            self.stats_dirty.set()
+
+    def serve(self) -> None:
+        sock = transport.router(config.worker_address(self.cfg.directory, self.core))
+        control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
+        control.start()
+        try:
+            while not self.stopping.is_set():
+                if not sock.poll(DATA_POLL_MS, transport.POLLIN):
+                    self.sync_owner()
+                    continue
+                msg = transport.recv(sock)
+                if len(msg) < 2:
+                    continue
+                identity, frames = msg[0], msg[1:]
+                reply = self.handle(frames)
+                transport.send(sock, reply, identity=identity.bytes)
+        finally:
+            self.store.clear()
+            self.segments.clear()
+            sock.close(linger=0)
+
+    # -- control plane ---------------------------------------------------------------------------------------
+    def stats(self) -> protocol.WorkerStats:
+        try:
+            rss = psutil.Process().memory_info().rss
+        except psutil.Error:
+            rss = 0
+        return protocol.WorkerStats(core=self.core, models=self.store.info(), requests=self.requests,
+                                    errors=self.errors, rss=rss, busy=self.busy)
+
+    def control_loop(self) -> None:
+        ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)
+        endpoint = config.worker_address(self.cfg.directory, self.core)
+        transport.send(ctl, protocol.encode(protocol.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint)))
+        last_stats = 0.0
+        try:
+            while not self.stopping.is_set():
+                if ctl.poll(100, transport.POLLIN):
+                    frames = transport.recv(ctl)
+                    try:
+                        env = protocol.decode(frames)
+                    except ProtocolError as exc:
+                        log.warning("core %d: bad message from broker: %s", self.core, exc)
+                        continue
+                    if isinstance(env.msg, protocol.Assign):
+                        self.assign(env.msg.lease_id, env.msg.token)
+                    elif isinstance(env.msg, protocol.Shutdown):
+                        self.stopping.set()
+                        break
+                now = time.monotonic()
+                if self.stats_dirty.is_set() or now - last_stats > config.WORKER_STATS_INTERVAL_S:
+                    if now - last_stats > 0.05:
+                        self.stats_dirty.clear()
+                        last_stats = now
+                        transport.send(ctl, protocol.encode(self.stats()))
+                if not psutil.pid_exists(self.cfg.broker_pid):
+                    log.warning("core %d: broker (pid %d) is gone; exiting", self.core, self.cfg.broker_pid)
+                    os._exit(0)
+        finally:
+            ctl.close(linger=0)
+
+
+def run(cfg: WorkerConfig) -> None:
+    """Entry point of a worker process (started by the broker's supervisor)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s worker nc{cfg.core} %(levelname)s %(message)s")
+    device = backends.setup_worker(cfg.backend, cfg.placement)
+    Worker(cfg, device).serve()
