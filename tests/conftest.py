@@ -1,0 +1,230 @@
+"""Fixtures that start real brokers and real client processes, and always tear them down."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+APPS = os.path.join(ROOT, "tests", "apps.py")
+READY_TIMEOUT_S = 60.0
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class BrokerProc:
+    """A broker in the foreground of its own process group (workers included), in a private directory."""
+
+    def __init__(self, directory: str, cores: int, extra=()):
+        from neuron_client import transport
+
+        self.directory = directory
+        self.cores = cores
+        self.env = dict(os.environ, NEURON_BROKER_DIR=directory, NEURON_BROKER_AUTOSTART="0")
+        for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
+            self.env.pop(var, None)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.log = open(os.path.join(directory, "broker.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "start", "--foreground", "--dir", directory, "--cores", str(cores),
+             *extra], env=self.env, stdout=self.log, stderr=self.log, start_new_session=True, cwd=ROOT)
+        self.address = f"ipc://{directory}/broker.sock"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while transport.ping(self.address, 0.5) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"broker did not start; log:\n{self.read_log()}")
+        self.wait_workers_ready()
+
+    def status(self) -> dict:
+        from neuron_client import protocol, transport
+
+        ch = transport.Channel(self.address)
+        try:
+            return ch.request(protocol.Status(), 10.0).msg.doc
+        finally:
+            ch.close()
+
+    def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition"):
+        deadline = time.monotonic() + timeout_s
+        doc = None
+        while time.monotonic() < deadline:
+            doc = self.status()
+            if predicate(doc):
+                return doc
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(doc, indent=1)[:3000]}")
+
+    def wait_workers_ready(self, timeout_s: float = READY_TIMEOUT_S):
+        return self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), timeout_s, "workers ready")
+
+    def owners(self) -> dict[int, int | None]:
+        return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in self.status()["cores"]}
+
+    def read_log(self) -> str:
+        try:
+            with open(os.path.join(self.directory, "broker.log"), errors="replace") as f:
+                return f.read()[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(self.proc)
+        self.log.close()
+
+
+class App:
+    """A client process running a scenario of tests/apps.py; its stdout is JSON lines."""
+
+    def __init__(self, broker: BrokerProc | None, scenario: str, *args, env=None, directory=None):
+        full_env = dict(broker.env if broker else os.environ)
+        if directory:
+            full_env["NEURON_BROKER_DIR"] = directory
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["PYTHONWARNINGS"] = "ignore"
+        self.proc = subprocess.Popen([sys.executable, APPS, scenario, *map(str, args)], env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True, cwd=ROOT)
+        self.lines: list[dict] = []
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def next(self, timeout_s: float = 60.0) -> dict:
+        """The next JSON line the app prints."""
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sel.select(max(0.0, deadline - time.monotonic())):
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                if line.startswith("{"):
+                    doc = json.loads(line)
+                    self.lines.append(doc)
+                    return doc
+        raise AssertionError(f"app printed nothing more (exit {self.proc.poll()}); stderr:\n{self.stderr()}")
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        return self.proc.stderr.read()[-5000:]
+
+    def finish(self, timeout_s: float = 90.0) -> list[dict]:
+        """Wait for exit; all JSON lines printed (asserts a zero exit)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"app did not finish within {timeout_s}s")
+        self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert self.proc.returncode == 0, f"app exited {self.proc.returncode}; stderr:\n{err[-5000:]}"
+        return self.lines
+
+    def fail(self, timeout_s: float = 90.0) -> str:
+        """Wait for a non-zero exit; its stderr."""
+        out, err = self.proc.communicate(timeout=timeout_s)
+        assert self.proc.returncode != 0, f"app unexpectedly succeeded: {out}"
+        return err
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def spawn_app():
+    """Start client processes; every one is killed at teardown, even if the test failed."""
+    apps: list[App] = []
+
+    def start(broker, scenario, *args, **kwargs) -> App:
+        app = App(broker, scenario, *args, **kwargs)
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        app.kill()
+        try:
+            app.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        for stream in (app.proc.stdout, app.proc.stderr):
+            stream.close()
+
+
+@pytest.fixture(scope="module")
+def broker8(tmp_path_factory):
+    """One 8-core broker shared by a test module."""
+    b = BrokerProc(str(tmp_path_factory.mktemp("broker8")), 8)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def fresh_broker(tmp_path):
+    """Start brokers private to one test."""
+    brokers: list[BrokerProc] = []
+
+    def start(cores: int = 4, extra=()) -> BrokerProc:
+        b = BrokerProc(str(tmp_path / f"broker{len(brokers)}"), cores, extra)
+        brokers.append(b)
+        return b
+
+    yield start
+    for b in brokers:
+        b.stop()
+
+
+def wait_free(broker: BrokerProc, timeout_s: float = 10.0):
+    """Wait until no core is owned (the previous test's clients released or were reclaimed)."""
+    return broker.wait_for(lambda d: all(c["owner"] is None for c in d["cores"]), timeout_s, "all cores free")
+
+
+@pytest.fixture
+def broker(broker8):
+    wait_free(broker8)
+    yield broker8
+    wait_free(broker8)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    """Saved TorchScript models the apps load: an affine map, a nested-structure model, one that raises."""
+    import neuron_client
+
+    d = tmp_path_factory.mktemp("models")
+    sys.path.insert(0, ROOT)
+    from tests import apps
+
+    for name, (module, example) in apps.model_zoo().items():
+        torch.jit.save(neuron_client.trace(module, example, strict=False), str(d / f"{name}.pt"))
+    return str(d)
