@@ -1,6 +1,8 @@
 """Rendering the broker's status document (``neuron-broker status``) as a table."""
 from __future__ import annotations
 
+import os
+
 from neuron_client.cores import format_visible
 
 
@@ -24,6 +26,12 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def short_command(cmd: str) -> str:
+    """``/opt/venv/bin/python /srv/app/serve.py --port 1`` -> ``python serve.py --port 1``."""
+    parts = cmd.split()
+    return " ".join(os.path.basename(p) if "/" in p and not p.startswith("-") else p for p in parts)
+
+
 def core_rows(doc: dict) -> list[list[str]]:
     rows = []
     for c in doc["cores"]:
@@ -38,7 +46,7 @@ def core_rows(doc: dict) -> list[list[str]]:
             where,
             f"{worker['pid']}{'' if worker['ready'] else ' (starting)'}" if worker["pid"] else "-",
             _bytes(worker["rss"]) if worker["rss"] else "-",
-            f"{owner['pid']} {_cut(owner['cmd'], 32)}" if owner else "-",
+            f"{owner['pid']} {_cut(short_command(owner['cmd']), 36)}" if owner else "-",
             _age(owner["age_s"]) if owner else "-",
             _cut(models, 40),
             str(c["requests"]),

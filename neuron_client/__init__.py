@@ -12,6 +12,7 @@ from . import errors, experimental, jit
 from .errors import (BrokerUnavailableError, InputShapeError, LeaseLostError, ModelExecutionError, ModelLoadError,
                      NeuronCoreSpecError, NeuronCoreUnavailableError, NeuronRuntimeError, NotOwnerError,
                      WorkerUnavailableError)
+from .data_parallel import DataParallel
 from .model import NeuronModel
 from .runtime import get_runtime, shutdown
 from .tracing import async_load, lazy_load, trace
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "trace", "lazy_load", "async_load", "jit", "experimental", "errors", "NeuronModel", "get_runtime", "shutdown",
+    "DataParallel",
     "NeuronRuntimeError", "NeuronCoreUnavailableError", "NeuronCoreSpecError", "BrokerUnavailableError",
     "LeaseLostError", "ModelExecutionError", "ModelLoadError", "NotOwnerError", "WorkerUnavailableError",
     "InputShapeError",

@@ -63,15 +63,19 @@ class NeuronModel:
     def place(self, where: placement.Placement | None = None, background: bool = False) -> None:
         """(Re)load onto the cores ``where`` names (default: the placement in force when the model was created)."""
         rt = get_runtime()
+        load = list(rt.models_per_core)
+        for r in self.replicas:  # where this model is now does not count against the new placement
+            load[r.nc] -= 1
+        ncs = placement.resolve(where or self._where, load)  # a bad placement leaves the model where it is
         self.unload()
-        self._start(rt, placement.resolve(where or self._where, rt.models_per_core), background)
+        self._start(rt, ncs, background)
 
     def load_onto(self, ncs: list[int], background: bool = False) -> None:
         """(Re)load onto exactly these core indices of the process (DataParallel's placement)."""
         rt = get_runtime()
-        self.unload()
         for nc in ncs:
-            rt.global_core(nc)  # validates
+            rt.global_core(nc)  # validates before anything moves
+        self.unload()
         self._start(rt, list(ncs), background)
 
     def _start(self, rt: Runtime, ncs: list[int], background: bool) -> None:

@@ -121,6 +121,349 @@ def scenario_roundtrip(models: str) -> None:
          core=gather.cores[0], after_ok=bool(torch.equal(after, xs[[3, 1]])))
 
 
+
+# -- placement inside a process (issue 3) ---------------------------------------------------------------------
+
+
+class Slow(torch.nn.Module):
+    """CPU-bound: long enough (a few hundred ms) that concurrent calls visibly overlap."""
+
+    def __init__(self, steps: int = 150):
+        super().__init__()
+        self.steps = steps
+        self.w = torch.nn.Parameter(torch.randn(256, 256) / 16)
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
+def save(module, example, path, lazy=False, asynchronous=False) -> str:
+    import neuron_client
+
+    traced = neuron_client.trace(module, example)
+    if lazy:
+        neuron_client.lazy_load(traced)
+    if asynchronous:
+        neuron_client.async_load(traced)
+    torch.jit.save(traced, path)
+    return path
+
+
+def broker_status() -> dict:
+    from neuron_client import config, protocol, transport
+
+    ch = transport.Channel(config.broker_address())
+    try:
+        return ch.request(protocol.Status(), 10.0).msg.doc
+    finally:
+        ch.close()
+
+
+def models_on(cores) -> int:
+    time.sleep(0.3)  # workers report within ~0.1 s of a change
+    doc = broker_status()
+    return sum(len(doc["cores"][c]["models"]) for c in cores)
+
+
+def scenario_seed001_manual(models: str) -> None:
+    """Seed 001 'manual core selection' with NEURON_RT_NUM_CORES=4: m0 on nc3, m1's replicas on nc0 and nc1."""
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    path = os.path.join(models, "affine.pt")
+    with neuron_cores_context(start_nc=3):
+        m0 = neuron_client.jit.load(path)
+    with neuron_cores_context(start_nc=0, nc_count=2):
+        m1 = neuron_client.jit.load(path)
+    example = torch.rand(2, 4)
+    m0_runs, m1_runs = [], []
+    for _ in range(3):
+        m1(example)
+        m1_runs.append(m1.last_core)
+    for _ in range(2):
+        m0(example)
+        m0_runs.append(m0.last_core)
+    rt = neuron_client.get_runtime()
+    emit(owned=rt.cores, m0=m0.cores, m1=m1.cores, m0_runs=m0_runs, m1_runs=m1_runs)
+
+
+def scenario_multicore(models: str) -> None:
+    """Seed 001 'automatic multicore': one model replicated on every owned core, calls round-robin."""
+    import neuron_client
+    from neuron_client.experimental import multicore_context
+
+    with multicore_context():
+        m0 = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    runs = []
+    for _ in range(3):
+        m0(torch.rand(2, 4))
+        runs.append(m0.last_core)
+    emit(cores=m0.cores, runs=runs)
+
+
+def scenario_thread_contexts(models: str) -> None:
+    """Two threads, each inside its own context at the same time, place their own loads."""
+    import threading
+
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    neuron_client.get_runtime()
+    barrier = threading.Barrier(2)
+    placed = {}
+
+    def load(name, start, count):
+        with neuron_cores_context(start_nc=start, nc_count=count):
+            barrier.wait()  # both contexts are open now
+            placed[name] = neuron_client.jit.load(os.path.join(models, "affine.pt")).cores
+            barrier.wait()
+
+    threads = [threading.Thread(target=load, args=("a", 1, 2)), threading.Thread(target=load, args=("b", 5, 3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    outside = neuron_client.jit.load(os.path.join(models, "affine.pt")).cores  # least-used core, no context
+    emit(a=placed.get("a"), b=placed.get("b"), outside=outside)
+
+
+def scenario_set_cores(models: str) -> None:
+    """set_neuron_cores / set_multicore re-place a loaded model; bad arguments get the reference's errors."""
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context, set_multicore, set_neuron_cores
+
+    m = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    first = m.cores
+    set_neuron_cores(m, start_nc=2, nc_count=2)
+    second = m.cores
+    loaded_after_move = models_on(neuron_client.get_runtime().cores)
+    set_multicore(m)
+    third = m.cores
+    x = torch.rand(2, 4)
+    ok = bool(torch.allclose(m(x), x * 2 + 1))
+    errors = {}
+    for label, call in {
+        "zero": lambda: set_neuron_cores(m, 0, 0),
+        "below": lambda: set_neuron_cores(m, 0, -2),
+        "too_many": lambda: set_neuron_cores(m, 0, 5),
+        "start_past": lambda: set_neuron_cores(m, 4, 1),
+        "start_plus_count": lambda: set_neuron_cores(m, 3, 2),
+        "context_zero": lambda: neuron_cores_context(0, 0),
+    }.items():
+        try:
+            call()
+            errors[label] = None
+        except ValueError as exc:
+            errors[label] = str(exc)
+    emit(first=first, second=second, third=third, ok=ok, errors=errors, loaded_after_move=loaded_after_move,
+         still=m.cores)
+
+
+def scenario_concurrency(models: str) -> None:
+    """Threads on a replicated model run on different cores at once; a busy replica does not hold others up."""
+    import threading
+
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    path = save(Slow(), torch.rand(4, 256), os.path.join(models, f"slow-{os.getpid()}.pt"))
+    with neuron_cores_context(start_nc=0, nc_count=2):
+        m = neuron_client.jit.load(path)
+    x = torch.rand(4, 256)
+    m(x), m(x)  # warm both replicas
+    spans = {}
+
+    def call(name):
+        t0 = time.monotonic()
+        m(x)
+        spans[name] = (t0, time.monotonic(), m.last_core)
+
+    a = threading.Thread(target=call, args=("a",))
+    a.start()
+    while not any(r.in_flight for r in m.replicas):
+        time.sleep(0.001)
+    busy_core = next(r.core for r in m.replicas if r.in_flight)
+    followers = []
+    for _ in range(1):  # a call while 'a' is running goes to the idle replica, not round-robin onto a busy one
+        m(x)
+        followers.append(m.last_core)
+    a.join()
+    b = threading.Thread(target=call, args=("b",))
+    c = threading.Thread(target=call, args=("c",))
+    b.start(), c.start(), b.join(), c.join()
+    (b0, b1, bcore), (c0, c1, ccore) = spans["b"], spans["c"]
+    overlap = min(b1, c1) - max(b0, c0)
+    emit(busy_core=busy_core, a_core=spans["a"][2], followers=followers, b_core=bcore, c_core=ccore,
+         overlap_s=overlap, b_s=b1 - b0, c_s=c1 - c0)
+
+
+def scenario_futures(models: str) -> None:
+    """model.submit returns futures; one thread keeps every replica busy."""
+    from concurrent.futures import Future
+
+    import neuron_client
+    from neuron_client.experimental import multicore_context
+
+    with multicore_context():
+        m = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    xs = [torch.rand(2, 4) for _ in range(8)]
+    futures = [m.submit(x) for x in xs]
+    results = [f.result(60) for f in futures]
+    emit(is_future=isinstance(futures[0], Future), ok=all(torch.allclose(r, x * 2 + 1) for r, x in zip(results, xs)),
+         cores=m.cores)
+
+
+class Wide(torch.nn.Module):
+    """Heavy to load (about 16 MB of weights), light to run."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2048, 2048)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def scenario_lazy_async(models: str) -> None:
+    """lazy_load: nothing on a core until the first call. async_load: load returns at once, first call waits."""
+    import neuron_client
+
+    rt = neuron_client.get_runtime()
+    x = torch.rand(1, 2048)
+    wide = Wide()
+    lazy_path = save(wide, x, os.path.join(models, f"lazy-{os.getpid()}.pt"), lazy=True)
+    async_path = save(wide, x, os.path.join(models, f"async-{os.getpid()}.pt"), asynchronous=True)
+    both_path = save(wide, x, os.path.join(models, f"both-{os.getpid()}.pt"), lazy=True, asynchronous=True)
+    expected = wide(x)
+
+    lazy = neuron_client.jit.load(lazy_path)
+    lazy_state, lazy_loaded = lazy.state, models_on(rt.cores)
+    lazy_ok = bool(torch.allclose(lazy(x), expected, atol=1e-5))
+    lazy_cores = lazy.cores
+    lazy.unload()
+
+    t0 = time.monotonic()
+    asyncs = [neuron_client.jit.load(async_path) for _ in range(4)]
+    returned_s = time.monotonic() - t0
+    states = [m.state for m in asyncs]
+    async_ok = all(torch.allclose(m(x), expected, atol=1e-5) for m in asyncs)
+    async_cores = [m.cores[0] for m in asyncs]
+    for m in asyncs:
+        m.unload()
+
+    both = neuron_client.jit.load(both_path)
+    both_state = both.state
+    both_ok = bool(torch.allclose(both(x), expected, atol=1e-5))
+    emit(lazy_state=lazy_state, lazy_loaded=lazy_loaded, lazy_ok=lazy_ok, lazy_cores=lazy_cores,
+         async_states=states, async_returned_s=returned_s, async_ok=async_ok, async_cores=async_cores,
+         both_state=both_state, both_ok=both_ok)
+
+
+def scenario_async_failure(models: str) -> None:
+    """A background load that fails surfaces as a clear error at the first call."""
+    import zipfile
+
+    import neuron_client
+
+    good = save(Affine(), torch.rand(2, 4), os.path.join(models, f"good-{os.getpid()}.pt"), asynchronous=True)
+    broken = os.path.join(models, f"broken-{os.getpid()}.pt")
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken, "w") as dst:
+        for item in src.infolist():
+            if "/code/" not in item.filename:  # keep the metadata, drop the program
+                dst.writestr(item, src.read(item.filename))
+    m = neuron_client.jit.load(broken)
+    state = m.state
+    try:
+        m(torch.rand(2, 4))
+        error = None
+    except neuron_client.ModelLoadError as exc:
+        error = str(exc)
+    emit(state=state, error=error)
+
+
+def scenario_static_shapes(models: str) -> None:
+    import neuron_client
+
+    m = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    try:
+        m(torch.rand(3, 4))
+        error = None
+    except neuron_client.InputShapeError as exc:
+        error = str(exc)
+    try:
+        m(torch.rand(2, 4, dtype=torch.float64))
+        dtype_error = None
+    except ValueError as exc:
+        dtype_error = str(exc)
+    emit(error=error, dtype_error=dtype_error)
+
+
+class BiLSTM(torch.nn.Module):
+    """Seed 004's bidirectional LSTM; with ``fork`` the forward direction runs as a torch.jit.fork task."""
+
+    def __init__(self, channels: int, fork: bool):
+        super().__init__()
+        self.fork = fork
+        self.cell_f = torch.nn.LSTM(input_size=channels, hidden_size=channels)
+        self.cell_b = torch.nn.LSTM(input_size=channels, hidden_size=channels)
+
+    def forward(self, x):
+        if self.fork:
+            future_f = torch.jit.fork(self.cell_f, x)
+            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
+            output_f, _ = torch.jit.wait(future_f)
+        else:
+            output_f, _ = self.cell_f(x)
+            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
+        return torch.cat((output_f, torch.flip(output_b, dims=[0])), dim=2)
+
+
+class LSTMEnsemble(torch.nn.Module):
+    """Seed 004's ensemble; with ``fork`` every member runs as its own task."""
+
+    def __init__(self, n_models: int, channels: int, fork: bool):
+        super().__init__()
+        self.fork = fork
+        self.models = torch.nn.ModuleList([BiLSTM(channels, fork) for _ in range(n_models)])
+
+    def forward(self, x):
+        results: List[torch.Tensor] = []
+        if self.fork:
+            futures: List[torch.jit.Future[torch.Tensor]] = []
+            for m in self.models:
+                futures.append(torch.jit.fork(m, x))
+            for f in futures:
+                results.append(torch.jit.wait(f))
+        else:
+            for m in self.models:
+                results.append(m(x))
+        return torch.stack(results).sum(dim=0)
+
+
+def lstm_ensemble(n_models: int, fork: bool, T: int = 12, B: int = 8, C: int = 64):
+    """Seed 004's ensemble of bidirectional LSTMs, scaled down to this machine, scripted; and an input."""
+    torch.manual_seed(0)
+    return torch.jit.script(LSTMEnsemble(n_models, C, fork).eval()), torch.rand(T, B, C)
+
+
+def scenario_fork_lstm(models: str) -> None:
+    """The forked ensemble runs in a worker and gives the same result as the sequential one."""
+    import neuron_client
+
+    plain, x = lstm_ensemble(2, fork=False)
+    forked, _ = lstm_ensemble(2, fork=True)
+    forked.load_state_dict(plain.state_dict())
+    path = os.path.join(models, f"lstm-fork-{os.getpid()}.pt")
+    torch.jit.save(forked, path)
+    m = neuron_client.jit.load(path)
+    with torch.no_grad():
+        expected = plain(x)
+    out = m(x)
+    graph_forks = "fork" in torch.jit.load(path).code
+    emit(ok=bool(torch.allclose(out, expected, atol=1e-5)), graph_forks=graph_forks)
+
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     globals()[f"scenario_{name}"](*args)

@@ -95,16 +95,16 @@ class BrokerProc:
 
 
 class App:
-    """A client process running a scenario of tests/apps.py; its stdout is JSON lines."""
+    """A client process running a scenario of tests/apps.py (or of ``script``); its stdout is JSON lines."""
 
-    def __init__(self, broker: BrokerProc | None, scenario: str, *args, env=None, directory=None):
+    def __init__(self, broker: BrokerProc | None, scenario: str, *args, env=None, directory=None, script=APPS):
         full_env = dict(broker.env if broker else os.environ)
         if directory:
             full_env["NEURON_BROKER_DIR"] = directory
         full_env.update(env or {})
         full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
         full_env["PYTHONWARNINGS"] = "ignore"
-        self.proc = subprocess.Popen([sys.executable, APPS, scenario, *map(str, args)], env=full_env,
+        self.proc = subprocess.Popen([sys.executable, script, scenario, *map(str, args)], env=full_env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True, cwd=ROOT)
         self.lines: list[dict] = []

@@ -1,0 +1,18 @@
+"""The benchmark suite of the runtime: ``scripts/bench`` runs it, :mod:`benchmarks.harness` drives it.
+
+Every figure is a ratio to a baseline measured in the same run, with the variants interleaved in rounds so that
+machine noise hits them alike. One module per section; each has ``run(ctx) -> harness.SectionResult``.
+
+This package imports nothing heavy at import time: the echo servers of :mod:`benchmarks.echo` run in processes
+started with multiprocessing's ``spawn`` method, which imports this package again in the child.
+"""
+
+# name -> (module, one-line description); the order is the order of a full run.
+SECTIONS = {
+    "dispatch": ("benchmarks.dispatch",
+                 "round trip of a call through neuron_client vs bare pyzmq, a Unix socket, in-process and Ray; "
+                 "large tensors through shared memory vs the socket; the shared-memory threshold"),
+    "control": ("benchmarks.control",
+                "acquire+release per second vs a bare ping to the broker; time from kill -9 of an owner to its "
+                "cores being free"),
+}
