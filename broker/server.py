@@ -22,12 +22,18 @@ from neuron_client.errors import (BrokerDrainingError, LeaseLostError, NeuronCor
                                   NeuronRuntimeError, ProtocolError, code_of)
 
 from .allocator import CoreAllocator, Denied
+from .journal import Journal
 from .leases import Lease, LeaseTable
-from .supervisor import Supervisor
+from .metrics import Counters, Snapshots
+from .status import perf_doc
+from .supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("neuron.broker")
 LIVENESS_CHECK_S = 0.1
 RECENTLY_RECLAIMED_KEPT = 256
+RESTART_GRACE_S = 5.0  # after a restart, a restored lease's owner has this long to heartbeat again
+MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones get an error reply
+HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -55,17 +61,24 @@ class Pending:
 
 class Broker:
     def __init__(self, directory: str, backend, lease_timeout_s: float = config.LEASE_TIMEOUT_S,
-                 address: str | None = None, shm_threshold: int = config.SHM_THRESHOLD_BYTES):
+                 address: str | None = None, shm_threshold: int = config.SHM_THRESHOLD_BYTES,
+                 restart_policy: RestartPolicy | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES):
         self.directory = directory
         self.backend = backend
         self.address = address or config.broker_address(directory)
         self.alloc = CoreAllocator(backend.n_cores)
         self.leases = LeaseTable(timeout_s=lease_timeout_s)
-        self.supervisor = Supervisor(directory, backend, shm_threshold)
+        self.supervisor = Supervisor(directory, backend, shm_threshold, restart_policy or RestartPolicy(),
+                                     max_message_bytes)
+        self.journal = Journal(os.path.join(directory, "leases.db"))
         self.pending: list[Pending] = []
         self.worker_stats: dict[int, protocol.WorkerStats] = {}
         self.reclaimed: dict[str, str] = {}  # lease id -> why, for clear errors to late heartbeats
         self.stopping = False
+        self.draining = False  # neuron-broker drain: grant no new leases
+        self.counters = Counters()
+        self.metrics: Snapshots | None = None  # set when metrics are served (run_foreground --metrics-port)
+        self.metrics_url = ""
         self.started = time.monotonic()
         self.handlers = {
             "ping": self.on_ping,
@@ -74,8 +87,29 @@ class Broker:
             "release": self.on_release,
             "status": self.on_status,
             "stop": self.on_stop,
+            "drain": self.on_drain,
+            "force_release": self.on_force_release,
         }
         self.worker_handlers = {"worker_ready": self.on_worker_ready, "worker_stats": self.on_worker_stats}
+        self.restore()
+
+    def restore(self) -> None:
+        """Take back the journal's leases whose owners still run; they get a grace period to heartbeat."""
+        now = time.monotonic()
+        for rec in self.journal.load():
+            if not process_alive(rec["pid"], rec["create_time"]):
+                self.journal.forget(rec["lease_id"])
+                shm.unlink_for_pid(rec["pid"])
+                continue
+            picked = self.alloc.grant(CoreRequest(visible=tuple(rec["cores"])), rec["lease_id"])
+            if isinstance(picked, Denied):  # overlapping rows cannot be written; be safe anyway
+                self.journal.forget(rec["lease_id"])
+                continue
+            self.leases.add(Lease(lease_id=rec["lease_id"], token=rec["token"], pid=rec["pid"],
+                                  create_time=rec["create_time"], cmd=rec["cmd"], cores=picked, granted_at=now,
+                                  last_seen=now + RESTART_GRACE_S, granted_wall=rec["granted_wall"] or 0.0))
+            log.warning("restored lease %s of live pid %d on %s from the journal", rec["lease_id"], rec["pid"],
+                        format_cores(picked))
 
     # -- client handlers: return a reply message, or None when the reply comes later ----------------------
     def on_ping(self, ident, rid, msg):
@@ -84,6 +118,9 @@ class Broker:
     def on_acquire(self, ident, rid, msg: protocol.Acquire):
         if self.stopping:
             raise BrokerDrainingError("the broker is stopping and grants no cores; start it again and retry")
+        if self.draining:
+            raise BrokerDrainingError("the broker is draining (neuron-broker drain) and grants no new cores; retry "
+                                      "after an operator resumes it ('neuron-broker drain --cancel') or restarts it")
         if msg.visible is not None and not all(isinstance(c, int) for c in msg.visible):
             raise ProtocolError("acquire: 'visible' must be a list of core indices")
         request = CoreRequest(visible=tuple(msg.visible) if msg.visible is not None else None,
@@ -107,13 +144,13 @@ class Broker:
         now = time.monotonic()
         lease = Lease(lease_id=lease_id, token=token, pid=msg.pid, create_time=msg.create_time, cmd=msg.cmd,
                       cores=picked, granted_at=now, last_seen=now, granted_wall=time.time())
+        self.journal.record(lease)  # durable before anyone hears of it
         self.leases.add(lease)
+        self.counters.granted += 1
         for core in picked:
             self.assign(core, lease)
         log.info("granted %s to pid %d (%s) as lease %s", format_cores(picked), msg.pid, msg.cmd[:60], lease_id)
-        workers = [{"core": c, "endpoint": config.worker_address(self.directory, c),
-                    "pid": self.supervisor.slots[c].pid} for c in picked]
-        return protocol.Granted(lease_id=lease_id, token=token, cores=picked, workers=workers,
+        return protocol.Granted(lease_id=lease_id, token=token, cores=picked, workers=self.workers_of(lease),
                                 heartbeat_s=config.HEARTBEAT_INTERVAL_S, lease_timeout_s=self.leases.timeout_s)
 
     def conflict_message(self, request: CoreRequest, denied: Denied) -> str:
@@ -138,7 +175,16 @@ class Broker:
         if not self.leases.touch(msg.lease_id, time.monotonic()):
             why = self.reclaimed.get(msg.lease_id, "it is unknown to this broker (was the broker restarted?)")
             raise LeaseLostError(f"lease {msg.lease_id} is gone: {why}")
-        return protocol.Ok()
+        return protocol.HeartbeatAck(workers=self.workers_of(self.leases.get(msg.lease_id)))
+
+    def workers_of(self, lease: Lease) -> list[dict]:
+        """What a lease's owner needs to know of its cores' workers (a changed pid means: load your models again)."""
+        out = []
+        for c in lease.cores:
+            slot = self.supervisor.slots[c]
+            out.append({"core": c, "endpoint": config.worker_address(self.directory, c), "pid": slot.pid,
+                        "ready": slot.ready, "failed": slot.failed, "last_exit": slot.last_exit})
+        return out
 
     def on_release(self, ident, rid, msg: protocol.Release):
         lease = self.leases.get(msg.lease_id)
@@ -153,6 +199,23 @@ class Broker:
         log.info("stop requested")
         self.stopping = True
         return protocol.Ok()
+
+    def on_drain(self, ident, rid, msg: protocol.Drain):
+        self.draining = not msg.resume
+        log.warning("%s", "draining: no new leases are granted" if self.draining else "resumed granting leases")
+        if self.draining:
+            for p in self.pending:
+                self.reply_error(p.identity, p.req_id, BrokerDrainingError(
+                    "the broker began draining (neuron-broker drain) while you waited for cores"))
+            self.pending = []
+        return protocol.Ok()
+
+    def on_force_release(self, ident, rid, msg: protocol.ForceRelease):
+        leases = self.leases.of_pid(msg.pid)
+        cores = sorted(c for lease in leases for c in lease.cores)
+        for lease in leases:
+            self.end_lease(lease, f"released by an operator (neuron-broker release --pid {msg.pid})")
+        return protocol.ForceReleased(pid=msg.pid, cores=cores, leases=[lease.lease_id for lease in leases])
 
     # -- worker handlers -------------------------------------------------------------------------------------
     def on_worker_ready(self, msg: protocol.WorkerReady):
@@ -179,10 +242,12 @@ class Broker:
 
     def end_lease(self, lease: Lease, why: str) -> None:
         self.leases.remove(lease.lease_id)
+        self.journal.forget(lease.lease_id)
         freed = self.alloc.release(lease.lease_id)
         for core in freed:
             self.assign(core, None)
         self.reclaimed[lease.lease_id] = why
+        self.counters.lease_ended(why)
         if len(self.reclaimed) > RECENTLY_RECLAIMED_KEPT:
             self.reclaimed.pop(next(iter(self.reclaimed)))
         if why != "released":
@@ -219,6 +284,8 @@ class Broker:
         self.supervisor.restart_due(now)
         if self.pending:
             self.serve_pending()
+        if self.metrics is not None:
+            self.metrics.publish_if_wanted(self.status_doc)
 
     # -- status ----------------------------------------------------------------------------------------------
     def status_doc(self) -> dict:
@@ -241,6 +308,7 @@ class Broker:
                 "models": stats.models if stats else [],
                 "requests": stats.requests if stats else 0,
                 "errors": stats.errors if stats else 0,
+                "perf": perf_doc(stats),
             })
         leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
                    "age_s": round(lease.age_s(now), 3), "last_seen_s": round(now - lease.last_seen, 3)}
@@ -250,7 +318,8 @@ class Broker:
         return {"schema": 1,
                 "broker": {"pid": os.getpid(), "backend": self.backend.name, "cores": self.alloc.n_cores,
                            "address": self.address, "uptime_s": round(now - self.started, 3),
-                           "lease_timeout_s": self.leases.timeout_s},
+                           "lease_timeout_s": self.leases.timeout_s, "draining": self.draining,
+                           "metrics": self.metrics_url, **self.counters.doc()},
                 "cores": cores, "leases": leases, "pending": pending}
 
     # -- socket loop -----------------------------------------------------------------------------------------
@@ -267,6 +336,10 @@ class Broker:
         ident, frames = parts[0].bytes, parts[1:]
         rid = 0
         try:
+            size = sum(len(f) for f in frames)
+            if size > MAX_CONTROL_MESSAGE_BYTES:
+                raise ProtocolError(f"a control message of {size} bytes exceeds the broker's limit of "
+                                    f"{MAX_CONTROL_MESSAGE_BYTES} bytes")
             env = protocol.decode(frames)
             rid = env.req_id
             handler = self.handlers.get(env.op)
@@ -291,8 +364,8 @@ class Broker:
             log.warning("bad message on the workers socket: %s", exc)
 
     def serve(self) -> None:
-        self.clients_sock = transport.router(self.address)
-        self.workers_sock = transport.router(config.workers_address(self.directory))
+        self.clients_sock = transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES)
+        self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES)
         poller = transport.poller(self.clients_sock, self.workers_sock)
         self.supervisor.start_all()
         log.info("broker pid %d serving %d %s cores at %s", os.getpid(), self.alloc.n_cores, self.backend.name,
@@ -328,6 +401,7 @@ class Broker:
             if slot.ready:
                 transport.send(self.workers_sock, protocol.encode(protocol.Shutdown()), identity=b"core-%d" % core)
         self.supervisor.stop_all()
+        self.journal.close()
         self.clients_sock.close(linger=0)
         self.workers_sock.close(linger=0)
         for path in (self.address, config.workers_address(self.directory)):
@@ -346,16 +420,37 @@ def take_instance_lock(directory: str):
     return fd
 
 
-def run_foreground(directory: str, backend, lease_timeout_s: float, address: str | None) -> int:
+def run_foreground(directory: str, backend, lease_timeout_s: float, address: str | None,
+                   restart_policy: RestartPolicy | None = None,
+                   max_message_bytes: int = config.MAX_MESSAGE_BYTES, metrics_port: int | None = None,
+                   metrics_host: str = "127.0.0.1") -> int:
     """Run a broker in this process until stopped (``neuron-broker start --foreground``)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s broker %(levelname)s %(message)s")
-    config.ensure_private_dir(directory)
+    try:
+        config.ensure_private_dir(directory)
+    except NeuronRuntimeError as exc:
+        print(f"neuron-broker: {exc}", file=sys.stderr)
+        return 2
     lock = take_instance_lock(directory)
     if lock is None:
         print(f"neuron-broker: a broker already runs in {directory}", file=sys.stderr)
         return 3
-    broker = Broker(directory, backend, lease_timeout_s, address)
+    metrics_server = None
+    if metrics_port is not None:
+        from . import metrics
+
+        snapshots = metrics.Snapshots()
+        try:
+            metrics_server = metrics.serve(snapshots, metrics_port, metrics_host)
+        except OSError as exc:
+            print(f"neuron-broker: {exc}", file=sys.stderr)
+            os.close(lock)
+            return 2
+    broker = Broker(directory, backend, lease_timeout_s, address, restart_policy=restart_policy,
+                    max_message_bytes=max_message_bytes)
+    if metrics_server is not None:
+        broker.metrics, broker.metrics_url = snapshots, metrics.url_of(metrics_server)
 
     def stop(signum, frame):
         broker.stopping = True
@@ -368,6 +463,8 @@ def run_foreground(directory: str, backend, lease_timeout_s: float, address: str
     try:
         broker.serve()
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if os.path.exists(pid_path):
             os.unlink(pid_path)
         os.close(lock)

@@ -17,10 +17,16 @@ from worker.main import WorkerConfig, run
 
 log = logging.getLogger("neuron.broker")
 
-RESTART_WINDOW_S = 60.0
-MAX_RESTARTS_IN_WINDOW = 5
 RESTART_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 4.0)
 STOP_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """A core whose worker dies more than ``max_restarts`` times within ``window_s`` is marked failed."""
+
+    max_restarts: int = 5
+    window_s: float = 60.0
 
 
 @dataclass
@@ -40,10 +46,13 @@ class WorkerSlot:
 
 
 class Supervisor:
-    def __init__(self, directory: str, backend, shm_threshold: int):
+    def __init__(self, directory: str, backend, shm_threshold: int, policy: RestartPolicy = RestartPolicy(),
+                 max_message_bytes: int = 0):
         self.directory = directory
         self.backend = backend
         self.shm_threshold = shm_threshold
+        self.policy = policy
+        self.max_message_bytes = max_message_bytes
         self.ctx = mp.get_context("forkserver")
         self.ctx.set_forkserver_preload(["worker.main"])
         self.slots = {c: WorkerSlot(c) for c in range(backend.n_cores)}
@@ -52,7 +61,7 @@ class Supervisor:
         slot = self.slots[core]
         cfg = WorkerConfig(core=core, directory=self.directory, backend=self.backend.name,
                            placement=self.backend.placement(core), broker_pid=os.getpid(),
-                           shm_threshold=self.shm_threshold)
+                           shm_threshold=self.shm_threshold, max_message_bytes=self.max_message_bytes)
         proc = self.ctx.Process(target=run, args=(cfg,), name=f"neuron-worker-nc{core}", daemon=False)
         proc.start()
         slot.process, slot.ready, slot.started_at = proc, False, time.monotonic()
@@ -71,11 +80,11 @@ class Supervisor:
             code = proc.exitcode
             slot.last_exit = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
             slot.process, slot.ready = None, False
-            slot.crashes = [t for t in slot.crashes if now - t < RESTART_WINDOW_S] + [now]
-            if len(slot.crashes) > MAX_RESTARTS_IN_WINDOW:
+            slot.crashes = [t for t in slot.crashes if now - t < self.policy.window_s] + [now]
+            if len(slot.crashes) > self.policy.max_restarts:
                 slot.failed = True
                 log.error("core %d: worker died %d times in %.0fs (last: %s); marking the core failed",
-                          slot.core, len(slot.crashes), RESTART_WINDOW_S, slot.last_exit)
+                          slot.core, len(slot.crashes), self.policy.window_s, slot.last_exit)
             else:
                 delay = RESTART_BACKOFF_S[min(len(slot.crashes) - 1, len(RESTART_BACKOFF_S) - 1)]
                 slot.next_start_at = now + delay

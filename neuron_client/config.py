@@ -31,6 +31,7 @@ DEFAULT_CALL_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 600.0
 LIVENESS_POLL_S = 0.25  # while waiting for a reply, check this often that the worker is still alive
 SHM_THRESHOLD_BYTES = 256 * 1024  # tensors at least this large travel through shared memory
+MAX_MESSAGE_BYTES = 1 << 30  # a worker refuses (with an error reply) data messages larger than this
 
 
 def call_timeout_s() -> float:

@@ -8,14 +8,15 @@ background; the first call waits), as the file's flags say.
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from . import config, placement, protocol
-from .errors import InputShapeError, ModelLoadError, NeuronRuntimeError
+from .errors import InputShapeError, ModelLoadError, NeuronRuntimeError, UnknownModelError, WorkerUnavailableError
 from .runtime import Runtime, get_runtime
 
 
@@ -24,7 +25,10 @@ class Replica:
     core: int  # global core id
     nc: int  # index among the process's cores
     model_id: int
+    worker_pid: int  # the worker process holding it; another pid there means the worker was replaced
     in_flight: int = 0
+    stale: bool = False  # its worker died under a call
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one recovery at a time
 
 
 class NeuronModel:
@@ -95,9 +99,8 @@ class NeuronModel:
     def _load(self, rt: Runtime, ncs: list[int]) -> None:
         def one(nc: int) -> Replica:
             core = rt.global_core(nc)
-            reply = rt.channel(core).request(
-                protocol.Load(token=rt.token, name=self.name, data=self._data), config.LOAD_TIMEOUT_S, [self._data])
-            return Replica(core=core, nc=nc, model_id=reply.model_id)
+            pid = rt.worker(core)["pid"]
+            return Replica(core=core, nc=nc, model_id=self._load_on(rt, core), worker_pid=pid)
 
         try:
             if len(ncs) == 1:
@@ -117,6 +120,19 @@ class NeuronModel:
                     rt.models_per_core[nc] -= 1
         finally:
             self._ready.set()
+
+    def _load_on(self, rt: Runtime, core: int) -> int:
+        reply = rt.channel(core).request(
+            protocol.Load(token=rt.token, name=self.name, data=self._data), config.LOAD_TIMEOUT_S, [self._data])
+        return reply.model_id
+
+    def _recover(self, rt: Runtime, r: Replica, why: str) -> None:
+        """Load replica ``r`` again on its core's fresh worker (the previous one died or was replaced)."""
+        w = rt.await_worker(r.core, not_pid=r.worker_pid)
+        r.model_id = self._load_on(rt, r.core)
+        old, r.worker_pid, r.stale = r.worker_pid, w["pid"], False
+        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w['pid']}; the previous one, pid {old}, {why}); "
+                      f"{self.name} was loaded on it again", RuntimeWarning, stacklevel=3)
 
     def wait_loaded(self, timeout_s: float = config.LOAD_TIMEOUT_S) -> None:
         if self.state == "lazy" or self.state == "unloaded":
@@ -174,7 +190,10 @@ class NeuronModel:
                 "batching or a bucketed model")
 
     def run(self, args: tuple, replica: Replica | None = None):
-        """Run one call on ``replica`` (default: the next in round-robin order); no shape check."""
+        """Run one call on ``replica`` (default: the next in round-robin order); no shape check.
+
+        A replica whose worker was replaced since it was loaded (a crash, a broker restart) is loaded again first.
+        """
         if self.state != "loaded":
             self.wait_loaded()
         rt = self._runtime
@@ -185,7 +204,20 @@ class NeuronModel:
             with self._lock:
                 r.in_flight += 1
         try:
-            out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
+            if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
+                with r.lock:
+                    if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
+                        self._recover(rt, r, rt.worker(r.core).get("last_exit") or "exited")
+            try:
+                out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
+            except WorkerUnavailableError:
+                r.stale = True  # the next call waits for the fresh worker and loads this replica there
+                raise
+            except UnknownModelError:  # reached a fresh worker before the heartbeat told us of it
+                with r.lock:
+                    rt.refresh_workers()
+                    self._recover(rt, r, "was replaced")
+                out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
         finally:
             with self._lock:
                 r.in_flight -= 1

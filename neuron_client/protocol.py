@@ -26,6 +26,7 @@ from .errors import ProtocolError
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_FRAMES = 4096
+MAX_TUPLE_NESTING = 32  # each level recurses through msgpack's C unpacker: unbounded nesting overflows the C stack
 
 EXT_TENSOR = 1  # [frame index, dtype, shape]
 EXT_SHM_TENSOR = 2  # [segment name, offset, dtype, shape]
@@ -88,7 +89,7 @@ class Granted:
     lease_id: str
     token: str
     cores: list  # global core ids, ascending
-    workers: list  # [{"core", "endpoint", "pid"}] in core order
+    workers: list  # [{"core", "endpoint", "pid", "ready", "failed", "last_exit"}] in core order
     heartbeat_s: float
     lease_timeout_s: float
 
@@ -96,6 +97,11 @@ class Granted:
 @message("heartbeat")
 class Heartbeat:
     lease_id: str
+
+
+@message("heartbeat_ack")
+class HeartbeatAck:
+    workers: list  # the lease's cores' workers now: [{"core", "endpoint", "pid", "ready", "failed", "last_exit"}]
 
 
 @message("release")
@@ -116,6 +122,27 @@ class StatusReply:
 @message("stop")
 class Stop:
     pass
+
+
+@message("drain")
+class Drain:
+    """Stop granting new leases (acquires get BrokerDrainingError) until ``resume``; owners keep their cores."""
+
+    resume: bool = False
+
+
+@message("force_release")
+class ForceRelease:
+    """An operator takes every core of ``pid`` back (``neuron-broker release --pid``); its next call fails."""
+
+    pid: int
+
+
+@message("force_released")
+class ForceReleased:
+    pid: int
+    cores: list  # the global core ids taken back, ascending (empty: the pid held none)
+    leases: list  # their lease ids
 
 
 @message("ok")
@@ -139,6 +166,10 @@ class WorkerReady:
     endpoint: str
 
 
+# Upper bounds (seconds) of the call-latency histogram a worker reports; one more bucket counts slower calls.
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 @message("worker_stats")
 class WorkerStats:
     core: int
@@ -147,6 +178,16 @@ class WorkerStats:
     errors: int
     rss: int
     busy: bool
+    # Added for the operator tools; the defaults keep older workers decodable. Totals count since the worker started.
+    busy_s: float = 0.0  # seconds spent running calls (the model itself)
+    latency_p50_s: float = 0.0  # call latency (receipt to reply) over the recent window, 0 when no call in it
+    latency_p99_s: float = 0.0
+    latency_window: int = 0  # calls in that window (the last 512 calls within 60 s)
+    latency_sum_s: float = 0.0  # total latency of all calls
+    latency_buckets: typing.Optional[list] = None  # call counts per LATENCY_BUCKETS_S bucket, plus one for slower
+    queue: int = 0  # requests received and waiting behind the one running
+    loads: int = 0  # models loaded
+    load_s: float = 0.0  # seconds spent loading them
 
 
 @message("assign")
@@ -285,11 +326,15 @@ class TensorSource:
         self.frames = frames
         self.shm = shm
         self.copy_shm = copy_shm
+        self.used: set[int] = set()
 
     def frame_tensor(self, index, dtype_s, shape_l) -> torch.Tensor:
         dtype, shape = _dtype(dtype_s), _shape(shape_l)
         if not isinstance(index, int) or not 1 <= index < len(self.frames):
             raise ProtocolError(f"tensor points at frame {index!r} but the message has {len(self.frames)} frames")
+        if index in self.used:
+            raise ProtocolError(f"two tensors point at frame {index}")
+        self.used.add(index)
         buf = memoryview(self.frames[index])
         want = nbytes_of(dtype, shape)
         if buf.nbytes != want:
@@ -325,10 +370,14 @@ def _default(sink: TensorSink | None):
             return dict(obj)
         if isinstance(obj, list):
             return list(obj)
-        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses (IntEnum, numpy scalars, ...)
+        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses (IntEnum, ...)
             for base in (bool, int, float, str, bytes):
                 if isinstance(obj, base):
                     return base(obj)
+        if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:  # numpy scalars
+            value = obj.item()
+            if isinstance(value, (bool, int, float)):
+                return value
         if isinstance(obj, torch.dtype):
             return dtype_name(obj)
         raise ProtocolError(f"a value of type {type(obj).__name__} cannot travel; use tensors, numbers, strings, "
@@ -361,10 +410,18 @@ class Envelope:
 
 
 def _ext_hook(source: TensorSource | None):
+    depth = [0]
+
     def hook(code, data):
         try:
             if code == EXT_TUPLE:
-                items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+                if depth[0] >= MAX_TUPLE_NESTING:
+                    raise ProtocolError(f"tuples nest deeper than {MAX_TUPLE_NESTING} levels")
+                depth[0] += 1
+                try:
+                    items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+                finally:
+                    depth[0] -= 1
                 if not isinstance(items, list):
                     raise ProtocolError("a tuple extension must hold a list")
                 return tuple(items)
@@ -428,6 +485,9 @@ def decode(frames, source: TensorSource | None = None) -> Envelope:
         raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header must be a map")
+    if len(source.used) != len(frames) - 1:
+        raise ProtocolError(f"message has {len(frames) - 1} tensor frames but its header points at "
+                            f"{len(source.used)}; frames were added or lost on the way")
     version = header.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(

@@ -14,6 +14,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
@@ -40,31 +41,29 @@ class _ReplySegments:
 class WorkerChannel:
     """One thread's connection to one core's worker, with its shared-memory arenas."""
 
-    def __init__(self, runtime: "Runtime", core: int, endpoint: str, worker_pid: int):
+    def __init__(self, runtime: "Runtime", core: int, endpoint: str):
         self.runtime = runtime
         self.core = core
-        self.worker_pid = worker_pid
         self.channel = transport.Channel(endpoint)
         self.request_arena = shm.Arena()
         self.reply_arena = shm.Arena()
         self.threshold = config.SHM_THRESHOLD_BYTES if shm.available() else 1 << 62
 
-    def alive(self) -> None:
-        """Raise if the worker died or the lease was lost while waiting for a reply."""
-        self.runtime.check_lease()
-        if self.worker_pid and not _pid_running(self.worker_pid):
-            raise WorkerUnavailableError(
-                f"the worker of neuroncore {self.core} (pid {self.worker_pid}) died while serving this request; "
-                "the broker starts a fresh one: load the model again and retry")
-
     def request(self, msg, timeout_s: float, tensors=()):
+        worker_pid = self.runtime.worker(self.core)["pid"]
+
+        def alive() -> None:  # while waiting: the lease still held, the worker still there
+            self.runtime.check_lease()
+            if worker_pid and not _pid_running(worker_pid):
+                raise self.runtime.worker_died(self.core, worker_pid)
+
         need = shm.reserve_bytes(tensors, self.threshold)
         sink = None
         if need:
             self.request_arena.reset(need)
             sink = protocol.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
         source = _ReplySegments(self.reply_arena)
-        env = self.channel.request(msg, timeout_s, sink=sink, alive=self.alive,
+        env = self.channel.request(msg, timeout_s, sink=sink, alive=alive,
                                    source=lambda frames: protocol.TensorSource(frames, shm=source, copy_shm=True))
         return env.msg
 
@@ -125,7 +124,7 @@ class Runtime:
         self.lease_id: str = granted.lease_id
         self.token: str = granted.token
         self.cores: list[int] = list(granted.cores)
-        self.workers = {w["core"]: w for w in granted.workers}
+        self.workers: dict[int, dict] = {w["core"]: w for w in granted.workers}  # refreshed by every heartbeat
         self.lost: str | None = None
         self.closed = False
         self._local = threading.local()
@@ -164,19 +163,88 @@ class Runtime:
 
     def _heartbeat_loop(self, interval_s: float) -> None:
         ch = transport.Channel(self.address)
+        silent_since = None
         try:
             while not self._stop.wait(interval_s):
                 self._flush_unloads()
                 try:
-                    ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S)
+                    ack = ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
+                    self._update_workers(ack.workers)
+                    if silent_since is not None:
+                        log.warning("the broker answers again after %.1fs", time.monotonic() - silent_since)
+                        silent_since = None
                 except LeaseLostError as exc:
                     self.lost = str(exc)
                     log.error("%s", exc)
                     return
                 except RequestTimeoutError:
-                    log.warning("the broker did not answer a heartbeat")
+                    if silent_since is None:
+                        silent_since = time.monotonic()
+                        log.warning("the broker does not answer heartbeats; retrying (the lease stays ours until "
+                                    "the broker says otherwise)")
+                    ch.close()  # drop queued heartbeats; reconnect afresh
+                    ch = transport.Channel(self.address)
         finally:
             ch.close()
+
+    def _update_workers(self, workers: list[dict]) -> None:
+        with self._lock:
+            for w in workers:
+                self.workers[w["core"]] = w
+
+    def worker(self, core: int) -> dict:
+        return self.workers[core]
+
+    def refresh_workers(self) -> None:
+        """Ask the broker now for the lease's workers (heartbeats do it every interval anyway)."""
+        ch = transport.Channel(self.address)
+        try:
+            ack = ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
+            self._update_workers(ack.workers)
+        except LeaseLostError as exc:
+            self.lost = str(exc)
+            raise
+        finally:
+            ch.close()
+
+    def worker_died(self, core: int, pid: int) -> WorkerUnavailableError:
+        """The error for a call in flight on a worker that died; this thread's channel to it is dropped."""
+        chans = getattr(self._local, "channels", {})
+        ch = chans.pop(core, None)
+        if ch is not None:
+            ch.close()
+        cause = "it exited"
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:  # the broker reaps it within ~0.1 s and knows how it ended
+            try:
+                self.refresh_workers()
+            except NeuronRuntimeError:
+                break
+            w = self.workers[core]
+            if w["pid"] != pid or w["last_exit"]:
+                cause = f"it ended with {w['last_exit']}" if w["last_exit"] else cause
+                break
+            time.sleep(0.05)
+        return WorkerUnavailableError(
+            f"the worker of neuroncore {core} (pid {pid}) died while serving this request: {cause}; the broker "
+            "starts a fresh one and your models are loaded on it again at the next call")
+
+    def await_worker(self, core: int, not_pid: int, timeout_s: float = config.WORKER_START_TIMEOUT_S) -> dict:
+        """Wait until ``core`` has a live, ready worker other than ``not_pid`` (a restarted one)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            w = self.workers[core]
+            if w.get("failed"):
+                raise WorkerUnavailableError(
+                    f"neuroncore {core} failed: its worker kept dying (last: {w.get('last_exit') or 'unknown'}); "
+                    "the broker no longer restarts it. Use other cores, or restart the broker after fixing the cause")
+            if w["pid"] and w["pid"] != not_pid and w.get("ready", True) and _pid_running(w["pid"]):
+                return w
+            if time.monotonic() > deadline:
+                raise WorkerUnavailableError(
+                    f"neuroncore {core} has had no working worker for {timeout_s:.0f}s; see the broker's log")
+            time.sleep(0.05)
+            self.refresh_workers()
 
     # -- background work -------------------------------------------------------------------------------------
     def submit(self, fn, *args) -> Future:
@@ -214,8 +282,7 @@ class Runtime:
             chans = self._local.channels = {}
         ch = chans.get(core)
         if ch is None:
-            w = self.workers[core]
-            ch = chans[core] = WorkerChannel(self, core, w["endpoint"], w["pid"])
+            ch = chans[core] = WorkerChannel(self, core, self.workers[core]["endpoint"])
             with self._lock:
                 self._channels.append(ch)
         return ch

@@ -48,9 +48,11 @@ def dealer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
     return s
 
 
-def router(endpoint: str) -> zmq.Socket:
+def router(endpoint: str, max_message_bytes: int = 0) -> zmq.Socket:
     s = _socket(zmq.ROUTER)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing silently
+    if max_message_bytes:
+        s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # ZeroMQ drops a peer that sends a larger frame
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://"):]
         if os.path.exists(path):
@@ -106,7 +108,11 @@ class Channel:
                                "create the runtime in the child instead")
         rid = next(self._ids)
         frames = protocol.encode(msg, rid, sink)
-        self.sock.send_multipart(frames, copy=False)
+        try:
+            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            raise RequestTimeoutError(f"cannot send {msg.op!r} to {self.endpoint}: its queue is full (peer gone?)") \
+                from None
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()

@@ -126,7 +126,7 @@ def scenario_roundtrip(models: str) -> None:
 
 
 class Slow(torch.nn.Module):
-    """CPU-bound: long enough (a few hundred ms) that concurrent calls visibly overlap."""
+    """CPU-bound: ``steps`` chained matmuls, long enough that concurrent calls visibly overlap."""
 
     def __init__(self, steps: int = 150):
         super().__init__()
@@ -463,6 +463,103 @@ def scenario_fork_lstm(models: str) -> None:
     out = m(x)
     graph_forks = "fork" in torch.jit.load(path).code
     emit(ok=bool(torch.allclose(out, expected, atol=1e-5)), graph_forks=graph_forks)
+
+
+# -- reliability (issue 8) -----------------------------------------------------------------------------------------
+
+
+def scenario_crash_recovery(models: str) -> None:
+    """A worker killed under a call: the call fails at once naming core and cause; the next call just works."""
+    import warnings
+
+    import neuron_client
+
+    path = save(Slow(steps=400), torch.rand(256, 256), os.path.join(models, f"slower-{os.getpid()}.pt"))
+    m = neuron_client.jit.load(path)
+    x = torch.rand(256, 256)
+    expected = m(x)
+    rt = neuron_client.get_runtime()
+    core = m.cores[0]
+    emit(ready=True, worker_pid=rt.worker(core)["pid"], core=core)
+    t0 = time.monotonic()
+    try:
+        for _ in range(50):  # the test kills the worker during one of these
+            m(x)
+        error = None
+    except neuron_client.WorkerUnavailableError as exc:
+        error = str(exc)
+    failed_after_s = time.monotonic() - t0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = m(x)
+    emit(error=error, failed_after_s=failed_after_s, ok=bool(torch.allclose(again, expected)),
+         warnings=[str(w.message) for w in caught], new_worker_pid=rt.worker(core)["pid"])
+
+
+def scenario_survive_restart(models: str, flag: str) -> None:
+    """Hold cores and models across a broker restart (kill -9, start again): calls work again afterwards."""
+    import warnings
+
+    import neuron_client
+    from neuron_client.experimental import multicore_context
+
+    with multicore_context():
+        m = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    x = torch.rand(2, 4)
+    m(x)
+    rt = neuron_client.get_runtime()
+    emit(ready=True, owned=rt.cores, worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+    deadline = time.monotonic() + HOLD_S
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [bool(torch.allclose(m(x), x * 2 + 1)) for _ in range(4)]
+    emit(ok=all(results), warnings=[str(w.message) for w in caught], lost=rt.lost, owned=rt.cores,
+         worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+    hold()
+
+
+def scenario_bad_models(models: str) -> None:
+    """Missing, truncated, non-TorchScript and hostile model files: clear errors, nothing executed."""
+    import io
+    import pickle
+    import zipfile
+
+    import neuron_client
+
+    good = open(os.path.join(models, "affine.pt"), "rb").read()
+    marker = os.path.join(models, f"pwned-{os.getpid()}")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = io.BytesIO()
+    with zipfile.ZipFile(hostile, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil(), protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps(Evil(), protocol=2))
+        z.writestr("archive/version", "3\n")
+    cases = {
+        "missing": os.path.join(models, "no-such-model.pt"),
+        "truncated": good[: len(good) // 2],
+        "not_torchscript": os.urandom(4096),
+        "hostile": hostile.getvalue(),
+    }
+    errors = {}
+    for name, content in cases.items():
+        path = content if isinstance(content, str) else os.path.join(models, f"{name}-{os.getpid()}.pt")
+        if not isinstance(content, str):
+            with open(path, "wb") as f:
+                f.write(content)
+        try:
+            neuron_client.jit.load(path)
+            errors[name] = None
+        except neuron_client.ModelLoadError as exc:
+            errors[name] = str(exc)
+    m = neuron_client.jit.load(os.path.join(models, "affine.pt"))  # the worker still serves
+    x = torch.rand(2, 4)
+    emit(errors=errors, executed=os.path.exists(marker), still_ok=bool(torch.allclose(m(x), x * 2 + 1)))
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]

@@ -12,6 +12,8 @@ mapping of the previous owner before serving anything else.
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import logging
 import os
 import sys
@@ -32,6 +34,39 @@ from .store import ModelStore
 log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
 REVOKED_TOKENS_KEPT = 64
+LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
+LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
+MAX_BACKLOG = 32  # requests taken off the socket ahead of the one running (the queue depth the stats report)
+
+
+class CallTimes:
+    """Cheap timing of calls for the stats: busy seconds, a latency histogram, and a ring of recent latencies.
+
+    Written by the data thread only; the control thread reads totals and copies the ring (a list slice, atomic
+    under the GIL) to compute percentiles when it sends stats.
+    """
+
+    def __init__(self):
+        self.busy_s = 0.0
+        self.sum_s = 0.0
+        self.buckets = [0] * (len(protocol.LATENCY_BUCKETS_S) + 1)
+        self.ring: list = [None] * LATENCY_WINDOW  # (monotonic end time, seconds)
+        self.n = 0
+
+    def record(self, seconds: float, end: float) -> None:
+        self.sum_s += seconds
+        self.buckets[bisect.bisect_left(protocol.LATENCY_BUCKETS_S, seconds)] += 1
+        self.ring[self.n % LATENCY_WINDOW] = (end, seconds)
+        self.n += 1
+
+    def percentiles(self, now: float) -> tuple[float, float, int]:
+        """(p50, p99, calls) over the recent window; zeros when it holds no call."""
+        cutoff = now - LATENCY_WINDOW_S
+        recent = sorted(r[1] for r in self.ring[:] if r is not None and r[0] >= cutoff)
+        if not recent:
+            return 0.0, 0.0, 0
+        pick = lambda q: recent[min(len(recent) - 1, int(q * len(recent)))]  # noqa: E731
+        return pick(0.5), pick(0.99), len(recent)
 
 
 @dataclass
@@ -42,6 +77,7 @@ class WorkerConfig:
     placement: dict
     broker_pid: int
     shm_threshold: int = config.SHM_THRESHOLD_BYTES
+    max_message_bytes: int = config.MAX_MESSAGE_BYTES
 
 
 class Worker:
@@ -59,6 +95,10 @@ class Worker:
         self.requests = 0
         self.errors = 0
         self.busy = False
+        self.times = CallTimes()
+        self.queued = 0  # requests waiting in the backlog behind the one running
+        self.loads = 0
+        self.load_s = 0.0
         self.stats_dirty = threading.Event()
         self.stopping = threading.Event()
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
@@ -102,6 +142,8 @@ class Worker:
             raise ProtocolError("load: 'data' must be a 1-d uint8 tensor of the model file's bytes")
         blob = bytes(memoryview(protocol.tensor_buffer(data)))
         model_id, load_s = self.store.load(msg.name, blob)
+        self.loads += 1
+        self.load_s += load_s
         self.stats_dirty.set()
         return protocol.Loaded(model_id=model_id, load_s=load_s), None
 
@@ -115,6 +157,7 @@ class Worker:
 
         entry = self.store.get(msg.model_id)
         args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 outputs = entry.module(*args)
@@ -125,6 +168,7 @@ class Worker:
                 f"model {entry.name!r} raised on neuroncore {self.core}: {type(exc).__name__}: {detail}"
             ) from None
         finally:
+            self.times.busy_s += time.perf_counter() - t0
             entry.requests += 1
         sink = None
         if msg.reply_shm:
@@ -132,9 +176,14 @@ class Worker:
             sink = protocol.TensorSink(shm=SegmentWriter(seg), shm_threshold=self.cfg.shm_threshold)
         return protocol.Result(outputs=outputs), sink
 
-    def handle(self, frames) -> list:
+    def handle(self, frames, received: float = 0.0) -> list:
+        """The reply to one request; ``received`` (perf_counter) is when it came off the socket."""
         rid = 0
         try:
+            size = sum(len(f) for f in frames)
+            if self.cfg.max_message_bytes and size > self.cfg.max_message_bytes:
+                raise ProtocolError(f"a message of {size} bytes exceeds core {self.core}'s limit of "
+                                    f"{self.cfg.max_message_bytes} bytes; send large tensors through shared memory")
             env = protocol.decode(frames, protocol.TensorSource(frames, shm=self.segments, copy_shm=False))
             rid = env.req_id
             handler = self.handlers.get(env.op)
@@ -149,7 +198,10 @@ class Worker:
                 self.busy = False
             if env.op == "call":
                 self.requests += 1
-            return protocol.encode(reply, rid, sink)
+            out = protocol.encode(reply, rid, sink)
+            if env.op == "call" and received:
+                self.times.record(time.perf_counter() - received, time.monotonic())
+            return out
         except Exception as exc:
             self.errors += 1
             if rid == 0:
@@ -162,19 +214,28 @@ class Worker:
             self.stats_dirty.set()
 
     def serve(self) -> None:
-        sock = transport.router(config.worker_address(self.cfg.directory, self.core))
+        hard = 2 * self.cfg.max_message_bytes if self.cfg.max_message_bytes else 0
+        sock = transport.router(config.worker_address(self.cfg.directory, self.core), hard)
         control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
         control.start()
+        backlog: collections.deque = collections.deque()  # (identity, frames, received): FIFO, like the socket
         try:
             while not self.stopping.is_set():
-                if not sock.poll(DATA_POLL_MS, transport.POLLIN):
+                if not backlog and not sock.poll(DATA_POLL_MS, transport.POLLIN):
                     self.sync_owner()
                     continue
-                msg = transport.recv(sock)
-                if len(msg) < 2:
+                while len(backlog) < MAX_BACKLOG:  # take what has arrived, so that the queue depth is known
+                    try:
+                        msg = transport.recv(sock)
+                    except transport.Again:
+                        break
+                    if len(msg) >= 2:
+                        backlog.append((msg[0], msg[1:], time.perf_counter()))
+                if not backlog:
                     continue
-                identity, frames = msg[0], msg[1:]
-                reply = self.handle(frames)
+                identity, frames, received = backlog.popleft()
+                self.queued = len(backlog)
+                reply = self.handle(frames, received)
                 transport.send(sock, reply, identity=identity.bytes)
         finally:
             self.store.clear()
@@ -187,8 +248,13 @@ class Worker:
             rss = psutil.Process().memory_info().rss
         except psutil.Error:
             rss = 0
+        times = self.times
+        p50, p99, window = times.percentiles(time.monotonic())
         return protocol.WorkerStats(core=self.core, models=self.store.info(), requests=self.requests,
-                                    errors=self.errors, rss=rss, busy=self.busy)
+                                    errors=self.errors, rss=rss, busy=self.busy, busy_s=times.busy_s,
+                                    latency_p50_s=p50, latency_p99_s=p99, latency_window=window,
+                                    latency_sum_s=times.sum_s, latency_buckets=list(times.buckets),
+                                    queue=self.queued, loads=self.loads, load_s=self.load_s)
 
     def control_loop(self) -> None:
         ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)

@@ -1,0 +1,183 @@
+"""Faults with real processes (issue 8): workers dying, the broker killed and restarted, bad input of every kind,
+and who may use the broker's directory."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from neuron_client import protocol, transport
+from tests.conftest import ROOT, BrokerProc
+
+
+def test_worker_killed_under_a_call_fails_fast_and_recovers(fresh_broker, spawn_app, models_dir):
+    b = fresh_broker(2)
+    app = spawn_app(b, "crash_recovery", models_dir, env={"NEURON_RT_NUM_CORES": "1"})
+    ready = app.next(90)
+    time.sleep(0.5)  # inside the stream of long calls
+    os.kill(ready["worker_pid"], signal.SIGKILL)
+    out = app.finish(120)[-1]
+    assert out["error"] is not None
+    assert f"neuroncore {ready['core']}" in out["error"] and "SIGKILL" in out["error"]
+    assert out["failed_after_s"] < 10  # at once, not after the 600 s call timeout
+    assert out["ok"]  # the next call succeeded on a fresh worker, without the user doing anything
+    assert out["new_worker_pid"] != ready["worker_pid"]
+    assert any("fresh worker" in w and "loaded on it again" in w for w in out["warnings"])
+    core = b.status()["cores"][ready["core"]]
+    assert core["worker"]["restarts"] == 1 and "SIGKILL" in core["worker"]["last_exit"]
+
+
+def test_repeated_crashes_mark_the_core_failed(fresh_broker, spawn_app):
+    b = fresh_broker(2, extra=["--max-restarts", "1", "--restart-window", "60"])
+    for attempt in range(2):
+        pid = b.wait_for(lambda d: d["cores"][1]["worker"]["ready"], 30, "worker of core 1 ready")["cores"][1]["worker"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        b.wait_for(lambda d, pid=pid: d["cores"][1]["worker"]["pid"] != pid, 30, "worker of core 1 replaced or failed")
+    doc = b.wait_for(lambda d: d["cores"][1]["state"] == "failed", 30, "core 1 failed")
+    assert doc["cores"][0]["state"] == "free"  # the broker and the other core carry on
+    out = spawn_app(b, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "1"}).finish()[0]
+    assert out["error"] == "NeuronCoreUnavailableError" and "nc1 failed" in out["message"]
+    out = spawn_app(b, "acquire_error", env={"NEURON_RT_NUM_CORES": "1"}).finish()[0]
+    assert out["ok"] and out["owned"] == [0]
+
+
+def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, spawn_app, models_dir):
+    directory = str(tmp_path / "b")
+    first = BrokerProc(directory, 4)
+    second = None
+    try:
+        holder = spawn_app(first, "survive_restart", models_dir, str(tmp_path / "go"),
+                           env={"NEURON_RT_VISIBLE_CORES": "0-1"})
+        before = holder.next(90)
+        assert before["owned"] == [0, 1]
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        second = BrokerProc(directory, 4)  # an operator starts it again
+        doc = second.status()
+        assert doc["cores"][0]["owner"]["pid"] == holder.pid  # restored from the journal
+        out = spawn_app(second, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "1-2"}).finish()[0]
+        assert out["error"] == "NeuronCoreUnavailableError" and f"held by pid {holder.pid}" in out["message"]
+        time.sleep(2.5)  # past the lease timeout: the owner's heartbeats reached the new broker
+        (tmp_path / "go").write_text("go")
+        after = holder.next(90)
+        assert after["ok"] and after["lost"] is None and after["owned"] == [0, 1]
+        assert set(after["worker_pids"]).isdisjoint(before["worker_pids"])  # new workers, models loaded again
+        assert any("loaded on it again" in w for w in after["warnings"])
+        assert second.owners()[0] == holder.pid
+        holder.kill()
+        second.wait_for(lambda d: d["cores"][0]["owner"] is None, 5, "cores freed after the owner died")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_bad_model_files(broker, spawn_app, models_dir):
+    out = spawn_app(broker, "bad_models", models_dir, env={"NEURON_RT_NUM_CORES": "1"}).finish()[0]
+    errors = out["errors"]
+    assert "does not exist" in errors["missing"]
+    for case in ("truncated", "not_torchscript", "hostile"):
+        assert errors[case] is not None and "could not load" in errors[case], case
+    assert out["executed"] is False  # the pickle payload did not run
+    assert out["still_ok"]
+
+
+# -- bad bytes on the sockets -------------------------------------------------------------------------------------
+
+def _exchange(endpoint: str, frames, timeout_s: float = 5.0):
+    sock = transport.dealer(endpoint)
+    try:
+        sock.send_multipart(frames)
+        if not sock.poll(int(timeout_s * 1000)):
+            return None
+        return sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+
+
+def _is_error_reply(reply) -> bool:
+    env = protocol.decode(reply)
+    return isinstance(env.msg, protocol.Error)
+
+
+HEADER = {"v": protocol.PROTOCOL_VERSION, "op": "status", "id": 7, "body": {}}
+CASES = {
+    "random bytes": [os.urandom(64)],
+    "empty frame": [b""],
+    "not a map": [msgpack.packb([1, 2, 3])],
+    "wrong version": [msgpack.packb(dict(HEADER, v=99))],
+    "unknown op": [msgpack.packb(dict(HEADER, op="format_disk"))],
+    "missing field": [msgpack.packb(dict(HEADER, op="heartbeat"))],
+    "wrong field type": [msgpack.packb(dict(HEADER, op="heartbeat", body={"lease_id": 5}))],
+    "extra frame": [msgpack.packb(HEADER), b"extra"],
+    "truncated header": [msgpack.packb(HEADER)[:-3]],
+    "oversized": [msgpack.packb(dict(HEADER, body={"x": "y" * (2 << 20)}))],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_broker_answers_bad_messages_with_errors(broker, case):
+    reply = _exchange(broker.address, CASES[case])
+    assert reply is not None and _is_error_reply(reply), case
+    assert transport.ping(broker.address, 5) is not None
+
+
+def _call_frames(tensor_ref, data: bytes, **body):
+    header = {"v": protocol.PROTOCOL_VERSION, "op": "call", "id": 3,
+              "body": {"token": "x", "model_id": 1, "args": msgpack.ExtType(protocol.EXT_TUPLE, msgpack.packb([
+                  msgpack.ExtType(protocol.EXT_TENSOR, msgpack.packb(tensor_ref))])), **body}}
+    return [msgpack.packb(header), data]
+
+
+WORKER_CASES = {
+    "header and data disagree": _call_frames([1, "float32", [4]], b"\0" * 15),
+    "bad dtype": _call_frames([1, "float128", [2]], b"\0" * 32),
+    "negative shape": _call_frames([1, "float32", [-1]], b""),
+    "missing frame": _call_frames([2, "float32", [1]], b"\0" * 4),
+    "hostile shm name": [msgpack.packb({"v": 1, "op": "call", "id": 4, "body": {
+        "token": "x", "model_id": 1, "args": msgpack.ExtType(protocol.EXT_SHM_TENSOR,
+                                                             msgpack.packb(["../../etc/passwd", 0, "uint8", [4]]))}})],
+    "not the owner": _call_frames([1, "float32", [1]], b"\0" * 4),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORKER_CASES))
+def test_worker_answers_bad_messages_with_errors(broker, case):
+    endpoint = f"ipc://{broker.directory}/core-7.sock"
+    reply = _exchange(endpoint, WORKER_CASES[case])
+    assert reply is not None and _is_error_reply(reply), case
+    env = protocol.decode(reply)
+    assert env.req_id in (3, 4)  # the error echoes the request id
+    assert broker.status()["cores"][7]["worker"]["ready"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(frames=st.lists(st.binary(max_size=256), min_size=1, max_size=4))
+def test_fuzz_broker_and_worker_sockets(broker8, frames):
+    for endpoint in (broker8.address, f"ipc://{broker8.directory}/core-6.sock"):
+        reply = _exchange(endpoint, frames)
+        assert reply is not None and _is_error_reply(reply)
+
+
+def test_fuzzed_processes_are_still_alive(broker8):
+    doc = broker8.status()
+    assert all(c["worker"]["ready"] for c in doc["cores"])
+    assert all(c["worker"]["restarts"] == 0 for c in doc["cores"])
+
+
+def test_broker_refuses_a_directory_others_can_write(tmp_path):
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    out = subprocess.run([sys.executable, "-m", "broker", "start", "--foreground", "--dir", str(d), "--cores", "1"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env=dict(os.environ, NEURON_BROKER_DIR=str(d)))
+    assert out.returncode != 0
+    assert "writable by others" in out.stderr and "chmod 700" in out.stderr
+    assert not os.path.exists(d / "broker.sock")
