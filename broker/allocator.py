@@ -51,12 +51,17 @@ class CoreAllocator:
         if req.visible is not None:
             if not req.visible:
                 raise NeuronCoreSpecError("NEURON_RT_VISIBLE_CORES names no core")
+            if len(set(req.visible)) != len(req.visible):
+                raise NeuronCoreSpecError(f"NEURON_RT_VISIBLE_CORES names a core more than once: {list(req.visible)}")
             bad = [c for c in req.visible if not 0 <= c < n]
             if bad:
                 raise NeuronCoreSpecError(
                     f"NEURON_RT_VISIBLE_CORES asks for {format_cores(bad)} but this host has {n} cores "
                     f"(nc0-nc{n - 1}); pick indices below {n}"
                 )
+        elif req.count is not None and req.count < 1:
+            raise NeuronCoreSpecError(f"NEURON_RT_NUM_CORES={req.count} is not a count of cores; ask for 1..{n} "
+                                      "(0 means all)")
         elif req.count is not None and req.count > n:
             raise NeuronCoreSpecError(
                 f"NEURON_RT_NUM_CORES={req.count} but this host has {n} cores; ask for at most {n} (0 means all)"
@@ -66,7 +71,7 @@ class CoreAllocator:
     def _pick(self, req: CoreRequest) -> list[int] | Denied:
         n = self.n_cores
         if req.visible is not None:
-            wanted = list(req.visible)
+            wanted = sorted(req.visible)
         elif req.count is None:
             wanted = list(range(n))
         else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .errors import NeuronCoreSpecError
 
-_ITEM = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 
 
 def parse_visible_cores(text: str) -> list[int]:
@@ -24,7 +24,7 @@ def parse_visible_cores(text: str) -> list[int]:
         )
     cores: list[int] = []
     for item in str(text).split(","):
-        m = _ITEM.match(item)
+        m = _ITEM.fullmatch(item)
         if not m:
             raise NeuronCoreSpecError(
                 f"NEURON_RT_VISIBLE_CORES={text!r}: {item.strip()!r} is not a core index or an inclusive "
@@ -45,6 +45,8 @@ def parse_visible_cores(text: str) -> list[int]:
 def parse_num_cores(text: str) -> int:
     """Parse ``NEURON_RT_NUM_CORES``: a whole number >= 0 (0 means all cores)."""
     try:
+        if not re.fullmatch(r"\s*-?[0-9]+\s*", str(text)):
+            raise ValueError
         n = int(str(text).strip())
     except ValueError:
         raise NeuronCoreSpecError(

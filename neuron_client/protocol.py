@@ -489,13 +489,13 @@ def decode(frames, source: TensorSource | None = None) -> Envelope:
         raise ProtocolError(f"message has {len(frames) - 1} tensor frames but its header points at "
                             f"{len(source.used)}; frames were added or lost on the way")
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(
             f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
             "upgrade the older side so that client, broker and workers match"
         )
     op, req_id, body = header.get("op"), header.get("id", 0), header.get("body", {})
-    if not isinstance(req_id, int):
+    if type(req_id) is not int:
         raise ProtocolError(f"request id must be an int, got {req_id!r}")
     cls = MESSAGES.get(op) if isinstance(op, str) else None
     if cls is None:

@@ -57,6 +57,8 @@ class Segment:
             raise ProtocolError(
                 f"shared-memory reference {self.name}@{offset}+{nbytes} lies outside the segment ({self.size} bytes)"
             )
+        if self.map is None:  # an empty segment
+            return memoryview(bytearray())
         return memoryview(self.map)[offset:offset + nbytes]
 
     def write(self, offset: int, t: torch.Tensor) -> None:

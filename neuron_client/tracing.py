@@ -57,6 +57,10 @@ def trace(model, example_inputs, **trace_kwargs) -> torch.jit.ScriptModule:
         example_inputs = (example_inputs,)
     if isinstance(model, torch.nn.Module):
         model = model.eval()
+    elif callable(model):  # a plain function: trace it as a module so that the record has somewhere to live
+        model = _FunctionModule(model)
+    else:
+        raise TypeError(f"trace expects a torch.nn.Module or a callable, got {type(model).__name__}")
     with torch.no_grad():
         traced = torch.jit.trace(model, example_inputs, **trace_kwargs)
     set_meta(traced, {"format": META_FORMAT, "inputs": tensor_specs(example_inputs),
@@ -72,6 +76,15 @@ def lazy_load(trace, enable_lazy_load: bool = True) -> None:
 def async_load(trace, enable_async_load: bool = True) -> None:
     """Make loading onto a core non-blocking; the first call waits for it. Saved inside the model file."""
     update_meta(trace, async_load=bool(enable_async_load))
+
+
+class _FunctionModule(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
 
 
 class _Stub:
@@ -116,6 +129,6 @@ def read_meta(data: bytes) -> dict:
         try:
             meta = json.loads(state[META_ATTR])
             return meta if isinstance(meta, dict) else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             return {}
     return {}
