@@ -110,30 +110,12 @@ class Run:
         self.stop = threading.Event()
         self.violations: list[str] = []
 
-    def status(self) -> dict:
-        from neuron_client import protocol, transport
-
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(protocol.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
-
     def start_broker(self) -> None:
-        from neuron_client import transport
+        from broker.embedded import EmbeddedBroker
 
-        self.log = open(os.path.join(self.directory, "broker.log"), "wb")
-        self.broker = subprocess.Popen(
-            [sys.executable, "-m", "broker", "start", "--foreground", "--dir", self.directory,
-             "--cores", str(self.args.cores), "--lease-timeout", str(self.args.lease_timeout),
-             "--max-restarts", "1000"], env=self.env, stdout=self.log, stderr=self.log, cwd=ROOT,
-            start_new_session=True)
-        deadline = time.monotonic() + 60
-        while transport.ping(self.address, 0.5) is None or not all(c["worker"]["ready"]
-                                                                  for c in self.status()["cores"]):
-            if time.monotonic() > deadline:
-                raise SystemExit("broker did not start")
-            time.sleep(0.1)
+        self.broker = EmbeddedBroker(self.args.cores, directory=self.directory, extra=[
+            "--lease-timeout", str(self.args.lease_timeout), "--max-restarts", "1000"])
+        self.status = self.broker.status
 
     def spawn_client(self, seconds: float) -> None:
         proc = subprocess.Popen(
@@ -296,15 +278,7 @@ class Run:
             before, after = self.memory_cycles(self.args.cycles)
         finally:
             self.stop.set()
-            self.broker.send_signal(signal.SIGTERM)
-            try:
-                self.broker.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(self.broker.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.broker.stop()
         import psutil
 
         time.sleep(0.5)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -80,37 +79,17 @@ def main() -> int:
 
     import neuron_client
     from broker.status import render
-    from neuron_client import protocol, transport
+
+    from broker.embedded import EmbeddedBroker
 
     work = tempfile.mkdtemp(prefix="neuron-demo-")
-    directory = os.path.join(work, "broker")
-    os.makedirs(directory, mode=0o700)
-    env = dict(os.environ, NEURON_BROKER_DIR=directory, NEURON_BROKER_AUTOSTART="0", PYTHONWARNINGS="ignore")
-    for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
-        env.pop(var, None)
-    address = f"ipc://{directory}/broker.sock"
-    log = open(os.path.join(directory, "broker.log"), "wb")
-    print(f"[demo] starting a broker with {args.cores} cpu-backed cores in {directory}")
-    broker = subprocess.Popen([sys.executable, "-m", "broker", "start", "--foreground", "--dir", directory,
-                               "--cores", str(args.cores)], env=env, stdout=log, stderr=log, cwd=ROOT,
-                              start_new_session=True)
+    print(f"[demo] starting a broker with {args.cores} cpu-backed cores (one worker process per core)")
+    broker = EmbeddedBroker(args.cores, directory=os.path.join(work, "broker"))
+    env = dict(broker.env, PYTHONWARNINGS="ignore")
+    status = broker.status
     clients: list[subprocess.Popen] = []
-
-    def status() -> dict:
-        ch = transport.Channel(address)
-        try:
-            return ch.request(protocol.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
-
     try:
-        deadline = time.monotonic() + 60
-        while transport.ping(address, 0.5) is None or not all(c["worker"]["ready"] for c in status()["cores"]):
-            if broker.poll() is not None or time.monotonic() > deadline:
-                print("[demo] the broker did not start; its log:\n" + open(log.name).read(), file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-        print(f"[demo] broker ready: {args.cores} workers, one per core")
+        print(f"[demo] broker ready in {broker.directory}")
 
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4)).eval()
         path = os.path.join(work, "classifier.pt")
@@ -154,17 +133,7 @@ def main() -> int:
         for proc in clients:
             if proc.poll() is None:
                 proc.kill()
-        if broker.poll() is None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(broker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
+        broker.stop()
         print("[demo] broker stopped")
 
 

@@ -1,0 +1,102 @@
+"""An embedded broker: a foreground broker in its own process group and private directory, for demos, benchmarks,
+stress runs and tests that must start one, talk to it and always tear it down (workers included).
+
+    with EmbeddedBroker(cores=4) as b:
+        env = b.env            # give this to client processes
+        doc = b.status()
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from neuron_client import protocol, transport
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class EmbeddedBroker:
+    def __init__(self, cores: int, directory: str | None = None, extra=(), ready_timeout_s: float = READY_TIMEOUT_S):
+        self.cores = cores
+        self.directory = directory or os.path.join(tempfile.mkdtemp(prefix="neuron-broker-"), "broker")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self.env = dict(os.environ, NEURON_BROKER_DIR=self.directory, NEURON_BROKER_AUTOSTART="0")
+        for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
+            self.env.pop(var, None)
+        self.address = f"ipc://{self.directory}/broker.sock"
+        self.log_path = os.path.join(self.directory, "broker.log")
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "broker", "start", "--foreground", "--dir", self.directory, "--cores", str(cores),
+             *extra], env=self.env, stdout=self.log, stderr=self.log, start_new_session=True, cwd=ROOT)
+        try:
+            self.wait_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while transport.ping(self.address, 0.5) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not start; its log:\n{self.read_log()}")
+        self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), timeout_s, "workers ready")
+
+    def status(self) -> dict:
+        ch = transport.Channel(self.address)
+        try:
+            return ch.request(protocol.Status(), 10.0).msg.doc
+        finally:
+            ch.close()
+
+    def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition") -> dict:
+        """Poll status until ``predicate(doc)`` holds; the doc, or AssertionError naming ``what``."""
+        deadline = time.monotonic() + timeout_s
+        doc = None
+        while time.monotonic() < deadline:
+            doc = self.status()
+            if predicate(doc):
+                return doc
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(doc, indent=1)[:3000]}")
+
+    def owners(self) -> dict[int, int | None]:
+        return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in self.status()["cores"]}
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Ask nicely (SIGTERM: the broker stops its workers), then kill the whole process group."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.log.close()
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
