@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import struct
 import time
@@ -19,9 +20,15 @@ SMALL_BYTES = 64 * 1024  # up to this, header and payload go in one send
 CONNECT_TIMEOUT_S = 30.0
 
 
+def _quiet_on_ctrl_c() -> None:
+    """Ctrl-C reaches the whole foreground group; the parent stops the echo servers itself, without tracebacks."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def zmq_echo(endpoint: str) -> None:
     import zmq
 
+    _quiet_on_ctrl_c()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -44,6 +51,7 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
 
 
 def unix_echo(path: str) -> None:
+    _quiet_on_ctrl_c()
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(1)
@@ -70,9 +78,17 @@ def unix_echo(path: str) -> None:
         srv.close()
 
 
-def start(target, arg: str):
-    """Start ``target(arg)`` in a spawned process (a fresh interpreter: no state of this one carries over)."""
-    proc = mp.get_context("spawn").Process(target=target, args=(arg,), name=f"bench-{target.__name__}", daemon=True)
+def _pinned_main(target, arg: str, cpus) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    target(arg)
+
+
+def start(target, arg: str, cpus=None):
+    """Start ``target(arg)`` in a spawned process (a fresh interpreter: no state of this one carries over), pinned to
+    ``cpus`` if given (the CPUs of the worker it stands beside, so that both servers compete for the same CPUs)."""
+    proc = mp.get_context("spawn").Process(target=_pinned_main, args=(target, arg, list(cpus or [])),
+                                           name=f"bench-{target.__name__}", daemon=True)
     proc.start()
     return proc
 

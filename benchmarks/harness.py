@@ -34,6 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BROKER_READY_TIMEOUT_S = 90.0
 BROKER_STOP_GRACE_S = 5.0
 CHILD_STOP_GRACE_S = 3.0
+# The brokers the suite starts reclaim a lease after this long without a heartbeat, instead of the default 1 s: on a
+# loaded 2-CPU machine the bench process's heartbeat thread can starve for a second, and a reclaimed lease would end
+# the measurement. Nothing measured depends on it (kill -9 is noticed by the owner's death, not by the timeout).
+BENCH_LEASE_TIMEOUT_S = 30.0
 
 # The broker is started through this launcher instead of ``python -m broker`` when a section needs the workers'
 # shared-memory threshold changed: the broker and its workers take ``config.SHM_THRESHOLD_BYTES`` when
@@ -107,7 +111,8 @@ class Broker:
     """A broker in the foreground of its own process group (its forkserver and workers included), in a private
     directory; :meth:`stop` asks it to stop and then kills the whole group."""
 
-    def __init__(self, directory: str, cores: int, worker_shm_threshold: int | None = None):
+    def __init__(self, directory: str, cores: int, worker_shm_threshold: int | None = None,
+                 lease_timeout_s: float | None = None):
         from neuron_client import transport
 
         self.directory = directory
@@ -120,6 +125,8 @@ class Broker:
             env.pop(var, None)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         args = ["start", "--foreground", "--dir", directory, "--cores", str(cores)]
+        if lease_timeout_s is not None:
+            args += ["--lease-timeout", str(lease_timeout_s)]
         if worker_shm_threshold is None:
             cmd = [sys.executable, "-m", "broker", *args]
         else:
@@ -177,27 +184,37 @@ class Broker:
 
 
 @contextlib.contextmanager
-def client_of(broker: Broker, visible_cores: str = "0"):
-    """This process as a neuron_client client of ``broker`` owning ``visible_cores``: the environment is set
-    before the runtime is created, and the runtime is shut down (its cores released) before the broker goes."""
-    import neuron_client
-
-    saved = {k: os.environ.get(k) for k in ("NEURON_BROKER_DIR", "NEURON_BROKER_AUTOSTART",
-                                            "NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES",
-                                            "NEURON_BROKER_ADDRESS")}
-    os.environ.update(NEURON_BROKER_DIR=broker.directory, NEURON_BROKER_AUTOSTART="0",
-                      NEURON_RT_VISIBLE_CORES=visible_cores)
-    os.environ.pop("NEURON_RT_NUM_CORES", None)
-    os.environ.pop("NEURON_BROKER_ADDRESS", None)
+def broker_env(broker: Broker, visible_cores: str | None = None):
+    """This process's environment pointed at ``broker`` (no autostart), restored afterwards."""
+    keys = ("NEURON_BROKER_DIR", "NEURON_BROKER_AUTOSTART", "NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES",
+            "NEURON_BROKER_ADDRESS")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(NEURON_BROKER_DIR=broker.directory, NEURON_BROKER_AUTOSTART="0")
+    for k in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
+        os.environ.pop(k, None)
+    if visible_cores is not None:
+        os.environ["NEURON_RT_VISIBLE_CORES"] = visible_cores
     try:
-        yield neuron_client.get_runtime()
+        yield
     finally:
-        neuron_client.shutdown()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def client_of(broker: Broker, visible_cores: str = "0"):
+    """This process as a neuron_client client of ``broker`` owning ``visible_cores``: the environment is set
+    before the runtime is created, and the runtime is shut down (its cores released) before the broker goes."""
+    import neuron_client
+
+    with broker_env(broker, visible_cores):
+        try:
+            yield neuron_client.get_runtime()
+        finally:
+            neuron_client.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,20 +299,13 @@ class Task:
 
 
 def time_calls(fn: Callable[[], object], n: int) -> list[int]:
-    """Nanoseconds of each of ``n`` calls of ``fn`` (garbage collection paused, as for every variant)."""
+    """Nanoseconds of each of ``n`` calls of ``fn``."""
     pc = time.perf_counter_ns
     out = [0] * n
-    gc.collect()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for i in range(n):
-            t0 = pc()
-            fn()
-            out[i] = pc() - t0
-    finally:
-        if enabled:
-            gc.enable()
+    for i in range(n):
+        t0 = pc()
+        fn()
+        out[i] = pc() - t0
     return out
 
 
@@ -344,18 +354,30 @@ def interleave(variants: list[Variant], rounds: int, batch: int, warmup: int, ta
     always runs right after the same neighbour), after ``warmup`` untimed calls of each."""
     rng = rng or random.Random(0)
     out = {v.name: Measured(v.name) for v in variants}
-    for v in variants:
-        if warmup:
-            v.batch(warmup)
-    for _ in range(rounds):
-        order = list(variants)
-        rng.shuffle(order)
-        for v in order:
-            s = v.batch(batch)
-            out[v.name].samples.extend(s)
-            out[v.name].round_p50.append(percentile(s, 50))
-        if task is not None:
-            task.advance()
+    # The cyclic garbage collector stays off while calls are timed (for every variant alike); it runs between
+    # rounds, over only what this measurement allocated (everything older is frozen out of its way).
+    gc.collect()
+    gc.freeze()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for v in variants:
+            if warmup:
+                v.batch(warmup)
+        for _ in range(rounds):
+            order = list(variants)
+            rng.shuffle(order)
+            for v in order:
+                s = v.batch(batch)
+                out[v.name].samples.extend(s)
+                out[v.name].round_p50.append(percentile(s, 50))
+            gc.collect()
+            if task is not None:
+                task.advance()
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
     return out
 
 
@@ -422,6 +444,10 @@ def fmt_us(us) -> str:
 def fmt_ratio(r) -> str:
     if r is None:
         return "-"
+    if r < 0.01:
+        return f"{r:.4f}x"
+    if r < 0.1:
+        return f"{r:.3f}x"
     return f"{r:.2f}x" if r < 100 else f"{r:,.0f}x"
 
 
@@ -460,6 +486,7 @@ class SectionResult:
     lines: list[str] = field(default_factory=list)  # Markdown
     figures: dict = field(default_factory=dict)  # JSON
     plots: list[Plot] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how it was measured, shown after the section's figures
     wall_s: float = 0.0
     error: str | None = None
 
@@ -476,10 +503,12 @@ class Context:
     def n_rounds(self, full: int, quick: int) -> int:
         return self.rounds if self.rounds else (quick if self.quick else full)
 
-    def start_broker(self, name: str, cores: int, worker_shm_threshold: int | None = None) -> Broker:
+    def start_broker(self, name: str, cores: int, worker_shm_threshold: int | None = None,
+                     lease_timeout_s: float | None = BENCH_LEASE_TIMEOUT_S) -> Broker:
         extra = "" if worker_shm_threshold is None else f", workers' shm threshold {worker_shm_threshold} B"
+        extra += "" if lease_timeout_s is None else f", lease timeout {lease_timeout_s:g}s"
         self.progress.note(f"starting broker '{name}' ({cores} core{'s' if cores > 1 else ''}{extra})")
-        return Broker(str(self.tmp / name), cores, worker_shm_threshold)
+        return Broker(str(self.tmp / name), cores, worker_shm_threshold, lease_timeout_s)
 
 
 def machine_meta() -> dict:
@@ -537,7 +566,10 @@ def write_report(out: Path, meta: dict, results: list[SectionResult], progress: 
               f"- machine: {meta.get('cpus_available', meta['cpus'])} CPUs, {meta['platform']}, Python "
               f"{meta['python']}, torch {meta.get('torch', '?')}, pyzmq {meta.get('zmq', '?')}; "
               f"git {meta.get('git_commit') or '?'}; {meta['started']}",
-              f"- load average at start {meta.get('loadavg_start')}, at end {meta.get('loadavg_end')}",
+              f"- load average at start {meta.get('loadavg_start')}, at end {meta.get('loadavg_end')}; "
+              f"the bench process (a client) runs torch with {meta.get('client_torch_threads')} intra-op thread(s)",
+              f"- command: `{' '.join(meta['argv'])}`",
+              *([f"- {plot_note}"] if plot_note else []),
               "",
               "Every figure is a **ratio of two variants measured side by side in this run**: the variants run in "
               "interleaved rounds (a short batch of each, in a fresh order every round), so machine noise hits "
@@ -555,23 +587,29 @@ def write_report(out: Path, meta: dict, results: list[SectionResult], progress: 
             lines.append("")
             for p in shown:
                 lines += [f"![{p.title}]({p.filename})", ""]
+        if r.notes:
+            lines += ["", "Notes on the method:", ""] + [f"- {n}" for n in r.notes] + [""]
         lines.append(f"_Section wall time: {r.wall_s:.1f}s._")
         lines.append("")
-    if plot_note:
-        lines += [f"_{plot_note}_", ""]
     (out / "report.md").write_text("\n".join(lines))
-    doc = {"meta": meta, "plots": made,
-           "sections": {r.name: {"title": r.title, "wall_s": round(r.wall_s, 3), "error": r.error, **r.figures}
+    doc = {"meta": meta, "plots": made, "plots_note": plot_note,
+           "sections": {r.name: {"title": r.title, "wall_s": round(r.wall_s, 3), "error": r.error, "notes": r.notes,
+                                 **r.figures}
                         for r in results}}
-    (out / "results.json").write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    (out / "results.json").write_text(json.dumps(_plain(doc), indent=2, allow_nan=False) + "\n")
 
 
-def _json_default(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
+def _plain(obj):
+    """``obj`` as strict JSON values: NaN and infinities become null, paths and tuples plain."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+    return obj
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,6 +629,9 @@ def parser() -> argparse.ArgumentParser:
                    help=f"run only this section (repeatable); one of: {', '.join(SECTIONS)}")
     p.add_argument("--rounds", type=int, default=None, help="override the number of interleaved rounds")
     p.add_argument("--seed", type=int, default=0, help="seed of the round order shuffles (default 0)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads of the bench process, a client (default 1, like each worker the "
+                        "suite's brokers start: see the report)")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
     return p
 
@@ -610,6 +651,9 @@ def main(argv=None) -> int:
     if args.rounds is not None and args.rounds < 1:
         print("bench: --rounds must be at least 1", file=sys.stderr)
         return 2
+    if args.torch_threads < 1:
+        print("bench: --torch-threads must be at least 1", file=sys.stderr)
+        return 2
     names = [n for n in SECTIONS if not args.only or n in args.only]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -619,8 +663,12 @@ def main(argv=None) -> int:
     os.chmod(tmp, 0o700)
     ctx = Context(quick=args.quick, out=out, tmp=tmp, progress=progress, rng=random.Random(args.seed),
                   rounds=args.rounds)
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
     meta = machine_meta()
-    meta.update(mode="quick" if args.quick else "full", loadavg_start=loadavg(), out=str(out))
+    meta.update(mode="quick" if args.quick else "full", loadavg_start=loadavg(), out=str(out),
+                client_torch_threads=args.torch_threads)
     progress.note(f"{meta['mode']} run of {', '.join(names)} -> {out}")
     t_start = time.monotonic()
     results: list[SectionResult] = []

@@ -75,6 +75,8 @@ def cmd_start(args) -> int:
         return 1
     print(f"neuron-broker: started pid {pong.pid} with {pong.cores} {pong.backend} cores at "
           f"{config.broker_address(args.dir)} (log: {config.log_file(args.dir)})")
+    if args.metrics_port is not None:
+        print(f"neuron-broker: metrics at {fetch_status(args.dir)['broker'].get('metrics') or '(not served)'}")
     return 0
 
 

@@ -333,7 +333,7 @@ class Broker:
     def on_client_frames(self, parts) -> None:
         if len(parts) < 2:
             return
-        ident, frames = parts[0].bytes, parts[1:]
+        ident, frames = parts[0], parts[1:]
         rid = 0
         try:
             size = sum(len(f) for f in frames)

@@ -26,6 +26,22 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def perf_doc(stats) -> dict:
+    """The ``perf`` part of a core in the status document, from its worker's last stats (zeros before any)."""
+    from neuron_client.protocol import LATENCY_BUCKETS_S
+
+    if stats is None:
+        return {"busy_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "window": 0, "queue": 0, "loads": 0, "load_s": 0.0,
+                "latency_sum_s": 0.0, "latency_hist": {"le_s": list(LATENCY_BUCKETS_S),
+                                                       "counts": [0] * (len(LATENCY_BUCKETS_S) + 1)}}
+    counts = list(stats.latency_buckets or [])
+    counts = (counts + [0] * (len(LATENCY_BUCKETS_S) + 1))[: len(LATENCY_BUCKETS_S) + 1]
+    return {"busy_s": round(stats.busy_s, 6), "p50_ms": round(stats.latency_p50_s * 1000, 3),
+            "p99_ms": round(stats.latency_p99_s * 1000, 3), "window": stats.latency_window, "queue": stats.queue,
+            "loads": stats.loads, "load_s": round(stats.load_s, 6), "latency_sum_s": round(stats.latency_sum_s, 6),
+            "latency_hist": {"le_s": list(LATENCY_BUCKETS_S), "counts": counts}}
+
+
 def short_command(cmd: str) -> str:
     """``/opt/venv/bin/python /srv/app/serve.py --port 1`` -> ``python serve.py --port 1``."""
     parts = cmd.split()
@@ -70,6 +86,8 @@ def render(doc: dict) -> str:
     owned = sum(1 for c in doc["cores"] if c["state"] == "owned")
     head = (f"neuron-broker pid {b['pid']} · {b['backend']} backend · {b['cores']} cores ({owned} owned) · "
             f"{b['address']} · up {_age(b['uptime_s'])}")
+    if b.get("draining"):
+        head += " · DRAINING (no new leases; 'neuron-broker drain --cancel' resumes)"
     out = [head, table(HEADERS, core_rows(doc))]
     if doc.get("pending"):
         out.append("waiting: " + "; ".join(f"pid {p['pid']} for {p['requested']} ({p['waited_s']:.1f}s)"

@@ -9,10 +9,10 @@ The API mirrors torch-neuronx, so code written for it ports by changing imports:
     y = m(example)                            # runs in that core's worker process
 """
 from . import errors, experimental, jit
+from .data_parallel import DataParallel
 from .errors import (BrokerUnavailableError, InputShapeError, LeaseLostError, ModelExecutionError, ModelLoadError,
                      NeuronCoreSpecError, NeuronCoreUnavailableError, NeuronRuntimeError, NotOwnerError,
                      WorkerUnavailableError)
-from .data_parallel import DataParallel
 from .model import NeuronModel
 from .runtime import get_runtime, shutdown
 from .tracing import async_load, lazy_load, trace

@@ -50,7 +50,7 @@ def parse_device_ids(device_ids, num_cores: int) -> list[int]:
     if device_ids is None:
         return list(range(num_cores))
     if isinstance(device_ids, (str, int)):
-        raise ValueError(f"device_ids must be a list of `nc:#` or integers, but got: {device_ids!r}")
+        raise TypeError(f"device_ids must be a list of `nc:#` or integers, but got: {device_ids!r}")
     ids = sorted(parse_device_id(d) for d in device_ids)
     if not ids:
         raise ValueError("device_ids is empty: name at least one NeuronCore (or leave it out to use all "

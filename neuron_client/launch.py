@@ -122,11 +122,15 @@ def check_free(cores_per_rank: list, per_proc: int, doc: dict | None) -> None:
                 f"{format_cores(free) or 'none'} are free; see neuron-ls, stop the owners, or set "
                 f"{config.ENV_ACQUIRE_TIMEOUT}=<seconds> to let the processes wait")
         return
-    busy = []
+    held: dict[int, tuple[list[int], set[int], str]] = {}  # owner pid -> (cores, ranks wanting them, command)
     for rank, cores in enumerate(cores_per_rank):
-        held = [c for c in cores if c in owner]
-        for c in held:
-            busy.append(f"nc{c} (rank {rank}) held by pid {owner[c]['pid']} {owner[c]['cmd'][:60]!r}")
+        for c in cores:
+            if c in owner:
+                entry = held.setdefault(owner[c]["pid"], ([], set(), owner[c]["cmd"]))
+                entry[0].append(c)
+                entry[1].add(rank)
+    busy = [f"{format_cores(cs)} (for rank {', '.join(map(str, sorted(ranks)))}) held by pid {pid} {cmd[:60]!r}"
+            for pid, (cs, ranks, cmd) in held.items()]
     if busy:
         raise LaunchError(
             f"cores are not free: {'; '.join(busy)}. Stop those processes ('neuron-broker release --pid P' takes "
@@ -358,7 +362,7 @@ def main(argv=None) -> int:
         p.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
     if cmd[0].endswith(".py") and not os.access(cmd[0], os.X_OK):
         cmd = [sys.executable, *cmd]
-    per_proc = args.num_cores if args.num_cores is not None else (args.cores_per_proc or 1)
+    per_proc = next(k for k in (args.num_cores, args.cores_per_proc, 1) if k is not None)
     directory = config.broker_dir()
     try:
         pong = autostart.ensure_broker(directory)

@@ -175,17 +175,30 @@ class NeuronModel:
             chosen.in_flight += 1
             return chosen
 
+    def _expected(self):
+        """The traced inputs as (shape, dtype) pairs, computed once."""
+        exp = self.__dict__.get("_expected_cache")
+        if exp is None and self.input_specs is not None:
+            exp = self._expected_cache = [(tuple(s["shape"]), protocol.DTYPES.get(s["dtype"])) for s in self.input_specs]
+        return exp
+
     def check_shapes(self, args: tuple) -> None:
-        specs = self.input_specs
-        if not self.static_shapes or specs is None:
+        if not self.static_shapes:
             return
-        given = [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in protocol.walk_tensors(args)]
-        if given != specs:
-            def fmt(ss):
-                return ", ".join(f"{s['dtype']}{s['shape']}" for s in ss) or "none"
+        expected = self._expected()
+        if expected is None:
+            return
+        if len(args) == len(expected) and all(isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d
+                                              for a, (s, d) in zip(args, expected)):
+            return  # the common case: flat tensor arguments of the traced shapes
+        given = [(tuple(t.shape), t.dtype) for t in protocol.walk_tensors(args)]
+        if given != expected:
+            def fmt(pairs):
+                return ", ".join(f"{protocol.dtype_name(d) if d is not None else '?'}{list(s)}" for s, d in pairs) \
+                    or "none"
 
             raise InputShapeError(
-                f"{self.name} was traced for inputs ({fmt(specs)}) but got ({fmt(given)}); traced models have "
+                f"{self.name} was traced for inputs ({fmt(expected)}) but got ({fmt(given)}); traced models have "
                 "static shapes: pad or split the input, trace again for this shape, or use DataParallel's dynamic "
                 "batching or a bucketed model")
 

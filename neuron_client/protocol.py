@@ -12,8 +12,10 @@ never gets further than this module.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import warnings
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 MAX_FRAMES = 4096
 MAX_TUPLE_NESTING = 32  # each level recurses through msgpack's C unpacker: unbounded nesting overflows the C stack
 
+ZERO_COPY_MIN_BYTES = 64 * 1024  # received frames at least this large become tensors without a copy
 EXT_TENSOR = 1  # [frame index, dtype, shape]
 EXT_SHM_TENSOR = 2  # [segment name, offset, dtype, shape]
 EXT_TUPLE = 3  # packed list of items
@@ -40,6 +43,7 @@ DTYPES: dict[str, torch.dtype] = {
     )
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[torch.dtype, int] = {d: torch.empty((), dtype=d).element_size() for d in DTYPES.values()}
 
 MESSAGES: dict[str, type] = {}
 
@@ -51,7 +55,6 @@ def message(op: str):
         cls = dataclass(cls)
         cls.op = op
         MESSAGES[op] = cls
-        cls._hints = None
         return cls
 
     return register
@@ -212,6 +215,11 @@ class Load:
     token: str
     name: str
     data: Any  # uint8 tensor: the TorchScript file's bytes (the worker never opens client-named paths)
+    # A tensor-parallel rank: {"name": group name, "rank": int, "size": int}. The worker joins that process group
+    # (all ranks load at once, so the rendezvous completes) and runs the model's collectives in it.
+    group: typing.Optional[dict] = None
+    # Weight separation: {name: tensor} of the weights kept apart from a weight-less graph, put into it on load.
+    weights: Any = None
 
 
 @message("loaded")
@@ -264,7 +272,7 @@ def _shape(shape) -> tuple[int, ...]:
 
 
 def nbytes_of(dtype: torch.dtype, shape) -> int:
-    return math.prod(shape) * (torch.empty((), dtype=dtype).element_size())
+    return math.prod(shape) * ITEMSIZE[dtype]
 
 
 class TensorSink:
@@ -279,13 +287,13 @@ class TensorSink:
         self.shm_threshold = shm_threshold
 
     def put(self, t: torch.Tensor) -> msgpack.ExtType:
-        t = t.detach()
-        if t.device.type != "cpu":
+        if t.requires_grad:
+            t = t.detach()
+        if not t.is_cpu:
             t = t.cpu()
-        name = dtype_name(t.dtype)
+        name = _DTYPE_NAMES.get(t.dtype) or dtype_name(t.dtype)
         shape = list(t.shape)
-        nbytes = t.numel() * t.element_size()
-        if self.shm is not None and nbytes >= self.shm_threshold:
+        if self.shm is not None and t.numel() * ITEMSIZE[t.dtype] >= self.shm_threshold:
             where = self.shm.put(t)
             if where is not None:
                 return msgpack.ExtType(EXT_SHM_TENSOR, msgpack.packb([where[0], where[1], name, shape]))
@@ -299,20 +307,25 @@ def tensor_buffer(t: torch.Tensor):
     n = t.numel() * t.element_size()
     if n == 0:
         return b""
-    import ctypes
-
     buf = (ctypes.c_char * n).from_address(t.data_ptr())
     buf._tensor = t  # the view must not outlive the storage
     return buf
 
 
 def tensor_from_buffer(buf, dtype: torch.dtype, shape, copy: bool) -> torch.Tensor:
-    """A tensor over ``buf`` (a writable buffer) or over a copy of it."""
+    """A tensor over ``buf`` or over a copy of it.
+
+    Without a copy, ``buf`` may be a received frame's ``bytes``: the tensor then owns the only reference to memory
+    nobody else reads, so its being nominally immutable does not matter (torch's warning about it is silenced).
+    """
     if math.prod(shape) == 0:
         return torch.empty(shape, dtype=dtype)
     if copy:
         buf = bytearray(buf)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
 class TensorSource:
@@ -335,13 +348,16 @@ class TensorSource:
         if index in self.used:
             raise ProtocolError(f"two tensors point at frame {index}")
         self.used.add(index)
-        buf = memoryview(self.frames[index])
+        frame = self.frames[index]
+        have = len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes
         want = nbytes_of(dtype, shape)
-        if buf.nbytes != want:
+        if have != want:
             raise ProtocolError(
-                f"tensor header says {dtype_s}{list(shape)} ({want} bytes) but its frame holds {buf.nbytes} bytes"
+                f"tensor header says {dtype_s}{list(shape)} ({want} bytes) but its frame holds {have} bytes"
             )
-        return tensor_from_buffer(buf, dtype, shape, copy=True)
+        # a large frame's bytes object is used by this tensor alone: no copy. Small ones are copied: the copy is
+        # cheap, and CPython shares small bytes objects (a 1-byte frame is a process-wide singleton)
+        return tensor_from_buffer(frame, dtype, shape, copy=have < ZERO_COPY_MIN_BYTES)
 
     def shm_tensor(self, name, offset, dtype_s, shape_l) -> torch.Tensor:
         dtype, shape = _dtype(dtype_s), _shape(shape_l)
@@ -388,7 +404,7 @@ def _default(sink: TensorSink | None):
 
 def encode(msg, req_id: int = 0, sink: TensorSink | None = None) -> list:
     """The frames of ``msg``: its header, then one frame per tensor that ``sink`` did not place in shared memory."""
-    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    body = {name: getattr(msg, name) for name in _schema(type(msg))[2]}
     header = {"v": PROTOCOL_VERSION, "op": msg.op, "id": req_id, "body": body}
     if sink is None:
         sink = TensorSink()
@@ -445,25 +461,36 @@ def _ext_hook(source: TensorSource | None):
     return hook
 
 
-def _hints(cls):
-    if cls._hints is None:
-        cls._hints = typing.get_type_hints(cls)
-    return cls._hints
-
-
-def _type_ok(value, hint) -> bool:
+def _checker(hint):
+    """A fast ``value -> bool`` type check for a field annotation (built once per message type)."""
     if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return None
+    if typing.get_origin(hint) is typing.Union:
+        parts = [_checker(h) for h in typing.get_args(hint)]
+        if any(p is None for p in parts):
+            return None
+        return lambda v: any(p(v) for p in parts)
     if hint is type(None):
-        return value is None
+        return lambda v: v is None
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return lambda v: type(v) is float or type(v) is int
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, origin or hint)
+        return lambda v: type(v) is int
+    base = typing.get_origin(hint) or hint
+    return lambda v: isinstance(v, base)
+
+
+def _schema(cls):
+    """(field names, [(name, check, required)]) of a message type, computed once."""
+    schema = cls.__dict__.get("_schema_cache")
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        schema = (frozenset(f.name for f in fields),
+                  [(f.name, _checker(hints[f.name]), f.default is dataclasses.MISSING) for f in fields],
+                  tuple(f.name for f in fields))
+        cls._schema_cache = schema
+    return schema
 
 
 def decode(frames, source: TensorSource | None = None) -> Envelope:
@@ -502,18 +529,16 @@ def decode(frames, source: TensorSource | None = None) -> Envelope:
         raise ProtocolError(f"unknown op {op!r}; known: {', '.join(sorted(MESSAGES))}")
     if not isinstance(body, dict):
         raise ProtocolError(f"{op}: body must be a map")
-    hints = _hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    extra = set(body) - names
-    if extra:
-        raise ProtocolError(f"{op}: unexpected fields {sorted(map(str, extra))}")
-    for f in dataclasses.fields(cls):
-        if f.name not in body:
-            if f.default is dataclasses.MISSING:
-                raise ProtocolError(f"{op}: missing field {f.name!r}")
+    names, checks, _ = _schema(cls)
+    if not names.issuperset(body):
+        raise ProtocolError(f"{op}: unexpected fields {sorted(map(str, set(body) - names))}")
+    for name, check, required in checks:
+        if name not in body:
+            if required:
+                raise ProtocolError(f"{op}: missing field {name!r}")
             continue
-        if not _type_ok(body[f.name], hints[f.name]):
-            raise ProtocolError(f"{op}: field {f.name!r} has the wrong type ({type(body[f.name]).__name__})")
+        if check is not None and not check(body[name]):
+            raise ProtocolError(f"{op}: field {name!r} has the wrong type ({type(body[name]).__name__})")
     return Envelope(req_id=req_id, msg=cls(**body), op=op)
 
 

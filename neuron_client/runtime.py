@@ -47,25 +47,27 @@ class WorkerChannel:
         self.channel = transport.Channel(endpoint)
         self.request_arena = shm.Arena()
         self.reply_arena = shm.Arena()
+        self._reply_segments = _ReplySegments(self.reply_arena)
+        self._worker_pid = 0
         self.threshold = config.SHM_THRESHOLD_BYTES if shm.available() else 1 << 62
 
+    def _alive(self) -> None:
+        """While waiting for a reply: the lease still held, the worker still there."""
+        self.runtime.check_lease()
+        if self._worker_pid and not _pid_running(self._worker_pid):
+            raise self.runtime.worker_died(self.core, self._worker_pid)
+
+    def _source(self, frames) -> protocol.TensorSource:
+        return protocol.TensorSource(frames, shm=self._reply_segments, copy_shm=True)
+
     def request(self, msg, timeout_s: float, tensors=()):
-        worker_pid = self.runtime.worker(self.core)["pid"]
-
-        def alive() -> None:  # while waiting: the lease still held, the worker still there
-            self.runtime.check_lease()
-            if worker_pid and not _pid_running(worker_pid):
-                raise self.runtime.worker_died(self.core, worker_pid)
-
-        need = shm.reserve_bytes(tensors, self.threshold)
+        self._worker_pid = self.runtime.workers[self.core]["pid"]
+        need = shm.reserve_bytes(tensors, self.threshold) if tensors else 0
         sink = None
         if need:
             self.request_arena.reset(need)
             sink = protocol.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
-        source = _ReplySegments(self.reply_arena)
-        env = self.channel.request(msg, timeout_s, sink=sink, alive=alive,
-                                   source=lambda frames: protocol.TensorSource(frames, shm=source, copy_shm=True))
-        return env.msg
+        return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
         tensors = list(protocol.walk_tensors(args))

@@ -75,61 +75,82 @@ def send(sock: zmq.Socket, frames, identity: bytes | None = None) -> bool:
     try:
         if identity is not None:
             frames = [identity, *frames]
-        sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        small = sum(_nbytes(f) for f in frames) < COPY_THRESHOLD_BYTES
+        sock.send_multipart(frames, copy=small, flags=zmq.NOBLOCK)
         return True
     except (zmq.Again, zmq.ZMQError):
         return False
 
 
 def recv(sock: zmq.Socket):
-    return sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+    """One waiting message as ``bytes`` frames (tensors are decoded over them without another copy)."""
+    return sock.recv_multipart(flags=zmq.NOBLOCK)
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """A message waits on ``sock`` (no system call beyond ZeroMQ's own bookkeeping)."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
+COPY_THRESHOLD_BYTES = 64 * 1024
+
+
+def _nbytes(frame) -> int:
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
 
 
 class Channel:
     """One DEALER connection to a broker or worker, used by one thread at a time."""
 
     def __init__(self, endpoint: str):
+        from .config import LIVENESS_POLL_S
+
         self.endpoint = endpoint
         self.sock = dealer(endpoint)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(LIVENESS_POLL_S * 1000))
         self._ids = itertools.count(1)
         self.pid = os.getpid()
 
-    def request(self, msg, timeout_s: float, sink=None, source=None, alive=None, on_frames=None):
+    def request(self, msg, timeout_s: float, sink=None, source=None, alive=None):
         """Send ``msg`` and return the reply's :class:`protocol.Envelope`.
 
         ``source(frames)`` builds the tensor source for the reply; ``alive()`` is called every
         ``config.LIVENESS_POLL_S`` while waiting and may raise to abandon the wait (a dead worker).
         An error reply is raised as its named exception.
         """
-        from .config import LIVENESS_POLL_S
-
         if self.pid != os.getpid():
             raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
                                "create the runtime in the child instead")
         rid = next(self._ids)
         frames = protocol.encode(msg, rid, sink)
+        # small messages are copied into ZeroMQ (cheaper than wrapping each part); large frames go zero-copy
+        small = len(frames) == 1 or sum(_nbytes(f) for f in frames) < COPY_THRESHOLD_BYTES
         try:
-            self.sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            self.sock.send_multipart(frames, copy=small, flags=zmq.NOBLOCK)
         except zmq.Again:
             raise RequestTimeoutError(f"cannot send {msg.op!r} to {self.endpoint}: its queue is full (peer gone?)") \
                 from None
         deadline = time.monotonic() + timeout_s
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RequestTimeoutError(
-                    f"no reply to {msg.op!r} from {self.endpoint} within {timeout_s:.1f}s; the peer is busy or gone"
-                )
-            if not self.sock.poll(int(min(left, LIVENESS_POLL_S) * 1000) + 1, zmq.POLLIN):
+            try:
+                reply = self.sock.recv_multipart()  # waits at most RCVTIMEO (the liveness interval)
+            except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise RequestTimeoutError(
+                        f"no reply to {msg.op!r} from {self.endpoint} within {timeout_s:.1f}s; the peer is busy or gone"
+                    ) from None
                 if alive is not None:
                     alive()
                 continue
-            reply = self.sock.recv_multipart(copy=False)
-            if protocol.peek_req_id(reply) != rid:
-                continue  # a late reply to an abandoned request
-            env = protocol.decode(reply, source(reply) if source else None)
+            try:
+                env = protocol.decode(reply, source(reply) if source else None)
+            except ProtocolError:
+                if protocol.peek_req_id(reply) != rid:
+                    continue  # a late, unreadable reply to an abandoned request
+                raise
             if env.req_id != rid:
-                continue
+                continue  # a late reply to an abandoned request
             if isinstance(env.msg, protocol.Error):
                 raise from_code(env.msg.code, env.msg.message)
             return env

@@ -11,7 +11,6 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Dict
 
 import torch
 
@@ -44,7 +43,7 @@ class DimModel(torch.nn.Module):
 
 
 class NestedModel(torch.nn.Module):
-    def forward(self, x, d: Dict[str, torch.Tensor]):
+    def forward(self, x, d: dict[str, torch.Tensor]):
         return x * 2 + d["a"], {"s": x.sum(1), "m": d["a"] - 1}, [x.relu()]
 
 
@@ -64,6 +63,12 @@ class Total(torch.nn.Module):
         return x.sum()
 
 
+# Every model stays referenced until the process ends: a collected model is unloaded from the runtime's heartbeat
+# thread, which waits for the worker's reply, and a busy worker can then hold up the heartbeat long enough for the
+# broker to reclaim the lease (see Runtime._flush_unloads; reported with the DataParallel work).
+KEEP: list = []
+
+
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -80,6 +85,7 @@ def save(directory: str, name: str, module, example, lazy: bool = False) -> str:
 
 def record(model: neuron_client.NeuronModel) -> list:
     """Record (core index, tensor shapes) of every call the model sends to a worker."""
+    KEEP.append(model)
     calls: list = []
     run = model.run
 
@@ -120,11 +126,21 @@ def error_of(fn) -> dict:
 
 def scenario_seed002(directory: str) -> None:
     torch.manual_seed(0)
-    rt = neuron_client.get_runtime()
-    emit(example="runtime", owned=rt.cores)
+    # Trace and save every model first; once the process owns cores, the examples only load, place and call.
     conv = ConvNet().eval()
     conv_path = save(directory, "conv", conv, torch.rand(1, 3, 16, 16))
     conv_lazy = save(directory, "conv_lazy", conv, torch.rand(1, 3, 16, 16), lazy=True)
+    conv4_path = save(directory, "conv4", conv, torch.rand(4, 3, 16, 16))
+    dim_model = DimModel().eval()
+    dim2_path = save(directory, "dim2", dim_model, torch.rand(1, 3, 8, 8))
+    nested_model = NestedModel().eval()
+    nested_traced = neuron_client.trace(nested_model, (torch.rand(2, 3), {"a": torch.rand(2, 3)}), strict=False)
+    lookup_path = save(directory, "lookup", Lookup(), torch.zeros(1, 2, dtype=torch.int64))
+    lookup_cpu = torch.jit.load(lookup_path)
+    total_path = save(directory, "total", Total(), torch.rand(1, 3))
+
+    rt = neuron_client.get_runtime()
+    emit(example="runtime", owned=rt.cores)
 
     def example(name, fn):
         try:
@@ -140,9 +156,9 @@ def scenario_seed002(directory: str) -> None:
         calls = record(model)
         x = torch.rand(5, 3, 16, 16)
         y, ws = caught(lambda: dp(x))
-        return dict(before=before, device_ids=dp.device_ids, replicas=[r.nc for r in model.replicas],
-                    replica_cores=model.cores, ok=close(y, conv(x)), shape=list(y.shape), calls=calls, warnings=ws,
-                    models_per_core=rt.models_per_core)
+        return {"before": before, "device_ids": dp.device_ids, "replicas": [r.nc for r in model.replicas],
+                    "replica_cores": model.cores, "ok": close(y, conv(x)), "shape": list(y.shape), "calls": calls, "warnings": ws,
+                    "models_per_core": rt.models_per_core}
 
     # Specifying NeuronCores with 'nc:#' strings.
     def nc_strings():
@@ -151,22 +167,21 @@ def scenario_seed002(directory: str) -> None:
         calls = record(model)
         x = torch.rand(5, 3, 16, 16)
         y, ws = caught(lambda: dp(x))
-        return dict(device_ids=dp.device_ids, replicas=[r.nc for r in model.replicas], ok=close(y, conv(x)),
-                    calls=calls, warnings=ws)
+        return {"device_ids": dp.device_ids, "replicas": [r.nc for r in model.replicas], "ok": close(y, conv(x)),
+                    "calls": calls, "warnings": ws}
 
     # dim != 0: Conv2d(3, 3, 3) + 1 traced on [1, 3, 8, 8], four cores, dim=2, input [1, 3, 32, 8].
     def dim2():
-        m = DimModel().eval()
-        path = save(directory, "dim2", m, torch.rand(1, 3, 8, 8))
-        model = neuron_client.jit.load(path)
+        m = dim_model
+        model = neuron_client.jit.load(dim2_path)
         dp, built = caught(lambda: neuron_client.DataParallel(model, device_ids=[0, 1, 2, 3], dim=2))
         calls = record(model)
         x = torch.rand(1, 3, 32, 8)
         y = dp(x)
         expected = torch.cat([m(c) for c in x.split(8, dim=2)], 2)  # the model on each core's slice
         bad = error_of(lambda: dp(torch.rand(1, 3, 24, 8)))
-        return dict(ok=close(y, expected), shape=list(y.shape), dynamic=dp.dynamic_batching, warnings=built,
-                    calls=calls, bad=bad)
+        return {"ok": close(y, expected), "shape": list(y.shape), "dynamic": dp.dynamic_batching, "warnings": built,
+                    "calls": calls, "bad": bad}
 
     # Dynamic batching: batch sizes 2..6 through a model traced with batch 1; a lazy model loads straight there.
     def dynamic():
@@ -181,12 +196,11 @@ def scenario_seed002(directory: str) -> None:
         for n in [2, 3, 4, 5, 6]:
             x = torch.rand(n, 3, 16, 16)
             oks[n] = close(dp(x), conv(x))
-        return dict(state_before=state, loads=starts, replicas=[r.nc for r in model.replicas], oks=oks, calls=calls)
+        return {"state_before": state, "loads": starts, "replicas": [r.nc for r in model.replicas], "oks": oks, "calls": calls}
 
     # Dynamic batching with padding: a model traced with batch 4; chunks 1..13 items are padded to pieces of 4.
     def padded():
-        path = save(directory, "conv4", conv, torch.rand(4, 3, 16, 16))
-        model = neuron_client.jit.load(path)
+        model = neuron_client.jit.load(conv4_path)
         dp = neuron_client.DataParallel(model, device_ids=[1, 3])
         calls = record(model)
         oks = {}
@@ -194,7 +208,7 @@ def scenario_seed002(directory: str) -> None:
             x = torch.rand(n, 3, 16, 16)
             y = dp(x)
             oks[n] = close(y, conv(x)) if n else list(y.shape) == [0, 10]
-        return dict(oks=oks, calls=calls, replicas=[r.nc for r in model.replicas])
+        return {"oks": oks, "calls": calls, "replicas": [r.nc for r in model.replicas]}
 
     # Dynamic batching disabled on four cores: batch 8 fails clearly, batch 4 works.
     def disabled():
@@ -205,43 +219,43 @@ def scenario_seed002(directory: str) -> None:
         bad = error_of(lambda: dp(torch.rand(8, 3, 16, 16)))
         sent_after_bad = len(calls)
         x = torch.rand(4, 3, 16, 16)
-        return dict(bad=bad, sent_after_bad=sent_after_bad, ok=close(dp(x), conv(x)), calls=calls,
-                    other_shape=error_of(lambda: dp(torch.rand(4, 3, 8, 8))))
+        return {"bad": bad, "sent_after_bad": sent_after_bad, "ok": close(dp(x), conv(x)), "calls": calls,
+                    "other_shape": error_of(lambda: dp(torch.rand(4, 3, 8, 8)))}
 
     # The seed's own spelling: the traced module itself handed to DataParallel; nested inputs and outputs.
     def nested():
-        m = NestedModel().eval()
-        traced = neuron_client.trace(m, (torch.rand(2, 3), {"a": torch.rand(2, 3)}), strict=False)
-        dp = neuron_client.DataParallel(traced, device_ids=[0, 1, 2])
+        m = nested_model
+        dp = neuron_client.DataParallel(nested_traced, device_ids=[0, 1, 2])
         calls = record(dp.module)
         x, a = torch.rand(5, 3), torch.rand(5, 3)
         y = dp(x, {"a": a})
-        return dict(ok=close(y, m(x, {"a": a})), kinds=[type(y).__name__, type(y[1]).__name__, type(y[2]).__name__],
-                    calls=calls)
+        return {"ok": close(y, m(x, {"a": a})), "kinds": [type(y).__name__, type(y[1]).__name__, type(y[2]).__name__],
+                    "calls": calls}
 
     # An error on one core names that core (process-relative) and keeps the model's message.
     def core_error():
-        path = save(directory, "lookup", Lookup(), torch.zeros(1, 2, dtype=torch.int64))
-        model = neuron_client.jit.load(path)
+        model = neuron_client.jit.load(lookup_path)
+        KEEP.append(model)
         dp = neuron_client.DataParallel(model, device_ids=[0, 1, 2, 3])
         idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 9]])
         err = error_of(lambda: dp(idx))
         good = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0]])
-        return dict(err=err, after_ok=close(dp(good), torch.jit.load(path)(good)))
+        return {"err": err, "after_ok": close(dp(good), lookup_cpu(good))}
 
     # A scalar output is unsqueezed, with a warning.
     def scalar():
-        path = save(directory, "total", Total(), torch.rand(1, 3))
-        dp = neuron_client.DataParallel(neuron_client.jit.load(path), device_ids=[0, 1])
+        dp = neuron_client.DataParallel(neuron_client.jit.load(total_path), device_ids=[0, 1])
+        KEEP.append(dp)
         x = torch.rand(2, 3)
         y, ws = caught(lambda: dp(x))
-        return dict(ok=close(y, x.sum(1)), warnings=ws)
+        return {"ok": close(y, x.sum(1)), "warnings": ws}
 
     # Bad device ids.
     def bad_ids():
         model = neuron_client.jit.load(conv_path)
-        return dict(string=error_of(lambda: neuron_client.DataParallel(model, device_ids=["gpu:0"])),
-                    beyond=error_of(lambda: neuron_client.DataParallel(model, device_ids=[0, len(rt.cores)])))
+        KEEP.append(model)
+        return {"string": error_of(lambda: neuron_client.DataParallel(model, device_ids=["gpu:0"])),
+                    "beyond": error_of(lambda: neuron_client.DataParallel(model, device_ids=[0, len(rt.cores)]))}
 
     for name, fn in [("default", default), ("nc_strings", nc_strings), ("dim2", dim2), ("dynamic", dynamic),
                      ("padded", padded), ("disabled", disabled), ("nested", nested), ("core_error", core_error),

@@ -28,6 +28,8 @@ from neuron_client.errors import (ModelExecutionError, NeuronRuntimeError, NotOw
                                   code_of)
 from neuron_client.shm import SegmentCache, SegmentWriter
 
+from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
+
 from . import backends
 from .store import ModelStore
 
@@ -65,8 +67,8 @@ class CallTimes:
         recent = sorted(r[1] for r in self.ring[:] if r is not None and r[0] >= cutoff)
         if not recent:
             return 0.0, 0.0, 0
-        pick = lambda q: recent[min(len(recent) - 1, int(q * len(recent)))]  # noqa: E731
-        return pick(0.5), pick(0.99), len(recent)
+        n = len(recent)
+        return recent[min(n - 1, int(0.5 * n))], recent[min(n - 1, int(0.99 * n))], n
 
 
 @dataclass
@@ -84,7 +86,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig, device: str):
         self.cfg = cfg
         self.core = cfg.core
-        self.store = ModelStore(cfg.core, device)
+        self.store = ModelStore(cfg.core, device, rendezvous_dir=cfg.directory)
         self.segments = SegmentCache()
         self.lock = threading.Condition()
         self.owner_token = ""
@@ -141,7 +143,7 @@ class Worker:
         if not hasattr(data, "dtype") or data.dim() != 1:
             raise ProtocolError("load: 'data' must be a 1-d uint8 tensor of the model file's bytes")
         blob = bytes(memoryview(protocol.tensor_buffer(data)))
-        model_id, load_s = self.store.load(msg.name, blob)
+        model_id, load_s = self.store.load(msg.name, blob, weights=msg.weights, group=msg.group)
         self.loads += 1
         self.load_s += load_s
         self.stats_dirty.set()
@@ -153,13 +155,11 @@ class Worker:
         return protocol.Ok(), None
 
     def on_call(self, msg: protocol.Call):
-        import torch
-
         entry = self.store.get(msg.model_id)
         args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
+            with collectives.active(entry.group):  # grad mode is off for this whole thread (see serve)
                 outputs = entry.module(*args)
         except Exception as exc:
             first = str(exc).strip().splitlines()
@@ -214,6 +214,9 @@ class Worker:
             self.stats_dirty.set()
 
     def serve(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)  # inference only; cheaper than entering inference_mode on every call
         hard = 2 * self.cfg.max_message_bytes if self.cfg.max_message_bytes else 0
         sock = transport.router(config.worker_address(self.cfg.directory, self.core), hard)
         control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
@@ -224,11 +227,9 @@ class Worker:
                 if not backlog and not sock.poll(DATA_POLL_MS, transport.POLLIN):
                     self.sync_owner()
                     continue
-                while len(backlog) < MAX_BACKLOG:  # take what has arrived, so that the queue depth is known
-                    try:
-                        msg = transport.recv(sock)
-                    except transport.Again:
-                        break
+                # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
+                while len(backlog) < MAX_BACKLOG and transport.readable(sock):
+                    msg = transport.recv(sock)
                     if len(msg) >= 2:
                         backlog.append((msg[0], msg[1:], time.perf_counter()))
                 if not backlog:
@@ -236,7 +237,7 @@ class Worker:
                 identity, frames, received = backlog.popleft()
                 self.queued = len(backlog)
                 reply = self.handle(frames, received)
-                transport.send(sock, reply, identity=identity.bytes)
+                transport.send(sock, reply, identity=identity)
         finally:
             self.store.clear()
             self.segments.clear()
@@ -293,4 +294,5 @@ def run(cfg: WorkerConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s worker nc{cfg.core} %(levelname)s %(message)s")
     device = backends.setup_worker(cfg.backend, cfg.placement)
+    collectives.require_groups()  # a TP graph loaded without its group fails instead of computing a stand-in
     Worker(cfg, device).serve()

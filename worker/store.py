@@ -5,12 +5,19 @@ import ctypes
 import gc
 import io
 import itertools
+import os
+import re
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from neuron_client.errors import ModelLoadError, UnknownModelError
+from neuron_client.distributed import collectives, weights as weight_sep
+from neuron_client.errors import ModelLoadError, ProtocolError, UnknownModelError
+
+GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_GROUP_SIZE = 1024
 
 
 @dataclass
@@ -20,6 +27,7 @@ class Entry:
     module: torch.jit.ScriptModule
     nbytes: int
     requests: int = 0
+    group: Any = None  # collectives.Group of a tensor-parallel rank: its collectives run in it
 
 
 def _trim_heap() -> None:
@@ -31,14 +39,20 @@ def _trim_heap() -> None:
 
 
 class ModelStore:
-    def __init__(self, core: int, device: str):
+    def __init__(self, core: int, device: str, rendezvous_dir: str | None = None):
         self.core = core
         self.device = device
+        self.rendezvous_dir = rendezvous_dir  # where tensor-parallel groups meet (FileStore files)
         self.models: dict[int, Entry] = {}
         self._ids = itertools.count(1)
 
-    def load(self, name: str, data: bytes) -> tuple[int, float]:
+    def load(self, name: str, data: bytes, weights: dict | None = None, group: dict | None = None
+             ) -> tuple[int, float]:
+        """Load a TorchScript file; put separated ``weights`` into it; join tensor-parallel ``group``."""
         t0 = time.monotonic()
+        spec = self._group_spec(group) if group is not None else None
+        if weights is not None and not (isinstance(weights, dict) and all(isinstance(k, str) for k in weights)):
+            raise ProtocolError("load: 'weights' must be a map of names to tensors")
         try:
             module = torch.jit.load(io.BytesIO(data), map_location=self.device)
         except Exception as exc:
@@ -46,10 +60,42 @@ class ModelStore:
                 f"core {self.core} could not load {name!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 " (is it a TorchScript file saved with torch.jit.save?)"
             ) from None
+        nbytes = len(data)
+        if weights is not None:
+            try:
+                nbytes += weight_sep.restore(module, weights, self.device)
+            except ValueError as exc:
+                raise ModelLoadError(f"core {self.core} could not load {name!r}: {exc}") from None
         module.eval()
+        pg = self._join(name, spec) if spec is not None else None
         model_id = next(self._ids)
-        self.models[model_id] = Entry(model_id, name, module, len(data))
+        self.models[model_id] = Entry(model_id, name, module, nbytes, group=pg)
         return model_id, time.monotonic() - t0
+
+    @staticmethod
+    def _group_spec(group) -> tuple[str, int, int]:
+        ok = isinstance(group, dict) and set(group) == {"name", "rank", "size"}
+        name, rank, size = (group.get("name"), group.get("rank"), group.get("size")) if ok else (None, None, None)
+        if not (ok and isinstance(name, str) and GROUP_NAME.match(name) and type(size) is int
+                and 1 <= size <= MAX_GROUP_SIZE and type(rank) is int and 0 <= rank < size):
+            raise ProtocolError("load: 'group' must be {name: [A-Za-z0-9_-]{1,64}, rank: 0..size-1, "
+                                f"size: 1..{MAX_GROUP_SIZE}}}, got {group!r}")
+        return name, rank, size
+
+    def _join(self, model: str, spec: tuple[str, int, int]) -> "collectives.Group":
+        name, rank, size = spec
+        if self.rendezvous_dir is None:
+            raise ModelLoadError(f"core {self.core} has no rendezvous directory for tensor-parallel groups")
+        path = os.path.join(self.rendezvous_dir, f"tp-{name}.store")  # named by the worker, never by the client
+        try:
+            group = collectives.form_group(name, rank, size, path, self.device)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"core {self.core} could not join process group {name} as rank {rank} of {size} for {model!r} "
+                f"within {collectives.COLLECTIVE_TIMEOUT_S:.0f}s: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''} (did every rank's load reach its core?)") from None
+        collectives.register(group)
+        return group
 
     def get(self, model_id: int) -> Entry:
         entry = self.models.get(model_id)
@@ -61,13 +107,15 @@ class ModelStore:
         return entry
 
     def unload(self, model_id: int) -> None:
-        self.get(model_id)
+        _drop_group(self.get(model_id))
         del self.models[model_id]
         gc.collect()
         _trim_heap()
 
     def clear(self) -> None:
         if self.models:
+            for entry in self.models.values():
+                _drop_group(entry)
             self.models.clear()
             gc.collect()
             _trim_heap()
@@ -75,3 +123,10 @@ class ModelStore:
     def info(self) -> list[dict]:
         return [{"id": e.model_id, "name": e.name, "requests": e.requests, "bytes": e.nbytes}
                 for e in self.models.values()]
+
+
+def _drop_group(entry: Entry) -> None:
+    if entry.group is not None:
+        collectives.unregister(entry.group.name)
+        entry.group.close()
+        entry.group = None

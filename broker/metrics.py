@@ -1,0 +1,204 @@
+"""Prometheus metrics of the broker: ``neuron-broker start --metrics-port 9400`` serves ``/metrics``.
+
+The HTTP server (``prometheus_client.start_http_server``, on 127.0.0.1 unless ``--metrics-host`` says otherwise)
+runs in a thread of the broker process, but never touches the broker's state: at each scrape, its collector asks the
+broker's loop for a fresh status document (:class:`Snapshots`), waits for it briefly, and builds every metric from
+that document. The loop answers between two polls, so a scrape costs the broker one ``status_doc()``.
+
+Metrics (labels in braces):
+
+* ``neuron_broker_cores``, ``neuron_broker_draining``, ``neuron_broker_uptime_seconds``
+* ``neuron_core_state{core,device,state}`` (1 for the core's state: free, owned, failed), ``neuron_core_owned{core}``
+* ``neuron_core_owner_info{core,pid,cmd}`` (1 per owned core)
+* ``neuron_core_requests_total{core}``, ``neuron_core_errors_total{core}``, ``neuron_core_busy_seconds_total{core}``
+* ``neuron_core_request_duration_seconds{core}`` (histogram: receipt to reply, in the worker)
+* ``neuron_core_latency_seconds{core,quantile}`` (0.5 and 0.99 over the worker's recent window)
+* ``neuron_core_queue_depth{core}``, ``neuron_core_models{core}``
+* ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}``
+* ``neuron_model_loads_total{core}``, ``neuron_model_load_seconds_total{core}``
+* ``neuron_leases_active``, ``neuron_acquires_waiting``, ``neuron_leases_granted_total``,
+  ``neuron_leases_ended_total{reason}`` (reason: released, owner_exited, heartbeat_timeout, operator),
+  ``neuron_leases_reclaimed_total`` (every reason but released)
+* ``neuron_process_cores{pid,cmd}`` (cores per owning process)
+* the broker process's own ``process_*`` metrics.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+log = logging.getLogger("neuron.broker")
+SCRAPE_WAIT_S = 2.0  # a scrape waits this long for the broker's loop, then serves the last document it has
+END_REASONS = ("released", "owner_exited", "heartbeat_timeout", "operator")
+
+
+def end_reason(why: str) -> str:
+    """The metric label of a lease's end from the broker's words for it (``end_lease(lease, why)``)."""
+    if why == "released":
+        return "released"
+    if "operator" in why:
+        return "operator"
+    if "heartbeat" in why:
+        return "heartbeat_timeout"
+    return "owner_exited"
+
+
+class Counters:
+    """Lease counters the broker keeps for metrics and status (totals since the broker started)."""
+
+    def __init__(self):
+        self.granted = 0
+        self.ended = dict.fromkeys(END_REASONS, 0)
+
+    def lease_ended(self, why: str) -> None:
+        self.ended[end_reason(why)] += 1
+
+    def doc(self) -> dict:
+        return {"leases_granted": self.granted, "leases_ended": dict(self.ended)}
+
+
+class Snapshots:
+    """Status documents handed from the broker's loop (the only thread touching its state) to scrape threads."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.wanted = 0
+        self.served = 0
+        self.doc: dict | None = None
+
+    def get(self, timeout_s: float = SCRAPE_WAIT_S) -> dict | None:
+        """A fresh document (scrape thread); the last one if the loop does not answer within ``timeout_s``."""
+        with self.cond:
+            self.wanted += 1
+            ticket = self.wanted
+            self.cond.wait_for(lambda: self.served >= ticket, timeout_s)
+            return self.doc
+
+    def publish_if_wanted(self, build) -> None:
+        """Build and hand over a document if a scrape waits for one (broker loop; cheap when none does)."""
+        if self.wanted == self.served:  # a racy read is fine: a missed request is served at the next tick
+            return
+        with self.cond:
+            target = self.wanted
+        doc = build()
+        with self.cond:
+            self.doc, self.served = doc, target
+            self.cond.notify_all()
+
+
+class BrokerCollector:
+    """A prometheus_client collector that builds every metric from a status document."""
+
+    def __init__(self, snapshots: Snapshots):
+        self.snapshots = snapshots
+
+    def describe(self):
+        return []  # metrics are only known at scrape time; no registration-time collect
+
+    def collect(self):
+        doc = self.snapshots.get()
+        if doc is None:
+            return
+        yield from families(doc)
+
+
+def families(doc: dict):
+    """Prometheus metric families of a broker status document."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    from neuron_client.protocol import LATENCY_BUCKETS_S
+
+    b = doc["broker"]
+    g = GaugeMetricFamily("neuron_broker_cores", "Cores the broker manages", labels=["backend"])
+    g.add_metric([b["backend"]], b["cores"])
+    yield g
+    yield GaugeMetricFamily("neuron_broker_draining", "1 while the broker grants no new leases",
+                            value=1 if b.get("draining") else 0)
+    yield GaugeMetricFamily("neuron_broker_uptime_seconds", "Seconds since the broker started", value=b["uptime_s"])
+
+    state = GaugeMetricFamily("neuron_core_state", "1 for the core's state", labels=["core", "device", "state"])
+    owned = GaugeMetricFamily("neuron_core_owned", "1 if a process owns the core", labels=["core"])
+    owner = GaugeMetricFamily("neuron_core_owner_info", "The owner of an owned core", labels=["core", "pid", "cmd"])
+    requests = CounterMetricFamily("neuron_core_requests", "Calls served by the core's worker", labels=["core"])
+    errors = CounterMetricFamily("neuron_core_errors", "Failed requests on the core's worker", labels=["core"])
+    busy = CounterMetricFamily("neuron_core_busy_seconds", "Seconds the core spent running models", labels=["core"])
+    latency = HistogramMetricFamily("neuron_core_request_duration_seconds",
+                                    "Call latency in the worker, from receipt to reply", labels=["core"])
+    quantiles = GaugeMetricFamily("neuron_core_latency_seconds", "Call latency over the worker's recent window",
+                                  labels=["core", "quantile"])
+    queue = GaugeMetricFamily("neuron_core_queue_depth", "Requests waiting behind the running one", labels=["core"])
+    models = GaugeMetricFamily("neuron_core_models", "Models loaded on the core", labels=["core"])
+    memory = GaugeMetricFamily("neuron_worker_memory_bytes", "Resident memory of the core's worker", labels=["core"])
+    ready = GaugeMetricFamily("neuron_worker_ready", "1 if the core's worker is ready", labels=["core"])
+    restarts = CounterMetricFamily("neuron_worker_restarts", "Recent worker crashes (restarts) of the core",
+                                   labels=["core"])
+    loads = CounterMetricFamily("neuron_model_loads", "Models loaded by the core's worker", labels=["core"])
+    load_s = CounterMetricFamily("neuron_model_load_seconds", "Seconds the core's worker spent loading models",
+                                 labels=["core"])
+    bounds = [str(le) for le in LATENCY_BUCKETS_S] + ["+Inf"]
+    for c in doc["cores"]:
+        core = str(c["core"])
+        perf = c.get("perf") or {}
+        for s in ("free", "owned", "failed"):
+            state.add_metric([core, c.get("device", ""), s], 1 if c["state"] == s else 0)
+        owned.add_metric([core], 1 if c["owner"] else 0)
+        if c["owner"]:
+            owner.add_metric([core, str(c["owner"]["pid"]), c["owner"]["cmd"][:80]], 1)
+        requests.add_metric([core], c["requests"])
+        errors.add_metric([core], c["errors"])
+        busy.add_metric([core], perf.get("busy_s", 0.0))
+        counts = (perf.get("latency_hist") or {}).get("counts") or [0] * len(bounds)
+        cumulative, total = [], 0
+        for le, n in zip(bounds, counts):
+            total += n
+            cumulative.append((le, total))
+        latency.add_metric([core], cumulative, perf.get("latency_sum_s", 0.0))
+        quantiles.add_metric([core, "0.5"], perf.get("p50_ms", 0.0) / 1000)
+        quantiles.add_metric([core, "0.99"], perf.get("p99_ms", 0.0) / 1000)
+        queue.add_metric([core], perf.get("queue", 0))
+        models.add_metric([core], len(c["models"]))
+        memory.add_metric([core], c["worker"]["rss"])
+        ready.add_metric([core], 1 if c["worker"]["ready"] else 0)
+        restarts.add_metric([core], c["worker"]["restarts"])
+        loads.add_metric([core], perf.get("loads", 0))
+        load_s.add_metric([core], perf.get("load_s", 0.0))
+    yield from (state, owned, owner, requests, errors, busy, latency, quantiles, queue, models, memory, ready,
+                restarts, loads, load_s)
+
+    yield GaugeMetricFamily("neuron_leases_active", "Leases held now", value=len(doc["leases"]))
+    yield GaugeMetricFamily("neuron_acquires_waiting", "Acquires waiting for cores", value=len(doc["pending"]))
+    yield CounterMetricFamily("neuron_leases_granted", "Leases granted", value=b.get("leases_granted", 0))
+    ended = CounterMetricFamily("neuron_leases_ended", "Leases ended, by reason", labels=["reason"])
+    ended_counts = b.get("leases_ended") or {}
+    for reason in END_REASONS:
+        ended.add_metric([reason], ended_counts.get(reason, 0))
+    yield ended
+    yield CounterMetricFamily("neuron_leases_reclaimed", "Leases taken back (owner exited, no heartbeat, operator)",
+                              value=sum(n for r, n in ended_counts.items() if r != "released"))
+    procs = GaugeMetricFamily("neuron_process_cores", "Cores held by each owning process", labels=["pid", "cmd"])
+    for lease in doc["leases"]:
+        procs.add_metric([str(lease["pid"]), lease["cmd"][:80]], len(lease["cores"]))
+    yield procs
+
+
+def serve(snapshots: Snapshots, port: int, host: str = "127.0.0.1"):
+    """Start the metrics HTTP server in a thread; returns it (``.shutdown()`` stops it). Raises OSError if the
+    address is taken, saying which and what to do."""
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    registry.register(BrokerCollector(snapshots))
+    try:
+        result = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another "
+                      "--metrics-port (or stop what listens there)") from None
+    server = result[0] if isinstance(result, tuple) else result
+    log.info("serving Prometheus metrics at http://%s:%d/metrics", host, server.server_address[1])
+    return server
+
+
+def url_of(server) -> str:
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}/metrics"

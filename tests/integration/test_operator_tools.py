@@ -1,0 +1,392 @@
+"""Operator tools as real processes: neuron-ls, neuron-top (live through a pseudo-terminal, and --once), neuron-run,
+neuron-broker release/drain, and the Prometheus metrics endpoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, App, BrokerProc
+
+OPS_APPS = os.path.join(ROOT, "tests", "ops_apps.py")
+BIN = os.path.dirname(sys.executable)
+CLI_TIMEOUT_S = 90
+
+
+def command(name: str, module: str) -> list[str]:
+    """The installed console script, or its module when the scripts are not installed."""
+    path = os.path.join(BIN, name)
+    return [path] if os.path.exists(path) else [sys.executable, "-m", module]
+
+
+NEURON_LS = command("neuron-ls", "broker.ls")
+NEURON_TOP = command("neuron-top", "broker.top")
+NEURON_RUN = command("neuron-run", "neuron_client.launch")
+NEURON_BROKER = command("neuron-broker", "broker")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(broker: BrokerProc, cmd: list[str], timeout_s: float = CLI_TIMEOUT_S, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=dict(broker.env, **(env or {})), capture_output=True, text=True,
+                          timeout=timeout_s, cwd=ROOT, check=False)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie not yet reaped by its (dead) parent counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Ops:
+    """The module's broker (4 cores, metrics on a free port) and one client serving a model on nc0-nc1."""
+
+    def __init__(self, tmp, models_dir):
+        self.port = free_port()
+        self.broker = BrokerProc(str(tmp / "ops"), 4, extra=("--metrics-port", str(self.port)))
+        self.models_dir = models_dir
+        self.app: App | None = None
+
+    def serving(self) -> App:
+        """The serving client, started (again) if it is not running."""
+        if self.app is None or self.app.proc.poll() is not None:
+            self.app = App(self.broker, "serve", self.models_dir, env={"NEURON_RT_VISIBLE_CORES": "0-1"},
+                           script=OPS_APPS)
+            self.app.ready = self.app.next(90)
+            self.broker.wait_for(lambda d: d["cores"][0]["models"] and d["cores"][1]["models"], 10,
+                                 "the served model on nc0 and nc1")
+        return self.app
+
+    def others_gone(self) -> None:
+        keep = {self.app.pid} if self.app and self.app.proc.poll() is None else set()
+        self.broker.wait_for(lambda d: {lease["pid"] for lease in d["leases"]} <= keep, 10, "test clients gone")
+
+    def close(self) -> None:
+        if self.app is not None:
+            self.app.kill()
+            self.app.proc.wait(5)
+            self.app.proc.stdout.close()
+            self.app.proc.stderr.close()
+        self.broker.stop()
+
+
+@pytest.fixture(scope="module")
+def ops_module(tmp_path_factory, models_dir):
+    ops = Ops(tmp_path_factory.mktemp("operator"), models_dir)
+    yield ops
+    ops.close()
+
+
+@pytest.fixture
+def ops(ops_module):
+    ops_module.others_gone()
+    yield ops_module
+    ops_module.others_gone()
+
+
+def scrape(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
+    for s in families[family].samples:
+        if (name is None or s.name == name) and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"no sample {name or family} {labels} in {families[family].samples[:8]}")
+
+
+# -- neuron-ls -----------------------------------------------------------------------------------------------------
+
+
+def test_ls_table_and_json(ops, capsys):
+    app = ops.serving()
+    pid = app.ready["pid"]
+    out = run(ops.broker, NEURON_LS)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("nc")}
+    assert sorted(rows) == ["nc0", "nc1", "nc2", "nc3"]
+    for nc in ("nc0", "nc1"):
+        assert "owned" in rows[nc] and str(pid) in rows[nc] and "ops_apps.py serve" in rows[nc]
+        assert "affine.pt x2 loaded" in rows[nc]  # one model, replicated on the owner's two cores
+        assert "MiB" in rows[nc]  # the worker's memory
+    assert "free" in rows["nc2"] and str(pid) not in rows["nc2"]
+    assert "cpu cpus" in rows["nc0"]
+
+    js = run(ops.broker, NEURON_LS + ["--json"])
+    assert js.returncode == 0, js.stderr
+    doc = json.loads(js.stdout)
+    assert doc["schema"] == 1 and doc["broker"]["cores"] == 4 and doc["broker"]["draining"] is False
+    nc0, nc2 = doc["cores"][0], doc["cores"][2]
+    assert set(nc0) >= {"index", "device", "cpus", "state", "owner", "models", "worker"}
+    assert nc0["index"] == 0 and nc0["state"] == "owned" and nc0["device"] == "cpu"
+    assert nc0["owner"]["pid"] == pid and nc0["owner"]["lease_age_s"] >= 0 and "serve" in nc0["owner"]["cmd"]
+    assert nc0["models"][0] | {"requests": 0, "bytes": 0} == {"name": "affine.pt", "replicas": 2, "state": "loaded",
+                                                              "copies": 1, "requests": 0, "bytes": 0}
+    assert nc0["worker"]["memory_bytes"] > 0 and nc0["worker"]["pid"] > 0
+    assert nc2["state"] == "free" and nc2["owner"] is None and nc2["models"] == []
+    assert doc["processes"] == [{"pid": pid, "cmd": nc0["owner"]["cmd"], "cores": [0, 1],
+                                 "lease_age_s": doc["processes"][0]["lease_age_s"]}]
+
+    from broker import cli  # `neuron-broker ls` is the same command
+
+    assert cli.main(["--dir", ops.broker.directory, "ls"]) == 0
+    assert "affine.pt x2 loaded" in capsys.readouterr().out
+
+
+def test_ls_without_broker_says_how_to_start(tmp_path):
+    env = dict(os.environ, NEURON_BROKER_DIR=str(tmp_path / "none"))
+    out = subprocess.run(NEURON_LS, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT)
+    assert out.returncode == 1 and "neuron-broker start" in out.stderr
+
+
+# -- neuron-top ----------------------------------------------------------------------------------------------------
+
+
+def test_top_once_prints_cores_and_processes(ops):
+    pid = ops.serving().ready["pid"]
+    out = run(ops.broker, NEURON_TOP + ["--once", "--interval", "0.5"])
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "\x1b[" not in text  # no escape codes for scripts
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip().startswith("nc")}
+    assert sorted(rows) == ["nc0", "nc1", "nc2", "nc3"]
+    assert str(pid) in rows["nc0"] and "%" in rows["nc0"] and "affine.pt" in rows["nc0"]
+    assert "ms" in rows["nc0"]  # p50/p99 of the calls the app keeps making
+    assert "free" in rows["nc3"]
+    proc_rows = [line for line in text.splitlines() if line.strip().startswith(str(pid))]
+    assert proc_rows and "nc0-nc1" in proc_rows[0]  # the per-process group
+    for header in ("UTIL", "REQ/S", "P50", "P99", "QUEUE", "MEM"):
+        assert header in text
+
+
+def test_top_live_in_a_terminal_quits_on_q(ops):
+    import pexpect
+
+    pid = ops.serving().ready["pid"]
+    env = dict(ops.broker.env, TERM="xterm-256color")
+    env.pop("COLUMNS", None)
+    child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
+                          dimensions=(40, 180), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:
+        child.expect("nc3")  # the core table is on the screen ...
+        child.expect(str(pid))  # ... with the owner's pid (as a row and as a process group)
+        child.expect("req/s")
+        child.send("q")
+        child.expect(pexpect.EOF, timeout=20)
+        child.close()
+        assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.close(force=True)
+
+
+# -- neuron-broker release / drain ---------------------------------------------------------------------------------
+
+
+def test_release_pid_takes_cores_back(ops, tmp_path):
+    marker = tmp_path / "released"
+    app = App(ops.broker, "victim", ops.models_dir, str(marker), env={"NEURON_RT_VISIBLE_CORES": "3"},
+              script=OPS_APPS)
+    try:
+        ready = app.next(90)
+        assert ready["owned"] == [3]
+        out = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(app.pid)])
+        assert out.returncode == 0, out.stderr
+        assert f"released nc3 of pid {app.pid}" in out.stdout
+        doc = ops.broker.wait_for(lambda d: d["cores"][3]["owner"] is None, 5, "nc3 free")
+        assert doc["cores"][3]["state"] == "free"
+        marker.touch()
+        result = app.next(30)
+        assert result["error"] == "LeaseLostError", result
+        assert "operator" in result["message"] and "release --pid" in result["message"]
+        again = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(app.pid)])
+        assert again.returncode == 1 and "holds no cores" in again.stderr
+        families = scrape(ops.port)
+        assert sample(families, "neuron_leases_ended", reason="operator") >= 1
+        assert sample(families, "neuron_leases_reclaimed") >= 1
+    finally:
+        app.kill()
+        app.proc.communicate(timeout=10)
+
+
+def test_drain_refuses_new_leases_and_waits_for_owners(ops, tmp_path):
+    ops.serving()
+    drain = subprocess.Popen(NEURON_BROKER + ["drain", "--timeout", "60"], env=ops.broker.env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ops.broker.wait_for(lambda d: d["broker"]["draining"], 30, "draining")
+        refused = App(ops.broker, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "3"}).finish(90)[0]
+        assert refused["error"] == "BrokerDrainingError" and "draining" in refused["message"]
+        status = run(ops.broker, NEURON_BROKER + ["status"])
+        assert "DRAINING" in status.stdout
+        assert drain.poll() is None  # still waiting for the serving app
+        ops.app.kill()
+        out, err = drain.communicate(timeout=60)
+        assert drain.returncode == 0, err
+        assert "waiting" in out and str(ops.app.pid) in out and "drained" in out
+    finally:
+        if drain.poll() is None:
+            drain.kill()
+            drain.communicate()
+        run(ops.broker, NEURON_BROKER + ["drain", "--cancel"])
+    assert not ops.broker.status()["broker"]["draining"]
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+
+
+def test_metrics_endpoint(ops):
+    pid = ops.serving().ready["pid"]
+    ops.broker.wait_for(lambda d: d["cores"][0]["requests"] > 0 and d["cores"][0]["perf"]["window"] > 0, 10,
+                        "calls counted on nc0")
+    families = scrape(ops.port)
+    assert sample(families, "neuron_broker_cores", backend="cpu") == 4
+    assert sample(families, "neuron_core_owned", core="0") == 1 and sample(families, "neuron_core_owned", core="2") == 0
+    assert sample(families, "neuron_core_state", core="2", state="free") == 1
+    owner = [s for s in families["neuron_core_owner_info"].samples if s.labels["core"] == "1"]
+    assert owner and owner[0].labels["pid"] == str(pid)
+    assert sample(families, "neuron_core_requests", "neuron_core_requests_total", core="0") > 0
+    assert sample(families, "neuron_core_busy_seconds", "neuron_core_busy_seconds_total", core="0") > 0
+    count = sample(families, "neuron_core_request_duration_seconds", "neuron_core_request_duration_seconds_count",
+                   core="0")
+    inf = sample(families, "neuron_core_request_duration_seconds", "neuron_core_request_duration_seconds_bucket",
+                 core="0", le="+Inf")
+    assert count > 0 and inf == count
+    assert sample(families, "neuron_core_latency_seconds", core="0", quantile="0.99") > 0
+    assert sample(families, "neuron_worker_memory_bytes", core="0") > 0
+    assert sample(families, "neuron_model_loads", "neuron_model_loads_total", core="0") >= 1
+    assert sample(families, "neuron_model_load_seconds", "neuron_model_load_seconds_total", core="0") > 0
+    assert sample(families, "neuron_leases_granted") >= 1
+    assert {s.labels["reason"] for s in families["neuron_leases_ended"].samples} == {
+        "released", "owner_exited", "heartbeat_timeout", "operator"}
+    assert sample(families, "neuron_process_cores", pid=str(pid)) == 2
+    assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
+    assert ops.broker.status()["broker"]["metrics"] == f"http://127.0.0.1:{ops.port}/metrics"
+
+
+# -- neuron-run ----------------------------------------------------------------------------------------------------
+
+
+def launch(ops, *args, timeout_s: float = CLI_TIMEOUT_S, env=None) -> subprocess.CompletedProcess:
+    return run(ops.broker, NEURON_RUN + list(args), timeout_s, env)
+
+
+def test_run_gives_each_rank_its_own_cores(ops, tmp_path):
+    ops.serving()  # nc0-nc1 are taken: the ranks start at nc2
+    marker = tmp_path / "go"
+    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", sys.executable, OPS_APPS,
+                                          "rank_env", str(marker)],
+                            env=ops.broker.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        progress = []
+        for line in proc.stderr:  # the launcher's progress, as a person sees it
+            progress.append(line)
+            if "processes ready" in line:
+                break
+        marker.touch()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    err = "".join(progress) + err
+    assert proc.returncode == 0, err
+    assert "[neuron-run] starting 2 processes on cores 2-3" in err
+    assert "all 2 processes ready: they hold nc2-nc3" in err
+    assert "[rank 0] to stderr from rank 0" in err and "[rank 1] to stderr from rank 1" in err
+    lines = out.splitlines()
+    assert all(line.startswith(("[rank 0] ", "[rank 1] ")) for line in lines), lines
+    envs = {int(e["RANK"]): e for e in (json.loads(line.split(" env ", 1)[1]) for line in lines if " env " in line)}
+    owned = {int(line[6]): json.loads(line.split(" owned ", 1)[1]) for line in lines if " owned " in line}
+    assert owned == {0: [2], 1: [3]}  # disjoint, K=1 consecutive cores per rank
+    assert envs[0]["NEURON_RT_VISIBLE_CORES"] == "2" and envs[1]["NEURON_RT_VISIBLE_CORES"] == "3"
+    assert all(e["WORLD_SIZE"] == "2" and e["LOCAL_RANK"] == e["RANK"] for e in envs.values())
+    assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+
+
+def test_run_failure_stops_the_others_and_propagates_the_code(ops, tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    out = launch(ops, "--nproc", "3", "--first-core", "2", "--cores-per-proc", "0", "--", "true")
+    assert out.returncode == 2  # a bad request is refused before anything starts
+    # these ranks own no cores; the acquire timeout lets the launch go ahead while the serving app holds two
+    out = launch(ops, "--nproc", "3", "--num-cores", "1", "--stop-timeout", "5", "--",
+                 sys.executable, OPS_APPS, "rank_fail", "1", "7", str(pids), env={"NEURON_RT_ACQUIRE_TIMEOUT": "5"})
+    assert out.returncode == 7, out.stderr
+    assert "[rank 1] failing now" in out.stdout
+    assert "rank 1" in out.stderr and "failed with exit code 7" in out.stderr and "stopping the other 2" in out.stderr
+    for rank in (0, 2):
+        pid = int((pids / f"rank{rank}.pid").read_text())
+        assert not alive(pid), f"rank {rank} (pid {pid}) still runs"
+
+
+def test_run_restarts_a_failed_process(ops, tmp_path):
+    out = launch(ops, "--nproc", "2", "--first-core", "2", "--max-restarts", "1", "--",
+                 sys.executable, OPS_APPS, "rank_flaky", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] first attempt fails (restarts=0)" in out.stdout
+        assert f"[rank {rank}] second attempt succeeds (restarts=1)" in out.stdout
+        assert f"rank {rank} (pid" in out.stderr
+    assert out.stderr.count("restarting it (restart 1 of 1)") == 2
+    assert "all 2 processes finished successfully" in out.stderr
+    # without restarts left, the same failure ends the launch with the child's code
+    (tmp_path / "fresh").mkdir()
+    out = launch(ops, "--nproc", "1", "--first-core", "2", "--", sys.executable, OPS_APPS, "rank_flaky",
+                 str(tmp_path / "fresh"))
+    assert out.returncode == 3, out.stderr
+
+
+def test_run_forwards_signals(ops, tmp_path):
+    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", sys.executable, OPS_APPS,
+                                          "rank_signals", str(tmp_path)],
+                            env=ops.broker.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = 0
+        for line in proc.stdout:
+            seen += "waiting for a signal" in line
+            if seen == 2:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "[rank 0] got SIGINT" in out and "[rank 1] got SIGINT" in out
+    assert "forwarded" in err
+
+
+def test_run_too_many_cores_fails_before_starting(ops, tmp_path):
+    out = launch(ops, "--nproc", "3", "--cores-per-proc", "2", "--", sys.executable, OPS_APPS, "rank_flaky",
+                 str(tmp_path))
+    assert out.returncode == 2
+    assert "needs cores nc0-nc5" in out.stderr and "has 4 cpu cores" in out.stderr
+    assert "--cores" in out.stderr  # says what to do
+    assert os.listdir(tmp_path) == []  # no process ran
+    out = launch(ops, "--nproc", "5", "--num-cores", "1", "--", "true")
+    assert out.returncode == 2 and "needs 5 cores" in out.stderr
+    busy = launch(ops, "--nproc", "2", "--", "true")  # nc0-nc1 are held by the serving app (when it runs)
+    if ops.app is not None and ops.app.proc.poll() is None:
+        assert busy.returncode == 2 and f"held by pid {ops.app.pid}" in busy.stderr
