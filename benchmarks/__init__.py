@@ -12,6 +12,9 @@ SECTIONS = {
     "dispatch": ("benchmarks.dispatch",
                  "round trip of a call through neuron_client vs bare pyzmq, a Unix socket, in-process and Ray; "
                  "large tensors through shared memory vs the socket; the shared-memory threshold"),
+    "placement": ("benchmarks.placement",
+                  "threads over replicated cores vs one core; async_load vs sequential loads, lazy jit.load; "
+                  "seed 004's LSTM ensemble with fork/wait and spread over cores"),
     "control": ("benchmarks.control",
                 "acquire+release per second vs a bare ping to the broker; time from kill -9 of an owner to its "
                 "cores being free"),

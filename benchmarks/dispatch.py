@@ -130,15 +130,19 @@ def _codec_roundtrip(zc, x):
 
 
 def _channel_in_this_thread(rt, core: int, threshold: int):
-    """Create this thread's channel to ``core`` while ``config.SHM_THRESHOLD_BYTES`` is ``threshold``."""
+    """Create this thread's channel to ``core`` with shared-memory threshold ``threshold``
+    (``NEURON_SHM_THRESHOLD_BYTES``, which a channel reads when it is created)."""
     from neuron_client import config
 
-    saved = config.SHM_THRESHOLD_BYTES
-    config.SHM_THRESHOLD_BYTES = threshold
+    saved = os.environ.get(config.ENV_SHM_THRESHOLD)
+    os.environ[config.ENV_SHM_THRESHOLD] = str(threshold)
     try:
         ch = rt.channel(core)
     finally:
-        config.SHM_THRESHOLD_BYTES = saved
+        if saved is None:
+            os.environ.pop(config.ENV_SHM_THRESHOLD, None)
+        else:
+            os.environ[config.ENV_SHM_THRESHOLD] = saved
     if ch.threshold != threshold:
         raise RuntimeError(f"the channel took shm threshold {ch.threshold}, not {threshold}: this thread already had "
                            "a channel to the core")
@@ -158,14 +162,11 @@ def run(ctx) -> SectionResult:
     with contextlib.ExitStack() as stack:
         _part_sweep(ctx, stack, res)
     res.notes += [
-        "Shared memory off: `WorkerChannel` reads `neuron_client.config.SHM_THRESHOLD_BYTES` when it is created (one "
-        "channel per thread and core), so the suite creates one thread's channel while the constant is 2^62 and "
-        "restores it at once; a channel that never puts a tensor in shared memory never grows a reply arena, so the "
-        "worker answers through the socket too. No library change was needed for this.",
-        "The sweep's broker: `neuron-broker start` has no option for the workers' threshold (replies use "
-        "`config.SHM_THRESHOLD_BYTES` as the broker saw it at import), so the suite starts that broker through a "
-        "launcher (`python -c`, see `benchmarks/harness.py`) that sets it to 1 byte before importing `broker.cli`. "
-        "The client's channel then decides for both directions.",
+        "Shared memory off: a `WorkerChannel` reads `NEURON_SHM_THRESHOLD_BYTES` when it is created (one channel per "
+        "thread and core), so the suite creates one thread's channel with the threshold at 2^62; a channel that never "
+        "puts a tensor in shared memory never grows a reply arena, so the worker answers through the socket too.",
+        "The sweep's broker runs with `neuron-broker start --shm-threshold 1`, so that the client's channel decides "
+        "for both directions.",
         f"Each broker gets {BROKER_CORES} cores, one per CPU, so that the worker of the measured core is pinned to one "
         "CPU and runs torch with one thread. With one core spread over both CPUs its worker runs torch with two "
         "threads, and on this loaded 2-CPU machine every copy of 32 KiB or more (which torch splits between its "

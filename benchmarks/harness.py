@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from broker.embedded import EmbeddedBroker
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER_READY_TIMEOUT_S = 90.0
 BROKER_STOP_GRACE_S = 5.0
@@ -39,16 +41,6 @@ CHILD_STOP_GRACE_S = 3.0
 # the measurement. Nothing measured depends on it (kill -9 is noticed by the owner's death, not by the timeout).
 BENCH_LEASE_TIMEOUT_S = 30.0
 
-# The broker is started through this launcher instead of ``python -m broker`` when a section needs the workers'
-# shared-memory threshold changed: the broker and its workers take ``config.SHM_THRESHOLD_BYTES`` when
-# ``broker.server`` is imported, and ``neuron-broker start`` has no option for it (see the report's notes).
-_BROKER_LAUNCHER = (
-    "import os, sys\n"
-    "from neuron_client import config\n"
-    "config.SHM_THRESHOLD_BYTES = int(os.environ['BENCH_WORKER_SHM_THRESHOLD_BYTES'])\n"
-    "from broker.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 
 
 class BenchError(RuntimeError):
@@ -107,78 +99,26 @@ class Children:
 CHILDREN = Children()
 
 
-class Broker:
-    """A broker in the foreground of its own process group (its forkserver and workers included), in a private
-    directory; :meth:`stop` asks it to stop and then kills the whole group."""
+class Broker(EmbeddedBroker):
+    """An embedded broker (its own process group and private directory) registered for clean-up at exit, with the
+    benchmark's options: the workers' shared-memory threshold, the lease timeout, torch's thread pools."""
 
     def __init__(self, directory: str, cores: int, worker_shm_threshold: int | None = None,
-                 lease_timeout_s: float | None = None):
-        from neuron_client import transport
-
-        self.directory = directory
-        self.cores = cores
-        self.worker_shm_threshold = worker_shm_threshold
-        self.address = f"ipc://{directory}/broker.sock"
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        env = dict(os.environ, NEURON_BROKER_DIR=directory, NEURON_BROKER_AUTOSTART="0", PYTHONWARNINGS="ignore")
-        for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
-            env.pop(var, None)
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        args = ["start", "--foreground", "--dir", directory, "--cores", str(cores)]
+                 lease_timeout_s: float | None = None, extra=()):
+        args = list(extra)
         if lease_timeout_s is not None:
             args += ["--lease-timeout", str(lease_timeout_s)]
-        if worker_shm_threshold is None:
-            cmd = [sys.executable, "-m", "broker", *args]
-        else:
-            env["BENCH_WORKER_SHM_THRESHOLD_BYTES"] = str(int(worker_shm_threshold))
-            cmd = [sys.executable, "-c", _BROKER_LAUNCHER, *args]
-        self.log_path = os.path.join(directory, "broker.log")
-        with open(self.log_path, "ab") as log:
-            self.proc = CHILDREN.add_group(subprocess.Popen(
-                cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                cwd=str(ROOT)))
-        deadline = time.monotonic() + BROKER_READY_TIMEOUT_S
-        while transport.ping(self.address, 0.5) is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"the broker in {directory} did not start; its log:\n{self.read_log()}")
-        self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), BROKER_READY_TIMEOUT_S,
-                      "workers ready")
-
-    def status(self) -> dict:
-        from neuron_client import protocol, transport
-
-        ch = transport.Channel(self.address)
+        if worker_shm_threshold is not None:
+            args += ["--shm-threshold", str(int(worker_shm_threshold))]
+        self.worker_shm_threshold = worker_shm_threshold
         try:
-            return ch.request(protocol.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
-
-    def wait_for(self, predicate, timeout_s: float, what: str) -> dict:
-        deadline = time.monotonic() + timeout_s
-        doc = None
-        while time.monotonic() < deadline:
-            doc = self.status()
-            if predicate(doc):
-                return doc
-            time.sleep(0.05)
-        raise BenchError(f"timed out after {timeout_s:.0f}s waiting for {what}; last status: "
-                         f"{json.dumps(doc)[:2000]}")
-
-    def read_log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return ""
+            super().__init__(cores, directory=directory, extra=args, ready_timeout_s=BROKER_READY_TIMEOUT_S)
+        except (RuntimeError, AssertionError) as exc:
+            raise BenchError(str(exc)) from None
+        CHILDREN.add_group(self.proc)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(BROKER_STOP_GRACE_S)
-        Children.kill_group(self.proc)  # the forkserver and any worker left
+        super().stop()
         if self.proc in CHILDREN.groups:
             CHILDREN.groups.remove(self.proc)
 
@@ -504,11 +444,12 @@ class Context:
         return self.rounds if self.rounds else (quick if self.quick else full)
 
     def start_broker(self, name: str, cores: int, worker_shm_threshold: int | None = None,
-                     lease_timeout_s: float | None = BENCH_LEASE_TIMEOUT_S) -> Broker:
-        extra = "" if worker_shm_threshold is None else f", workers' shm threshold {worker_shm_threshold} B"
-        extra += "" if lease_timeout_s is None else f", lease timeout {lease_timeout_s:g}s"
-        self.progress.note(f"starting broker '{name}' ({cores} core{'s' if cores > 1 else ''}{extra})")
-        return Broker(str(self.tmp / name), cores, worker_shm_threshold, lease_timeout_s)
+                     lease_timeout_s: float | None = BENCH_LEASE_TIMEOUT_S, extra=()) -> Broker:
+        info = "" if worker_shm_threshold is None else f", workers' shm threshold {worker_shm_threshold} B"
+        info += "" if lease_timeout_s is None else f", lease timeout {lease_timeout_s:g}s"
+        info += f", {' '.join(extra)}" if extra else ""
+        self.progress.note(f"starting broker '{name}' ({cores} core{'s' if cores > 1 else ''}{info})")
+        return Broker(str(self.tmp / name), cores, worker_shm_threshold, lease_timeout_s, extra)
 
 
 def machine_meta() -> dict:

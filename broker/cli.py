@@ -49,7 +49,10 @@ def cmd_start(args) -> int:
 
     cores = args.cores or os.cpu_count() or 1
     try:
-        backend = BACKENDS[args.backend].create(cores, args.cores_per_gpu)
+        from worker.backends import Threads
+
+        backend = BACKENDS[args.backend].create(cores, args.cores_per_gpu,
+                                                Threads(args.intra_op_threads, args.inter_op_threads))
     except RuntimeError as exc:
         print(f"neuron-broker: {exc}", file=sys.stderr)
         return 2
@@ -59,13 +62,16 @@ def cmd_start(args) -> int:
 
         policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         return run_foreground(args.dir, backend, args.lease_timeout, None, policy,
-                              int(args.max_message_mb * (1 << 20)), args.metrics_port, args.metrics_host)
+                              int(args.max_message_mb * (1 << 20)), args.metrics_port, args.metrics_host,
+                              shm_threshold=args.shm_threshold)
     if autostart.running_pid(args.dir) and _running(args.dir):
         print(f"neuron-broker: already running in {args.dir}")
         return 0
     extra = ["--backend", args.backend, "--cores-per-gpu", str(args.cores_per_gpu),
+             "--intra-op-threads", str(args.intra_op_threads), "--inter-op-threads", str(args.inter_op_threads),
              "--lease-timeout", str(args.lease_timeout), "--max-restarts", str(args.max_restarts),
-             "--restart-window", str(args.restart_window), "--max-message-mb", str(args.max_message_mb)]
+             "--restart-window", str(args.restart_window), "--max-message-mb", str(args.max_message_mb),
+             "--shm-threshold", str(args.shm_threshold)]
     if args.metrics_port is not None:
         extra += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
     try:
@@ -213,6 +219,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="stay attached instead of daemonising")
     s.add_argument("--lease-timeout", type=float, default=config.LEASE_TIMEOUT_S,
                    help="seconds without a heartbeat before a process loses its cores")
+    s.add_argument("--shm-threshold", type=int, default=config.SHM_THRESHOLD_BYTES,
+                   help="workers return outputs of at least this many bytes through shared memory")
+    s.add_argument("--intra-op-threads", type=int, default=0,
+                   help="torch intra-op threads per worker (default: the core's CPU count)")
+    s.add_argument("--inter-op-threads", type=int, default=0,
+                   help="torch inter-op threads per worker, for torch.jit.fork (default: the core's CPU count)")
     s.add_argument("--max-restarts", type=int, default=5,
                    help="a core whose worker dies more often than this within --restart-window is marked failed")
     s.add_argument("--restart-window", type=float, default=60.0, help="seconds (see --max-restarts)")

@@ -423,7 +423,7 @@ def take_instance_lock(directory: str):
 def run_foreground(directory: str, backend, lease_timeout_s: float, address: str | None,
                    restart_policy: RestartPolicy | None = None,
                    max_message_bytes: int = config.MAX_MESSAGE_BYTES, metrics_port: int | None = None,
-                   metrics_host: str = "127.0.0.1") -> int:
+                   metrics_host: str = "127.0.0.1", shm_threshold: int = config.SHM_THRESHOLD_BYTES) -> int:
     """Run a broker in this process until stopped (``neuron-broker start --foreground``)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s broker %(levelname)s %(message)s")
@@ -447,8 +447,8 @@ def run_foreground(directory: str, backend, lease_timeout_s: float, address: str
             print(f"neuron-broker: {exc}", file=sys.stderr)
             os.close(lock)
             return 2
-    broker = Broker(directory, backend, lease_timeout_s, address, restart_policy=restart_policy,
-                    max_message_bytes=max_message_bytes)
+    broker = Broker(directory, backend, lease_timeout_s, address, shm_threshold=shm_threshold,
+                    restart_policy=restart_policy, max_message_bytes=max_message_bytes)
     if metrics_server is not None:
         broker.metrics, broker.metrics_url = snapshots, metrics.url_of(metrics_server)
 

@@ -30,8 +30,14 @@ WORKER_START_TIMEOUT_S = 60.0
 DEFAULT_CALL_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 600.0
 LIVENESS_POLL_S = 0.25  # while waiting for a reply, check this often that the worker is still alive
-SHM_THRESHOLD_BYTES = 256 * 1024  # tensors at least this large travel through shared memory
+SHM_THRESHOLD_BYTES = 64 * 1024  # tensors this large travel through shared memory (measured crossover: scripts/bench)
+ENV_SHM_THRESHOLD = "NEURON_SHM_THRESHOLD_BYTES"
 MAX_MESSAGE_BYTES = 1 << 30  # a worker refuses (with an error reply) data messages larger than this
+
+
+def shm_threshold_bytes() -> int:
+    """A client's shared-memory threshold: ``NEURON_SHM_THRESHOLD_BYTES``, else the measured default."""
+    return int(os.environ.get(ENV_SHM_THRESHOLD, SHM_THRESHOLD_BYTES))
 
 
 def call_timeout_s() -> float:

@@ -49,7 +49,7 @@ class WorkerChannel:
         self.reply_arena = shm.Arena()
         self._reply_segments = _ReplySegments(self.reply_arena)
         self._worker_pid = 0
-        self.threshold = config.SHM_THRESHOLD_BYTES if shm.available() else 1 << 62
+        self.threshold = config.shm_threshold_bytes() if shm.available() else 1 << 62
 
     def _alive(self) -> None:
         """While waiting for a reply: the lease still held, the worker still there."""
@@ -134,7 +134,8 @@ class Runtime:
         self._lock = threading.Lock()
         self.models_per_core = [0] * len(self.cores)  # for least-used placement
         self._executor: ThreadPoolExecutor | None = None
-        self._unloads: queue.SimpleQueue = queue.SimpleQueue()  # (core, model id) of collected models
+        self._unloads: queue.Queue = queue.Queue()  # (core, model id) of collected models
+        self._janitor: threading.Thread | None = None
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(granted.heartbeat_s,),
                                            name="neuron-heartbeat", daemon=True)
@@ -167,8 +168,7 @@ class Runtime:
         ch = transport.Channel(self.address)
         silent_since = None
         try:
-            while not self._stop.wait(interval_s):
-                self._flush_unloads()
+            while not self._stop.wait(interval_s):  # this thread talks to the broker only: nothing delays it
                 try:
                     ack = ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
                     self._update_workers(ack.workers)
@@ -258,17 +258,21 @@ class Runtime:
         return self._executor.submit(fn, *args)
 
     def unload_later(self, replicas) -> None:
-        """Unload a garbage-collected model's replicas from the heartbeat thread (never re-entering a caller's
-        socket from inside a finaliser)."""
+        """Unload a garbage-collected model's replicas from the janitor thread (never re-entering a caller's
+        socket from inside a finaliser, and never delaying the heartbeat)."""
         for core, model_id in replicas:
             self._unloads.put((core, model_id))
+        with self._lock:
+            if self._janitor is None and not self.closed:
+                self._janitor = threading.Thread(target=self._janitor_loop, name="neuron-janitor", daemon=True)
+                self._janitor.start()
 
-    def _flush_unloads(self) -> None:
-        while True:
+    def _janitor_loop(self) -> None:
+        while not self._stop.is_set():
             try:
-                core, model_id = self._unloads.get_nowait()
+                core, model_id = self._unloads.get(timeout=0.2)
             except queue.Empty:
-                return
+                continue
             try:
                 self.channel(core).request(protocol.Unload(token=self.token, model_id=model_id),
                                            config.BROKER_REQUEST_TIMEOUT_S)
@@ -295,6 +299,9 @@ class Runtime:
             return
         self.closed = True
         self._stop.set()
+        for thread in (self._heartbeat, self._janitor):  # they own sockets: let them finish first
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(config.BROKER_PING_TIMEOUT_S + 1.0)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         with self._lock:
@@ -309,7 +316,6 @@ class Runtime:
                 pass
             finally:
                 ch.close()
-
 
 def _command_line() -> str:
     try:

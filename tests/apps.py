@@ -268,14 +268,17 @@ def scenario_concurrency(models: str) -> None:
     import neuron_client
     from neuron_client.experimental import neuron_cores_context
 
-    path = save(Slow(), torch.rand(4, 256), os.path.join(models, f"slow-{os.getpid()}.pt"))
+    path = save(Slow(), torch.rand(64, 256), os.path.join(models, f"slow-{os.getpid()}.pt"))
     with neuron_cores_context(start_nc=0, nc_count=2):
         m = neuron_client.jit.load(path)
-    x = torch.rand(4, 256)
+    x = torch.rand(64, 256)  # about 0.1 s a call: long against thread start-up jitter
     m(x), m(x)  # warm both replicas
     spans = {}
+    together = threading.Barrier(2)
 
-    def call(name):
+    def call(name, barrier=None):
+        if barrier is not None:
+            barrier.wait()
         t0 = time.monotonic()
         m(x)
         spans[name] = (t0, time.monotonic(), m.last_core)
@@ -290,8 +293,8 @@ def scenario_concurrency(models: str) -> None:
         m(x)
         followers.append(m.last_core)
     a.join()
-    b = threading.Thread(target=call, args=("b",))
-    c = threading.Thread(target=call, args=("c",))
+    b = threading.Thread(target=call, args=("b", together))
+    c = threading.Thread(target=call, args=("c", together))
     b.start(), c.start(), b.join(), c.join()
     (b0, b1, bcore), (c0, c1, ccore) = spans["b"], spans["c"]
     overlap = min(b1, c1) - max(b0, c0)

@@ -63,12 +63,6 @@ class Total(torch.nn.Module):
         return x.sum()
 
 
-# Every model stays referenced until the process ends: a collected model is unloaded from the runtime's heartbeat
-# thread, which waits for the worker's reply, and a busy worker can then hold up the heartbeat long enough for the
-# broker to reclaim the lease (see Runtime._flush_unloads; reported with the DataParallel work).
-KEEP: list = []
-
-
 def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -85,7 +79,6 @@ def save(directory: str, name: str, module, example, lazy: bool = False) -> str:
 
 def record(model: neuron_client.NeuronModel) -> list:
     """Record (core index, tensor shapes) of every call the model sends to a worker."""
-    KEEP.append(model)
     calls: list = []
     run = model.run
 
@@ -235,7 +228,6 @@ def scenario_seed002(directory: str) -> None:
     # An error on one core names that core (process-relative) and keeps the model's message.
     def core_error():
         model = neuron_client.jit.load(lookup_path)
-        KEEP.append(model)
         dp = neuron_client.DataParallel(model, device_ids=[0, 1, 2, 3])
         idx = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 9]])
         err = error_of(lambda: dp(idx))
@@ -245,7 +237,6 @@ def scenario_seed002(directory: str) -> None:
     # A scalar output is unsqueezed, with a warning.
     def scalar():
         dp = neuron_client.DataParallel(neuron_client.jit.load(total_path), device_ids=[0, 1])
-        KEEP.append(dp)
         x = torch.rand(2, 3)
         y, ws = caught(lambda: dp(x))
         return {"ok": close(y, x.sum(1)), "warnings": ws}
@@ -253,7 +244,6 @@ def scenario_seed002(directory: str) -> None:
     # Bad device ids.
     def bad_ids():
         model = neuron_client.jit.load(conv_path)
-        KEEP.append(model)
         return {"string": error_of(lambda: neuron_client.DataParallel(model, device_ids=["gpu:0"])),
                     "beyond": error_of(lambda: neuron_client.DataParallel(model, device_ids=[0, len(rt.cores)]))}
 

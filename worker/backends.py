@@ -25,36 +25,59 @@ def cpus_for_core(core: int, n_cores: int, cpus: list[int]) -> list[int]:
     return [cpus[core % n_cpus]]
 
 
+@dataclass(frozen=True)
+class Threads:
+    """torch's thread pools in each worker; 0 = as many as the core has CPUs.
+
+    Intra-op threads split one operator (a large matmul); inter-op threads run ``torch.jit.fork`` tasks side by side.
+    Small operators (an LSTM cell of a few hundred units) gain nothing from intra-op threads and lose to their
+    hand-offs, so a model that forks its work runs best with ``intra=1`` and ``inter`` = the core's CPUs.
+    """
+
+    intra: int = 0
+    inter: int = 0
+
+    def for_cpus(self, n_cpus: int) -> dict:
+        return {"intra_op_threads": self.intra or n_cpus, "inter_op_threads": self.inter or n_cpus}
+
+
+def setup_threads(placement: dict) -> None:
+    """Pin this (worker) process to its CPUs and size torch's thread pools."""
+    import psutil
+    import torch
+
+    cpus = placement["cpus"]
+    try:
+        psutil.Process().cpu_affinity(cpus)
+    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
+        pass
+    torch.set_num_threads(placement.get("intra_op_threads") or len(cpus))
+    try:
+        torch.set_num_interop_threads(placement.get("inter_op_threads") or len(cpus))
+    except RuntimeError:  # the pool already started in this process
+        pass
+
+
 @dataclass
 class CpuBackend:
     name = "cpu"
     n_cores: int
     cpus: list[int]
+    threads: Threads = Threads()
 
     @classmethod
-    def create(cls, n_cores: int, cores_per_gpu: int = 1) -> "CpuBackend":
-        return cls(n_cores=n_cores, cpus=host_cpus())
+    def create(cls, n_cores: int, cores_per_gpu: int = 1, threads: Threads = Threads()) -> "CpuBackend":
+        return cls(n_cores=n_cores, cpus=host_cpus(), threads=threads)
 
     def placement(self, core: int) -> dict:
         """What status shows for the core, and what its worker needs to set itself up."""
-        return {"device": "cpu", "cpus": cpus_for_core(core, self.n_cores, self.cpus)}
+        cpus = cpus_for_core(core, self.n_cores, self.cpus)
+        return {"device": "cpu", "cpus": cpus, **self.threads.for_cpus(len(cpus))}
 
     @staticmethod
     def setup_worker(placement: dict) -> str:
-        """Pin this (worker) process and size torch's thread pools; returns the torch device."""
-        import psutil
-        import torch
-
-        cpus = placement["cpus"]
-        try:
-            psutil.Process().cpu_affinity(cpus)
-        except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
-            pass
-        torch.set_num_threads(len(cpus))
-        try:
-            torch.set_num_interop_threads(max(1, len(cpus)))
-        except RuntimeError:  # already set in this process
-            pass
+        """Set this worker process up for its core; returns the torch device."""
+        setup_threads(placement)
         return "cpu"
 
 
@@ -64,9 +87,10 @@ class CudaBackend:
     n_cores: int
     cores_per_gpu: int
     n_gpus: int
+    threads: Threads = Threads()
 
     @classmethod
-    def create(cls, n_cores: int, cores_per_gpu: int = 1) -> "CudaBackend":
+    def create(cls, n_cores: int, cores_per_gpu: int = 1, threads: Threads = Threads()) -> "CudaBackend":
         import torch
 
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -82,19 +106,20 @@ class CudaBackend:
                 f"--cores {n_cores} with --cores-per-gpu {cores_per_gpu} needs {-(-n_cores // cores_per_gpu)} GPUs "
                 f"but this host has {n_gpus}; use --cores {n_gpus * cores_per_gpu} or raise --cores-per-gpu"
             )
-        return cls(n_cores=n_cores, cores_per_gpu=cores_per_gpu, n_gpus=n_gpus)
+        return cls(n_cores=n_cores, cores_per_gpu=cores_per_gpu, n_gpus=n_gpus, threads=threads)
 
     def placement(self, core: int) -> dict:
         gpu = core // self.cores_per_gpu
+        cpus = cpus_for_core(core, self.n_cores, host_cpus())
         return {"device": f"cuda:{gpu}", "gpu": gpu, "memory_fraction": 1.0 / self.cores_per_gpu,
-                "cpus": cpus_for_core(core, self.n_cores, host_cpus())}
+                "cpus": cpus, **self.threads.for_cpus(len(cpus))}
 
     @staticmethod
     def setup_worker(placement: dict) -> str:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(placement["gpu"])
         import torch
 
-        CpuBackend.setup_worker(placement)
+        setup_threads(placement)
         torch.cuda.set_device(0)
         torch.cuda.set_per_process_memory_fraction(placement["memory_fraction"], 0)
         return "cuda:0"

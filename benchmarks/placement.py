@@ -1,0 +1,257 @@
+"""Section 3, placement: what placing models on cores buys.
+
+(a) N threads calling one model replicated over N cores, against the same threads calling it on one core
+    (throughput ratio; the cores are pinned to distinct CPUs).
+(b) loading four models with ``async_load`` (concurrently, in the background) against one after another (wall-time
+    ratio), and ``jit.load`` of a ``lazy_load`` model against a plain load.
+(c) seed 004's LSTM ensemble, scaled down: forked members (``torch.jit.fork``) against sequential ones inside one core
+    with two CPUs, and the members spread over two cores with futures against all on one core.
+Variants alternate round by round.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
+import torch
+
+from .harness import SectionResult, client_of, fmt_ratio, md_table, percentile
+
+ROUNDS = (8, 2)
+
+
+class Chain(torch.nn.Module):
+    """CPU-bound: chained matmuls, a few milliseconds per call."""
+
+    def __init__(self, steps: int = 40):
+        super().__init__()
+        self.steps = steps
+        self.w = torch.nn.Parameter(torch.randn(192, 192) / 14)
+
+    def forward(self, x):
+        for _ in range(self.steps):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
+class BiLSTM(torch.nn.Module):
+    def __init__(self, channels: int, fork: bool):
+        super().__init__()
+        self.fork = fork
+        self.cell_f = torch.nn.LSTM(input_size=channels, hidden_size=channels)
+        self.cell_b = torch.nn.LSTM(input_size=channels, hidden_size=channels)
+
+    def forward(self, x):
+        if self.fork:
+            future_f = torch.jit.fork(self.cell_f, x)
+            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
+            output_f, _ = torch.jit.wait(future_f)
+        else:
+            output_f, _ = self.cell_f(x)
+            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
+        return torch.cat((output_f, torch.flip(output_b, dims=[0])), dim=2)
+
+
+class Ensemble(torch.nn.Module):
+    def __init__(self, n_models: int, channels: int, fork: bool):
+        super().__init__()
+        self.fork = fork
+        self.models = torch.nn.ModuleList([BiLSTM(channels, fork) for _ in range(n_models)])
+
+    def forward(self, x):
+        results: List[torch.Tensor] = []
+        if self.fork:
+            futures: List[torch.jit.Future[torch.Tensor]] = []
+            for m in self.models:
+                futures.append(torch.jit.fork(m, x))
+            for f in futures:
+                results.append(torch.jit.wait(f))
+        else:
+            for m in self.models:
+                results.append(m(x))
+        return torch.stack(results).sum(dim=0)
+
+
+def _save(module, example, path: str, lazy: bool = False, asynchronous: bool = False) -> str:
+    import neuron_client
+
+    traced = neuron_client.trace(module, example)
+    if lazy:
+        neuron_client.lazy_load(traced)
+    if asynchronous:
+        neuron_client.async_load(traced)
+    torch.jit.save(traced, path)
+    return path
+
+
+def _alternate(variants: dict, rounds: int, task=None) -> dict[str, list[float]]:
+    """Seconds of each variant's run, the variants alternating (and swapping order) round by round."""
+    out = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            variants[name]()
+            out[name].append(time.perf_counter() - t0)
+        if task is not None:
+            task.advance()
+    return out
+
+
+def _median(xs) -> float:
+    return percentile(xs, 50)
+
+
+def run(ctx) -> SectionResult:
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    res = SectionResult("placement", "3. Placement: replicas over cores, asynchronous and lazy loading, fork/wait")
+    rounds = ctx.n_rounds(*ROUNDS)
+    tmp = str(ctx.tmp)
+    cpus = len(os.sched_getaffinity(0))
+    n = max(2, min(cpus, 4))
+    # (a) replicas --------------------------------------------------------------------------------------------
+    with contextlib.ExitStack() as stack:
+        broker = ctx.start_broker("placement", cores=n)
+        stack.callback(broker.stop)
+        stack.enter_context(client_of(broker, f"0-{n - 1}"))
+        x = torch.rand(64, 192)
+        path = _save(Chain(), x, os.path.join(tmp, "chain.pt"))
+        with neuron_cores_context(start_nc=0, nc_count=1):
+            one = neuron_client.jit.load(path)
+        with neuron_cores_context(start_nc=0, nc_count=n):
+            many = neuron_client.jit.load(path)
+        calls = 16 if ctx.quick else 48
+        pool = ThreadPoolExecutor(max_workers=n)
+
+        def threads_on(model):
+            return lambda: list(pool.map(lambda _: model(x), range(calls)))
+
+        for m in (one, many):
+            threads_on(m)()
+        task = ctx.progress.task(f"(a) {n} threads, one core vs {n} replicas", rounds)
+        t = _alternate({"1 core": threads_on(one), f"{n} replicas": threads_on(many)}, rounds, task)
+        task.finish()
+        pool.shutdown()
+        speedup = _median(t["1 core"]) / _median(t[f"{n} replicas"])
+        res.figures["replicas"] = {"threads": n, "calls": calls, "one_core_s": _median(t["1 core"]),
+                                   "replicas_s": _median(t[f"{n} replicas"]), "throughput_ratio": speedup}
+        one.unload(), many.unload()
+
+        # (b) loading -----------------------------------------------------------------------------------------
+        wide = torch.nn.Linear(2048, 2048)
+        example = torch.rand(1, 2048)
+        plain = _save(wide, example, os.path.join(tmp, "plain.pt"))
+        asyn = _save(wide, example, os.path.join(tmp, "async.pt"), asynchronous=True)
+        lazy = _save(wide, example, os.path.join(tmp, "lazy.pt"), lazy=True)
+
+        def sequential():
+            models = [neuron_client.jit.load(plain) for _ in range(4)]
+            for m in models:
+                m(example)
+            for m in models:
+                m.unload()
+
+        def concurrent():
+            models = [neuron_client.jit.load(asyn) for _ in range(4)]
+            for m in models:
+                m(example)  # waits for its own background load
+            for m in models:
+                m.unload()
+
+        def jit_load_of(p):
+            def go():
+                m = neuron_client.jit.load(p)
+                go.models.append(m)
+            go.models = []
+            return go
+
+        task = ctx.progress.task("(b) 4 models: async_load vs one after another", rounds)
+        t_load = _alternate({"sequential": sequential, "async_load": concurrent}, rounds, task)
+        task.finish()
+        lazy_go, plain_go = jit_load_of(lazy), jit_load_of(plain)
+        t_jit = _alternate({"plain jit.load": plain_go, "lazy jit.load": lazy_go}, rounds)
+        for m in lazy_go.models + plain_go.models:
+            m.unload()
+        res.figures["loading"] = {
+            "sequential_s": _median(t_load["sequential"]), "async_s": _median(t_load["async_load"]),
+            "async_speedup": _median(t_load["sequential"]) / _median(t_load["async_load"]),
+            "plain_jit_load_s": _median(t_jit["plain jit.load"]), "lazy_jit_load_s": _median(t_jit["lazy jit.load"]),
+            "lazy_speedup": _median(t_jit["plain jit.load"]) / _median(t_jit["lazy jit.load"])}
+
+        # (c-spread) ensemble members over cores with futures ---------------------------------------------------
+        torch.manual_seed(0)
+        members, channels = 4, 128
+        lstm_x = torch.rand(40, 16, channels)
+        member_paths = []
+        for i in range(members):
+            member = torch.jit.script(BiLSTM(channels, fork=False).eval())
+            p = os.path.join(tmp, f"member{i}.pt")
+            torch.jit.save(member, p)
+            member_paths.append(p)
+        with neuron_cores_context(start_nc=0, nc_count=1):
+            on_one = [neuron_client.jit.load(p) for p in member_paths]
+        spread = []
+        for i, p in enumerate(member_paths):
+            with neuron_cores_context(start_nc=i % n, nc_count=1):
+                spread.append(neuron_client.jit.load(p))
+
+        def with_futures(models):
+            return lambda: sum(f.result() for f in [m.submit(lstm_x) for m in models])
+
+        task = ctx.progress.task(f"(c) ensemble members on 1 core vs spread over {n} cores", rounds)
+        t_spread = _alternate({"one core": with_futures(on_one), "spread": with_futures(spread)}, rounds, task)
+        task.finish()
+        res.figures["ensemble_spread"] = {
+            "cores": n, "one_core_s": _median(t_spread["one core"]), "spread_s": _median(t_spread["spread"]),
+            "speedup": _median(t_spread["one core"]) / _median(t_spread["spread"])}
+        for m in on_one + spread:
+            m.unload()
+
+    # (c-fork) inside one core that has every CPU --------------------------------------------------------------
+    with contextlib.ExitStack() as stack:  # one intra-op thread: the members' small LSTM cells gain nothing from more
+        broker = ctx.start_broker("fork", cores=1, extra=["--intra-op-threads", "1"])
+        stack.callback(broker.stop)
+        stack.enter_context(client_of(broker, "0"))
+        plain_e = Ensemble(members, channels, fork=False).eval()
+        forked_e = Ensemble(members, channels, fork=True).eval()
+        forked_e.load_state_dict(plain_e.state_dict())
+        paths = {}
+        for name, module in (("sequential", plain_e), ("fork", forked_e)):
+            paths[name] = os.path.join(tmp, f"ensemble-{name}.pt")
+            torch.jit.save(torch.jit.script(module), paths[name])
+        seq, frk = neuron_client.jit.load(paths["sequential"]), neuron_client.jit.load(paths["fork"])
+        seq(lstm_x), frk(lstm_x)
+        task = ctx.progress.task(f"(c) ensemble in one core ({cpus} CPUs): fork vs sequential", rounds)
+        t_fork = _alternate({"sequential": lambda: seq(lstm_x), "fork": lambda: frk(lstm_x)}, rounds, task)
+        task.finish()
+        res.figures["ensemble_fork"] = {
+            "core_cpus": cpus, "sequential_s": _median(t_fork["sequential"]), "fork_s": _median(t_fork["fork"]),
+            "speedup": _median(t_fork["sequential"]) / _median(t_fork["fork"])}
+
+    f = res.figures
+    rows = [
+        [f"(a) {n} threads: {n} replicas vs 1 core (throughput)", fmt_ratio(f["replicas"]["throughput_ratio"]),
+         f"{f['replicas']['one_core_s'] * 1e3:.0f} ms vs {f['replicas']['replicas_s'] * 1e3:.0f} ms for "
+         f"{f['replicas']['calls']} calls"],
+        ["(b) 4 models: async_load vs sequential (wall time)", fmt_ratio(f["loading"]["async_speedup"]),
+         f"{f['loading']['sequential_s'] * 1e3:.0f} ms vs {f['loading']['async_s'] * 1e3:.0f} ms"],
+        ["(b) jit.load: lazy vs plain", fmt_ratio(f["loading"]["lazy_speedup"]),
+         f"{f['loading']['plain_jit_load_s'] * 1e3:.1f} ms vs {f['loading']['lazy_jit_load_s'] * 1e3:.1f} ms"],
+        [f"(c) LSTM ensemble in one core with {cpus} CPUs: fork vs sequential", fmt_ratio(f["ensemble_fork"]["speedup"]),
+         f"{f['ensemble_fork']['sequential_s'] * 1e3:.0f} ms vs {f['ensemble_fork']['fork_s'] * 1e3:.0f} ms"],
+        [f"(c) LSTM ensemble members over {n} cores with futures vs 1 core", fmt_ratio(f["ensemble_spread"]["speedup"]),
+         f"{f['ensemble_spread']['one_core_s'] * 1e3:.0f} ms vs {f['ensemble_spread']['spread_s'] * 1e3:.0f} ms"],
+    ]
+    res.lines += md_table(["measure", "speed-up", "medians"], rows)
+    res.notes += [
+        f"Each ratio is the median over {rounds} alternating rounds. Cores are pinned to distinct CPUs when there "
+        f"are enough ({cpus} CPUs here). The fork case runs in a one-core broker whose worker has all {cpus} CPUs, "
+        f"{cpus} inter-op threads and one intra-op thread (`--intra-op-threads 1`): at this size the LSTM cells "
+        "gain nothing from intra-op threads, and with two of them even the sequential ensemble ran twice as slow.",
+    ]
+    return res
