@@ -63,8 +63,15 @@ def test_two_cpus_eight_cores_like_a_small_ci_host():
 
 def test_cpu_backend_placement_uses_the_split():
     b = CpuBackend(n_cores=2, cpus=[0, 1, 2, 3])
-    assert b.placement(0) == {"device": "cpu", "cpus": [0, 1]}
-    assert b.placement(1) == {"device": "cpu", "cpus": [2, 3]}
+    assert b.placement(0) == {"device": "cpu", "cpus": [0, 1], "intra_op_threads": 2, "inter_op_threads": 2}
+    assert b.placement(1) == {"device": "cpu", "cpus": [2, 3], "intra_op_threads": 2, "inter_op_threads": 2}
+
+
+def test_thread_pools_default_to_the_core_cpus_and_can_be_set():
+    from worker.backends import Threads
+
+    b = CpuBackend(n_cores=1, cpus=[0, 1, 2, 3], threads=Threads(intra=1))
+    assert b.placement(0)["intra_op_threads"] == 1 and b.placement(0)["inter_op_threads"] == 4
 
 
 def test_host_cpus_is_a_sorted_nonempty_list():
