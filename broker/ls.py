@@ -54,7 +54,9 @@ def listing(doc: dict) -> dict:
                                                  "lease_id": owner["lease_id"], "lease_age_s": owner["age_s"]},
             "models": list(models.values()),
             "worker": {"pid": c["worker"]["pid"], "ready": c["worker"]["ready"],
-                       "memory_bytes": c["worker"]["rss"]},
+                       "memory_bytes": c["worker"]["rss"],
+                       "device_memory_bytes": c["worker"].get("device_memory", 0),
+                       "device_util_percent": c["worker"].get("device_util")},
         })
     processes = [{"pid": lease["pid"], "cmd": lease["cmd"], "cores": sorted(lease["cores"]),
                   "lease_age_s": lease["age_s"]} for lease in doc["leases"]]
@@ -67,8 +69,13 @@ def listing(doc: dict) -> dict:
 
 
 def _device(core: dict) -> str:
-    cpus = f"cpus {format_visible(core['cpus'])}" if core["cpus"] else ""
-    return f"{core['device']} {cpus}".strip() if core["device"] == "cpu" else core["device"]
+    if core["device"] == "cpu":
+        cpus = f"cpus {format_visible(core['cpus'])}" if core["cpus"] else ""
+        return f"{core['device']} {cpus}".strip()
+    w = core["worker"]  # a GPU: its memory held by this core's worker and the driver's utilisation
+    util = w.get("device_util_percent")
+    mem = _bytes(w.get("device_memory_bytes") or 0)
+    return f"{core['device']} {mem} {'?' if util is None else f'{util:.0f}'}% util"
 
 
 def _models(core: dict) -> str:

@@ -301,6 +301,8 @@ class Broker:
                 "state": state,
                 **self.backend.placement(c),
                 "worker": {"pid": slot.pid, "ready": slot.ready, "rss": stats.rss if stats else 0,
+                           "device_memory": stats.device_memory if stats else 0,
+                           "device_util": stats.device_util if stats else None,
                            "busy": stats.busy if stats else False, "restarts": len(slot.crashes),
                            "last_exit": slot.last_exit},
                 "owner": None if lease is None else {"pid": lease.pid, "cmd": lease.cmd, "lease_id": lease.lease_id,

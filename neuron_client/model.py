@@ -47,6 +47,7 @@ class NeuronModel:
         self._runtime: Runtime | None = None
         self._finalizer = None
         self.static_shapes = True
+        self.output_device: str | torch.device | None = None  # outputs arrive on the host; set to move them
 
     # -- metadata --------------------------------------------------------------------------------------------
     @property
@@ -235,6 +236,9 @@ class NeuronModel:
             with self._lock:
                 r.in_flight -= 1
         self._local.last_core = r.core
+        if self.output_device is not None:
+            device = self.output_device
+            out = protocol.map_tensors(out, lambda t: t.to(device))
         return out
 
     def __call__(self, *args):

@@ -191,6 +191,9 @@ class WorkerStats:
     queue: int = 0  # requests received and waiting behind the one running
     loads: int = 0  # models loaded
     load_s: float = 0.0  # seconds spent loading them
+    # Accelerator backends (cuda): the worker's device memory in use and the driver's utilisation (percent, or None).
+    device_memory: int = 0
+    device_util: typing.Optional[float] = None
 
 
 @message("assign")
@@ -551,6 +554,19 @@ def peek_req_id(frames) -> int:
         return rid if isinstance(rid, int) else 0
     except Exception:
         return 0
+
+
+def map_tensors(obj, fn):
+    """The same nesting of tuples, lists and dicts with ``fn`` applied to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(item, fn) for item in obj)
+    if isinstance(obj, list):
+        return [map_tensors(item, fn) for item in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
 
 
 def walk_tensors(obj):

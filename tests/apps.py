@@ -564,6 +564,41 @@ def scenario_bad_models(models: str) -> None:
     x = torch.rand(2, 4)
     emit(errors=errors, executed=os.path.exists(marker), still_ok=bool(torch.allclose(m(x), x * 2 + 1)))
 
+
+# -- the cuda backend (issue 10) ----------------------------------------------------------------------------------
+
+
+class Hog(torch.nn.Module):
+    """Allocates ``n`` floats on the model's device: more than a core's share of the GPU runs out of memory."""
+
+    def forward(self, x, n):
+        return x + torch.zeros(int(n.item()), device=x.device).sum()
+
+
+def scenario_cuda_model(models: str) -> None:
+    import neuron_client
+    from neuron_client.experimental import multicore_context
+
+    with multicore_context():
+        m = neuron_client.jit.load(os.path.join(models, "affine.pt"))
+    x = torch.rand(2, 4)
+    outs = [m(x) for _ in range(2)]
+    ok = all(torch.allclose(o, x * 2 + 1) for o in outs)
+    m.output_device = "cuda:0"
+    moved = m(x)
+    hog_path = os.path.join(models, f"hog-{os.getpid()}.pt")
+    torch.jit.save(torch.jit.script(Hog()), hog_path)
+    hog = neuron_client.jit.load(hog_path)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        hog(torch.zeros(1), torch.tensor(int(total * 0.75 / 4)))  # 75 % of the GPU: over this core's half
+        oom = ""
+    except neuron_client.ModelExecutionError as exc:
+        oom = str(exc)
+    after = hog(torch.zeros(1), torch.tensor(1000))
+    emit(ok=bool(ok), outputs_on=outs[0].device.type, moved_on=str(moved.device), cores=m.cores, oom_error=oom,
+         after_oom_ok=bool(after.item() == 0))
+
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
     globals()[f"scenario_{name}"](*args)

@@ -128,5 +128,19 @@ class CudaBackend:
 BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend}
 
 
+def device_stats(device: str) -> dict:
+    """Device memory this worker holds and the driver's utilisation of its GPU (cuda); nothing for the cpu."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    out = {"device_memory": int(torch.cuda.memory_reserved(0))}
+    try:
+        out["device_util"] = float(torch.cuda.utilization(0))  # through NVML, when the driver offers it
+    except Exception:  # no pynvml / NVML: unknown, not zero
+        out["device_util"] = None
+    return out
+
+
 def setup_worker(backend: str, placement: dict) -> str:
     return BACKENDS[backend].setup_worker(placement)

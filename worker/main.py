@@ -157,6 +157,9 @@ class Worker:
     def on_call(self, msg: protocol.Call):
         entry = self.store.get(msg.model_id)
         args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
+        if self.store.device != "cpu":  # inputs arrive on the host; the model lives on the core's device
+            device = self.store.device
+            args = protocol.map_tensors(args, lambda t: t.to(device, non_blocking=True))
         t0 = time.perf_counter()
         try:
             with collectives.active(entry.group):  # grad mode is off for this whole thread (see serve)
@@ -255,7 +258,8 @@ class Worker:
                                     errors=self.errors, rss=rss, busy=self.busy, busy_s=times.busy_s,
                                     latency_p50_s=p50, latency_p99_s=p99, latency_window=window,
                                     latency_sum_s=times.sum_s, latency_buckets=list(times.buckets),
-                                    queue=self.queued, loads=self.loads, load_s=self.load_s)
+                                    queue=self.queued, loads=self.loads, load_s=self.load_s,
+                                    **backends.device_stats(self.store.device))
 
     def control_loop(self) -> None:
         ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)
