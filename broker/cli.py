@@ -63,7 +63,7 @@ def cmd_start(args) -> int:
         policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         return run_foreground(args.dir, backend, args.lease_timeout, None, policy,
                               int(args.max_message_mb * (1 << 20)), args.metrics_port, args.metrics_host,
-                              shm_threshold=args.shm_threshold)
+                              shm_threshold=args.shm_threshold, listen=args.listen)
     if autostart.running_pid(args.dir) and _running(args.dir):
         print(f"neuron-broker: already running in {args.dir}")
         return 0
@@ -71,7 +71,7 @@ def cmd_start(args) -> int:
              "--intra-op-threads", str(args.intra_op_threads), "--inter-op-threads", str(args.inter_op_threads),
              "--lease-timeout", str(args.lease_timeout), "--max-restarts", str(args.max_restarts),
              "--restart-window", str(args.restart_window), "--max-message-mb", str(args.max_message_mb),
-             "--shm-threshold", str(args.shm_threshold)]
+             "--shm-threshold", str(args.shm_threshold)] + (["--listen", args.listen] if args.listen else [])
     if args.metrics_port is not None:
         extra += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
     try:
@@ -219,6 +219,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="stay attached instead of daemonising")
     s.add_argument("--lease-timeout", type=float, default=config.LEASE_TIMEOUT_S,
                    help="seconds without a heartbeat before a process loses its cores")
+    s.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
+                   help="also serve ping and status over TCP, CURVE-authenticated (keys in <dir>/curve)")
     s.add_argument("--shm-threshold", type=int, default=config.SHM_THRESHOLD_BYTES,
                    help="workers return outputs of at least this many bytes through shared memory")
     s.add_argument("--intra-op-threads", type=int, default=0,

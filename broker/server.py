@@ -32,6 +32,7 @@ log = logging.getLogger("neuron.broker")
 LIVENESS_CHECK_S = 0.1
 RECENTLY_RECLAIMED_KEPT = 256
 RESTART_GRACE_S = 5.0  # after a restart, a restored lease's owner has this long to heartbeat again
+REMOTE_OPS = ("ping", "status")  # what an authenticated TCP client may ask
 MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones get an error reply
 HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
 
@@ -62,9 +63,11 @@ class Pending:
 class Broker:
     def __init__(self, directory: str, backend, lease_timeout_s: float = config.LEASE_TIMEOUT_S,
                  address: str | None = None, shm_threshold: int = config.SHM_THRESHOLD_BYTES,
-                 restart_policy: RestartPolicy | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES):
+                 restart_policy: RestartPolicy | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
+                 listen: str | None = None):
         self.directory = directory
         self.backend = backend
+        self.listen = listen  # a tcp:// endpoint served with CURVE authentication, read-only
         self.address = address or config.broker_address(directory)
         self.alloc = CoreAllocator(backend.n_cores)
         self.leases = LeaseTable(timeout_s=lease_timeout_s)
@@ -332,6 +335,24 @@ class Broker:
         text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
         transport.send(self.clients_sock, protocol.encode_error(code_of(exc), text, rid), identity=ident)
 
+    def on_remote_frames(self, parts) -> None:
+        """A request over the authenticated TCP socket: read-only operations only."""
+        if len(parts) < 2:
+            return
+        ident, frames = parts[0], parts[1:]
+        rid = protocol.peek_req_id(frames)
+        try:
+            env = protocol.decode(frames)
+            handler = self.handlers.get(env.op) if env.op in REMOTE_OPS else None
+            if handler is None:
+                raise ProtocolError(f"over TCP the broker answers {', '.join(REMOTE_OPS)} only; {env.op!r} needs the "
+                                    "host's ipc socket (run the command on the host)")
+            reply = handler(ident, env.req_id, env.msg)
+            transport.send(self.remote_sock, protocol.encode(reply, env.req_id), identity=ident)
+        except Exception as exc:
+            text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
+            transport.send(self.remote_sock, protocol.encode_error(code_of(exc), text, rid), identity=ident)
+
     def on_client_frames(self, parts) -> None:
         if len(parts) < 2:
             return
@@ -368,7 +389,13 @@ class Broker:
     def serve(self) -> None:
         self.clients_sock = transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES)
         self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES)
+        self.remote_sock, self.remote_auth = None, None
         poller = transport.poller(self.clients_sock, self.workers_sock)
+        if self.listen:
+            self.remote_sock, self.remote_auth = transport.curve_router(self.listen, self.directory,
+                                                                        HARD_CONTROL_MESSAGE_BYTES)
+            poller.register(self.remote_sock, transport.POLLIN)
+            log.info("also listening on %s (CURVE; keys in %s)", self.listen, transport.curve_dir(self.directory))
         self.supervisor.start_all()
         log.info("broker pid %d serving %d %s cores at %s", os.getpid(), self.alloc.n_cores, self.backend.name,
                  self.address)
@@ -380,6 +407,12 @@ class Broker:
                     for _ in range(64):
                         try:
                             self.on_client_frames(transport.recv(self.clients_sock))
+                        except transport.Again:
+                            break
+                if self.remote_sock is not None and self.remote_sock in events:
+                    for _ in range(64):
+                        try:
+                            self.on_remote_frames(transport.recv(self.remote_sock))
                         except transport.Again:
                             break
                 if self.workers_sock in events:
@@ -406,6 +439,9 @@ class Broker:
         self.journal.close()
         self.clients_sock.close(linger=0)
         self.workers_sock.close(linger=0)
+        if self.remote_sock is not None:
+            self.remote_sock.close(linger=0)
+            self.remote_auth.stop()
         for path in (self.address, config.workers_address(self.directory)):
             if path.startswith("ipc://") and os.path.exists(path[6:]):
                 os.unlink(path[6:])
@@ -425,7 +461,8 @@ def take_instance_lock(directory: str):
 def run_foreground(directory: str, backend, lease_timeout_s: float, address: str | None,
                    restart_policy: RestartPolicy | None = None,
                    max_message_bytes: int = config.MAX_MESSAGE_BYTES, metrics_port: int | None = None,
-                   metrics_host: str = "127.0.0.1", shm_threshold: int = config.SHM_THRESHOLD_BYTES) -> int:
+                   metrics_host: str = "127.0.0.1", shm_threshold: int = config.SHM_THRESHOLD_BYTES,
+                   listen: str | None = None) -> int:
     """Run a broker in this process until stopped (``neuron-broker start --foreground``)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s broker %(levelname)s %(message)s")
@@ -449,8 +486,12 @@ def run_foreground(directory: str, backend, lease_timeout_s: float, address: str
             print(f"neuron-broker: {exc}", file=sys.stderr)
             os.close(lock)
             return 2
+    if listen and not listen.startswith("tcp://"):
+        print(f"neuron-broker: --listen takes a tcp:// endpoint such as tcp://127.0.0.1:7700, not {listen!r}",
+              file=sys.stderr)
+        return 2
     broker = Broker(directory, backend, lease_timeout_s, address, shm_threshold=shm_threshold,
-                    restart_policy=restart_policy, max_message_bytes=max_message_bytes)
+                    restart_policy=restart_policy, max_message_bytes=max_message_bytes, listen=listen)
     if metrics_server is not None:
         broker.metrics, broker.metrics_url = snapshots, metrics.url_of(metrics_server)
 

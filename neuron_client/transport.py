@@ -100,14 +100,82 @@ def _nbytes(frame) -> int:
 
 
 
+# -- TCP with CURVE authentication ------------------------------------------------------------------------------
+# The broker listens on TCP only when asked (--listen), and then only with CURVE: its key pair and the authorised
+# clients' public keys live in <broker dir>/curve (mode 0700), created on first use with zmq.auth.
+
+
+def curve_dir(directory: str) -> str:
+    return os.path.join(directory, "curve")
+
+
+def ensure_curve_keys(directory: str) -> str:
+    """Create the broker's and a first client's key pairs (the client's public key authorised) if missing."""
+    import zmq.auth
+
+    keys = curve_dir(directory)
+    authorized = os.path.join(keys, "authorized")
+    os.makedirs(authorized, mode=0o700, exist_ok=True)
+    os.chmod(keys, 0o700)
+    for name in ("server", "client"):
+        if not os.path.exists(os.path.join(keys, f"{name}.key_secret")):
+            zmq.auth.create_certificates(keys, name)
+    client_public = os.path.join(keys, "client.key")
+    target = os.path.join(authorized, "client.key")
+    if not os.path.exists(target):
+        with open(client_public, "rb") as src, open(target, "wb") as dst:
+            dst.write(src.read())
+    for f in os.listdir(keys):
+        if f.endswith(".key_secret"):
+            os.chmod(os.path.join(keys, f), 0o600)
+    return keys
+
+
+def curve_router(endpoint: str, directory: str, max_message_bytes: int = 0):
+    """A ROUTER on TCP that only CURVE clients whose public key is in ``curve/authorized`` can talk to.
+    Returns (socket, authenticator); stop the authenticator when done."""
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+
+    keys = ensure_curve_keys(directory)
+    auth = ThreadAuthenticator(context())
+    auth.start()
+    auth.configure_curve(domain="*", location=os.path.join(keys, "authorized"))
+    public, secret = zmq.auth.load_certificate(os.path.join(keys, "server.key_secret"))
+    s = _socket(zmq.ROUTER)
+    s.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if max_message_bytes:
+        s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    s.curve_secretkey, s.curve_publickey, s.curve_server = secret, public, True
+    s.bind(endpoint)
+    return s, auth
+
+
+def _curve_client(sock: zmq.Socket, keys: str) -> None:
+    import zmq.auth
+
+    try:
+        server_public, _ = zmq.auth.load_certificate(os.path.join(keys, "server.key"))
+        public, secret = zmq.auth.load_certificate(os.path.join(keys, "client.key_secret"))
+    except (OSError, ValueError) as exc:
+        raise RequestTimeoutError(f"TCP to the broker needs CURVE keys in {keys} (server.key and "
+                                  f"client.key_secret): {exc}") from None
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = server_public, public, secret
+
+
 class Channel:
     """One DEALER connection to a broker or worker, used by one thread at a time."""
 
     def __init__(self, endpoint: str):
-        from .config import LIVENESS_POLL_S
+        from .config import ENV_BROKER_KEYS, LIVENESS_POLL_S, broker_dir
 
         self.endpoint = endpoint
-        self.sock = dealer(endpoint)
+        if endpoint.startswith("tcp://"):  # always authenticated: keys from NEURON_BROKER_KEYS or <broker dir>/curve
+            self.sock = _socket(zmq.DEALER)
+            _curve_client(self.sock, os.environ.get(ENV_BROKER_KEYS) or curve_dir(broker_dir()))
+            self.sock.connect(endpoint)
+        else:
+            self.sock = dealer(endpoint)
         self.sock.setsockopt(zmq.RCVTIMEO, int(LIVENESS_POLL_S * 1000))
         self._ids = itertools.count(1)
         self.pid = os.getpid()

@@ -181,3 +181,64 @@ def test_broker_refuses_a_directory_others_can_write(tmp_path):
     assert out.returncode != 0
     assert "writable by others" in out.stderr and "chmod 700" in out.stderr
     assert not os.path.exists(d / "broker.sock")
+
+
+# -- who may talk to the broker -----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeypatch):
+    import stat
+
+    import zmq
+    import zmq.auth
+
+    plain = fresh_broker(1)
+    assert not os.path.exists(os.path.join(plain.directory, "curve"))  # no TCP unless asked
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    b = fresh_broker(1, extra=["--listen", endpoint])
+    keys = os.path.join(b.directory, "curve")
+    assert stat.S_IMODE(os.stat(keys).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(os.path.join(keys, "server.key_secret")).st_mode) == 0o600
+
+    # an authorised operator (the client key pair the broker created) reads status over TCP
+    env = dict(b.env, NEURON_BROKER_ADDRESS=endpoint, NEURON_BROKER_KEYS=keys)
+    out = subprocess.run([sys.executable, "-m", "broker", "status", "--json"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert '"cores": 1' in out.stdout
+
+    # anything else over TCP is refused with an error reply
+    monkeypatch.setenv("NEURON_BROKER_KEYS", keys)
+    ch = transport.Channel(endpoint)
+    try:
+        with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
+            ch.request(protocol.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
+    finally:
+        ch.close()
+
+    # a key pair the broker has not authorised gets no answer at all
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    zmq.auth.create_certificates(str(stranger), "client")
+    with open(os.path.join(keys, "server.key"), "rb") as f:
+        (stranger / "server.key").write_bytes(f.read())
+    monkeypatch.setenv("NEURON_BROKER_KEYS", str(stranger))
+    assert transport.ping(endpoint, 2.0) is None
+
+    # nor does a client without CURVE
+    sock = transport.context().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(protocol.encode(protocol.Ping(), 1))
+        assert not sock.poll(2000)
+    finally:
+        sock.close()
+    assert b.status()["broker"]["cores"] == 1  # and the broker carries on
