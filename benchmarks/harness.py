@@ -18,6 +18,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -517,8 +518,8 @@ def write_report(out: Path, meta: dict, results: list[SectionResult], progress: 
               "them alike. Absolute times are given for context only and are noisy on a shared machine. "
               "\"round spread\" is the 25th-75th percentile of the ratio computed round by round: a wide spread "
               "means a noisy machine.", ""]
-    for r in results:
-        lines.append(f"## {r.title}")
+    for i, r in enumerate(results, 1):
+        lines.append(f"## {numbered(i, r.title)}")
         lines.append("")
         if r.error:
             lines += ["**This section failed:**", "", "```", r.error.rstrip(), "```", ""]
@@ -538,6 +539,12 @@ def write_report(out: Path, meta: dict, results: list[SectionResult], progress: 
                                  **r.figures}
                         for r in results}}
     (out / "results.json").write_text(json.dumps(_plain(doc), indent=2, allow_nan=False) + "\n")
+
+
+def numbered(i: int, title: str) -> str:
+    """``title`` as the report's ``i``-th section (a number a section gives itself is replaced: with --only, or when
+    the order of SECTIONS changes, the numbers still run 1, 2, 3)."""
+    return f"{i}. " + re.sub(r"^\s*\d+\.\s*", "", title)
 
 
 def _plain(obj):
@@ -604,6 +611,9 @@ def main(argv=None) -> int:
     os.chmod(tmp, 0o700)
     ctx = Context(quick=args.quick, out=out, tmp=tmp, progress=progress, rng=random.Random(args.seed),
                   rounds=args.rounds)
+    # Sections that use Ray start a private local instance: never join a cluster that something else on this
+    # machine started (ray.init() with no address attaches to one, and then refuses num_cpus).
+    os.environ.setdefault("RAY_ADDRESS", "local")
     import torch
 
     torch.set_num_threads(args.torch_threads)

@@ -241,9 +241,22 @@ class NeuronModel:
             out = protocol.map_tensors(out, lambda t: t.to(device))
         return out
 
+    @property
+    def bucketed(self) -> bool:
+        """A packaged bucket model (``bucket_model_trace``): any input shape its kernel fits into a bucket."""
+        return bool(self.meta.get("bucketed"))
+
+    def _run_bucketed(self, args: tuple):
+        """``model(a, b, c)`` of a bucketed model: its one ``List[Tensor]`` argument, its outputs' structure back."""
+        from . import bucketing
+
+        return bucketing.unpack_outputs(self.run(bucketing.pack_args(args)), self.meta)
+
     def __call__(self, *args):
         if self.state != "loaded":
             self.wait_loaded()
+        if self.bucketed:  # the kernel in the worker pads and picks the bucket: no static shapes to check
+            return self._run_bucketed(args)
         self.check_shapes(args)
         return self.run(args)
 
@@ -253,6 +266,8 @@ class NeuronModel:
         """Run a call in the background; returns a ``concurrent.futures.Future`` of its outputs."""
         if self.state != "loaded":
             self.wait_loaded()
+        if self.bucketed:
+            return self._runtime.submit(self._run_bucketed, args)
         self.check_shapes(args)
         return self._runtime.submit(self.run, args)
 

@@ -51,10 +51,22 @@ def update_meta(module, **changes) -> None:
     set_meta(module, meta)
 
 
-def trace(model, example_inputs, **trace_kwargs) -> torch.jit.ScriptModule:
-    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) with ``torch.jit.trace``, recording input shapes."""
+def trace(model, example_inputs, *, input_output_aliases=None, **trace_kwargs) -> torch.jit.ScriptModule:
+    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) with ``torch.jit.trace``, recording input shapes.
+
+    ``input_output_aliases`` ({state buffer: output index}) keeps those buffers on the core between calls, updated
+    from the aliased outputs, which the call then no longer returns (see :mod:`neuron_client.state`).
+    """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    if input_output_aliases:
+        from . import state
+
+        traced, aliases = state.trace_with_state(model, example_inputs, input_output_aliases, **trace_kwargs)
+        set_meta(traced, {"format": META_FORMAT, "inputs": tensor_specs(example_inputs), "lazy_load": False,
+                          "async_load": False, "io_aliases": aliases,
+                          "state_bytes": state.state_bytes(traced, aliases)})
+        return traced
     if isinstance(model, torch.nn.Module):
         model = model.eval()
     elif callable(model):  # a plain function: trace it as a module so that the record has somewhere to live

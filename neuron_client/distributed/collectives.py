@@ -22,6 +22,7 @@ fails its peers instead of hanging them.
 from __future__ import annotations
 
 import datetime
+import os
 import threading
 
 import torch
@@ -43,8 +44,6 @@ class Group:
     """One rank's membership in a process group of ``size`` ranks."""
 
     def __init__(self, name: str, rank: int, size: int, pg=None, store_path: str | None = None):
-        # The FileStore at store_path removes its file when the last rank lets go of it (not before: a rank still
-        # joining needs it).
         self.name = name
         self.rank = rank
         self.size = size
@@ -108,7 +107,16 @@ def form_group(name: str, rank: int, size: int, store_path: str, device: str = "
         opts._timeout = timeout
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
         pg = dist.ProcessGroupGloo(store, rank, size, opts)
-    return Group(name, rank, size, pg, store_path)
+    group = Group(name, rank, size, pg, store_path)
+    # Every rank's mesh is complete only once every rank has returned from the constructor: a rank that went on and
+    # closed the group before then would fail a slower peer's connection. One collective settles it.
+    group.all_reduce(torch.zeros(1, device=device))
+    if rank == 0:  # every rank is past the rendezvous: the store's file has served (a FileStore whose file is gone
+        try:       # does not recreate it), and no dead rank can leave it behind
+            os.unlink(store_path)
+        except OSError:
+            pass
+    return group
 
 
 def register(group: Group) -> None:

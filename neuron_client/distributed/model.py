@@ -24,6 +24,11 @@ from .. import config, placement, protocol
 from ..errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, RequestTimeoutError,
                       WorkerUnavailableError)
 from ..runtime import Runtime, _pid_running, get_runtime
+from . import collectives
+
+# An unload may queue behind a rank still waiting in a collective of a failed call (at most the collective timeout).
+UNLOAD_TIMEOUT_S = config.BROKER_REQUEST_TIMEOUT_S + collectives.COLLECTIVE_TIMEOUT_S
+CALL_GRACE_S = 5.0  # beyond the call timeout, how long a call waits for its ranks' replies before giving up
 
 _core_locks: dict[int, threading.Lock] = {}
 _core_locks_guard = threading.Lock()
@@ -239,7 +244,7 @@ class TensorParallelModel:
             lock.acquire()
         try:
             futures = [rt.submit(_call_one, rt, p, args, timeout_s) for p in loaded.ranks]
-            done, _ = wait(futures, timeout=timeout_s + 5.0, return_when=FIRST_EXCEPTION)
+            done, _ = wait(futures, timeout=timeout_s + CALL_GRACE_S, return_when=FIRST_EXCEPTION)
         finally:
             for lock in reversed(locks):
                 lock.release()
@@ -289,8 +294,7 @@ def _unload_one(rt: Runtime, p: _Placed) -> None:
     if rt.closed or rt.worker(p.core)["pid"] != p.worker_pid:
         return  # a fresh worker holds nothing of ours
     try:
-        rt.channel(p.core).request(protocol.Unload(token=rt.token, model_id=p.model_id),
-                                   config.BROKER_REQUEST_TIMEOUT_S + 40.0)
+        rt.channel(p.core).request(protocol.Unload(token=rt.token, model_id=p.model_id), UNLOAD_TIMEOUT_S)
     except NeuronRuntimeError:
         pass
 

@@ -164,28 +164,34 @@ def read_parallel_model(directory) -> TensorParallelModel:
         files[int(m.group(1))] = name
     if not files:
         _fail(directory, "it holds no rank files (tp_0.pt, tp_1.pt, ...); save one with parallel_model_save")
-    shards, degree, trace_id = {}, None, None
+    first = min(files)
+    blobs = {}
     for rank, name in sorted(files.items()):
         with open(os.path.join(directory, name), "rb") as f:
-            data = f.read()
-        meta = tracing.read_meta(data)
-        tp = meta.get("tp")
-        if not isinstance(tp, dict) or not isinstance(tp.get("degree"), int) or tp.get("rank") != rank:
-            _fail(directory, f"{name} is not rank {rank} of a tensor-parallel model "
-                             f"({'it records rank %r' % tp.get('rank') if isinstance(tp, dict) else 'no record'})")
-        if degree is None:
-            degree, trace_id = tp["degree"], tp.get("trace_id")
-        elif tp["degree"] != degree or tp.get("trace_id") != trace_id:
-            _fail(directory, f"{name} comes from a different trace than {files[min(files)]} "
-                             f"(tp_degree {tp['degree']} vs {degree}); save all ranks of one model together")
-        shards[rank] = RankShard(rank=rank, data=torch.frombuffer(bytearray(data), dtype=torch.uint8), meta=meta)
+            blobs[rank] = f.read()
+    tp0 = tracing.read_meta(blobs[first]).get("tp")
+    if not isinstance(tp0, dict) or not isinstance(tp0.get("degree"), int):
+        _fail(directory, f"{files[first]} is not a rank file of a tensor-parallel model (no tensor-parallel record)")
+    degree, trace_id = tp0["degree"], tp0.get("trace_id")
     stray = sorted(r for r in files if r >= degree)
     if stray:
         _fail(directory, f"stray rank file {', '.join(files[r] for r in stray)}: the model has tp_degree {degree} "
-                         f"(ranks 0-{degree - 1})")
+                         f"(ranks 0-{degree - 1}, from {files[first]})")
     missing = [rank_file(r) for r in range(degree) if r not in files]
     if missing:
         _fail(directory, f"missing rank file {', '.join(missing)} of a tp_degree {degree} model")
+    shards = {}
+    for rank, name in sorted(files.items()):
+        meta = tracing.read_meta(blobs[rank])
+        tp = meta.get("tp")
+        if not isinstance(tp, dict) or tp.get("rank") != rank:
+            _fail(directory, f"{name} is not rank {rank} of a tensor-parallel model "
+                             f"({'it records rank %r' % tp.get('rank') if isinstance(tp, dict) else 'no record'})")
+        if tp.get("degree") != degree or tp.get("trace_id") != trace_id:
+            _fail(directory, f"{name} comes from a different trace than {files[first]} (tp_degree "
+                             f"{tp.get('degree')} vs {degree}); save all ranks of one model together")
+        shards[rank] = RankShard(rank=rank, data=torch.frombuffer(bytearray(blobs.pop(rank)), dtype=torch.uint8),
+                                 meta=meta)
     inline = {bool(s.meta["tp"].get("inline_weights", True)) for s in shards.values()}
     if len(inline) != 1:
         _fail(directory, "some ranks have their weights inline and some separated")

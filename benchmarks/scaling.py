@@ -1,0 +1,669 @@
+"""Section 3, scaling: throughput over cores, and latency under open-loop load.
+
+(a) Throughput over 1, 2 and 4 cores of a CPU-bound model (a small convolutional net: its weights stay in cache, so
+    the cores do not contend for memory bandwidth), as a ratio to 1 core:
+
+    * **replicas**: the model loaded on N cores (``neuron_cores_context``), driven by 8 client threads calling it
+      back to back (closed loop, enough calls in flight to keep every core busy);
+    * **DataParallel**: ``neuron_client.DataParallel`` over nc0..nc(N-1) with dynamic batching, batches of 64 items
+      through a model traced with 16 (four pieces per call, spread over the cores);
+    * **hardware ceiling** (the baseline that says what N cores *can* give here): N processes pinned to the CPUs of
+      cores 0..N-1 running the same traced piece in-process with one thread, no runtime;
+    * **one call, whole batch** (a reference for DataParallel): the model traced with all 64 items, called on nc0.
+
+    The cases run interleaved in rounds (rotating order); a ratio is the median over rounds of the ratio within a
+    round. DataParallel's own cost is measured apart: a model with no compute, called directly vs through
+    DataParallel over one core, and the in-process split + gather of a batch into four chunks.
+
+(b) Open-loop load: a client submits calls with ``model.submit`` at Poisson arrivals of rate lambda (exponential gaps
+    drawn in advance, latency timed from each call's *scheduled* arrival, so a late sender does not hide queueing),
+    at rising rates given as fractions of the configuration's capacity measured in (a), on one core and on two
+    replicas. Reported: p50 and p99 against the offered rate, and the rate from which p99 exceeds 10x the unloaded
+    p50 (one call at a time, through the same ``submit`` path, measured just before).
+
+Replaces ``scripts/bench_data_parallel.py`` (its measurements are (a)'s DataParallel rows, ceilings and costs).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from .harness import (CHILDREN, Plot, SectionResult, Variant, client_of, fmt_ratio, fmt_us, interleave, md_table,
+                      percentile, summarize)
+
+CORES = (1, 2, 4)
+BROKER_CORES = max(CORES)
+PIECE = 16  # rows the model is traced with
+DP_BATCH = 64  # items per DataParallel call
+CHANNELS, IMAGE = 32, 32
+CLIENT_THREADS = 2 * max(CORES)  # replicas: calls in flight
+ROUNDS = (8, 2)
+SECONDS = (0.6, 0.25)  # per case per round
+OVERHEAD_ROUNDS, OVERHEAD_BATCH = (10, 2), (40, 10)
+
+# (b) open loop: offered rate as a fraction of capacity; each rate runs for SECONDS_PER_RATE or MIN_REQUESTS calls,
+# whichever is longer.
+LOAD_FRACTIONS = ([0.1, 0.25, 0.4, 0.55, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25], [0.3, 0.8, 1.2])
+SECONDS_PER_RATE = (2.5, 0.6)
+MIN_REQUESTS = (60, 15)
+UNLOADED_CALLS = (40, 8)
+CAPACITY_SECONDS = (1.5, 0.4)  # closed-loop throughput measured right before each configuration's sweep
+BREAK_FACTOR = 10.0  # p99 "breaks" above this many unloaded p50s
+LOAD_CONFIGS = ((1, 2), (1,))  # cores, full and quick
+
+
+def make_model():
+    """A small convolutional net: compute-bound (its weights stay in cache, unlike a wide MLP's, whose pieces would be
+    bound by memory bandwidth that the cores share)."""
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, CHANNELS, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(CHANNELS, 10)).eval()
+
+
+def _affine():
+    import torch
+
+    class Affine(torch.nn.Module):
+        """Next to no compute: DataParallel's own work on a call."""
+
+        def forward(self, x):
+            return x * 2 + 1
+
+    return Affine().eval()
+
+
+def _shape(rows: int) -> tuple:
+    return (rows, 3, IMAGE, IMAGE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hardware ceiling: processes pinned like the workers, running the piece in-process.
+
+
+def _ceiling_child(conn, cpu: int, rows: int) -> None:
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops it
+    os.sched_setaffinity(0, {cpu})
+    torch.set_num_threads(1)
+    path = conn.recv()  # the model is saved while this process imports torch
+    if path is None:
+        return
+    model = torch.jit.load(path).eval()
+    x = torch.rand(*_shape(rows))
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        conn.send("ready")
+        while True:
+            msg = conn.recv()
+            if msg is None:
+                return
+            start_at, seconds = msg
+            while time.time() < start_at:  # every child starts at the same moment
+                time.sleep(0.0005)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                model(x)
+                n += 1
+            conn.send(n / (time.perf_counter() - t0))
+
+
+class Ceiling:
+    """One spawned process per core, pinned to that core's CPU."""
+
+    def __init__(self, cpus_of_cores: list[int]):
+        """Start the processes (they import torch meanwhile); :meth:`load` gives them the model."""
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.children = []
+        for cpu in cpus_of_cores:
+            parent, child = ctx.Pipe()
+            proc = CHILDREN.add_mp(ctx.Process(target=_ceiling_child, args=(child, cpu, PIECE), daemon=True,
+                                               name="bench-ceiling"))
+            proc.start()
+            self.children.append((proc, parent))
+
+    def load(self, path: str) -> None:
+        for _, conn in self.children:
+            conn.send(path)
+        for proc, conn in self.children:
+            if not conn.poll(120):
+                raise RuntimeError("an in-process ceiling process did not start within 120 s")
+            conn.recv()
+
+    def items_per_s(self, n: int, seconds: float) -> float:
+        start_at = time.time() + 0.02
+        for _, conn in self.children[:n]:
+            conn.send((start_at, seconds))
+        return sum(conn.recv() for _, conn in self.children[:n]) * PIECE
+
+    def close(self) -> None:
+        for proc, conn in self.children:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for proc, _ in self.children:
+            CHILDREN.stop_mp(proc)
+            if proc in CHILDREN.mp_procs:
+                CHILDREN.mp_procs.remove(proc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Closed-loop measurement.
+
+
+class Pool:
+    """Persistent client threads (each keeps its own worker channels) that call ``fn`` back to back."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="bench-client")
+
+    def rate(self, fn, seconds: float) -> float:
+        """Calls per second of ``n`` threads calling ``fn`` back to back for ``seconds``."""
+        barrier = threading.Barrier(self.n + 1)
+
+        def loop():
+            barrier.wait()
+            deadline = time.perf_counter() + seconds
+            k = 0
+            while time.perf_counter() < deadline:
+                fn()
+                k += 1
+            return k, time.perf_counter()
+
+        futures = [self.pool.submit(loop) for _ in range(self.n)]
+        barrier.wait()
+        t0 = time.perf_counter()
+        got = [f.result() for f in futures]
+        return sum(k for k, _ in got) / (max(t for _, t in got) - t0)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _single_rate(fn, seconds: float) -> float:
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _cpu_s(procs) -> float:
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(Exception):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run(ctx) -> SectionResult:
+    import torch
+
+    res = SectionResult("scaling", "3. Scaling: throughput over cores, latency under open-loop load")
+    prev_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch.set_num_threads, prev_threads)
+        torch.set_num_threads(1)
+        from worker.backends import cpus_for_core
+
+        host_cpus = sorted(os.sched_getaffinity(0))
+        ceiling_cpus = [cpus_for_core(c, BROKER_CORES, host_cpus)[0] for c in range(BROKER_CORES)]
+        ctx.progress.note(f"starting {BROKER_CORES} in-process ceiling processes pinned like the workers of cores "
+                          f"0-{BROKER_CORES - 1} (CPUs {ceiling_cpus})")
+        ceiling = Ceiling(ceiling_cpus)
+        stack.callback(ceiling.close)
+        broker = ctx.start_broker("scaling", cores=BROKER_CORES)
+        stack.callback(broker.stop)
+        rt = stack.enter_context(client_of(broker, f"0-{BROKER_CORES - 1}"))
+        _part_throughput(ctx, stack, broker, rt, res, ceiling)
+        _part_open_loop(ctx, rt, res)
+    _notes(res, broker)
+    return res
+
+
+def _save_models(directory) -> dict:
+    import torch
+
+    import neuron_client
+
+    module = make_model()
+    paths = {"piece": os.path.join(directory, "conv-piece.pt"), "whole": os.path.join(directory, "conv-whole.pt"),
+             "affine": os.path.join(directory, "affine.pt")}
+    torch.jit.save(neuron_client.trace(module, torch.rand(*_shape(PIECE))), paths["piece"])
+    torch.jit.save(neuron_client.trace(module, torch.rand(*_shape(DP_BATCH))), paths["whole"])
+    torch.jit.save(neuron_client.trace(_affine(), torch.rand(*_shape(DP_BATCH))), paths["affine"])
+    return {"module": module, "paths": paths}
+
+
+def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
+    import psutil
+    import torch
+
+    import neuron_client
+    from neuron_client import batching
+    from neuron_client.experimental import neuron_cores_context
+    p = ctx.progress
+    work = ctx.tmp / "scaling"
+    work.mkdir(exist_ok=True)
+    saved = _save_models(str(work))
+    paths = saved["paths"]
+    doc = broker.status()
+    core_cpus = {c["core"]: c.get("cpus") or [] for c in doc["cores"]}
+    host_cpus = sorted(os.sched_getaffinity(0))
+    workers = [psutil.Process(rt.workers[core]["pid"]) for core in rt.cores]
+
+    x_piece = torch.rand(*_shape(PIECE))
+    x_batch = torch.rand(*_shape(DP_BATCH))
+    with torch.inference_mode():
+        want_piece, want_batch = saved["module"](x_piece), saved["module"](x_batch)
+
+    cases = {}  # name -> (items per second fn(seconds), workers it runs on)
+    pool = Pool(CLIENT_THREADS)
+    stack.callback(pool.close)
+    replicas, dps = {}, {}
+    for n in CORES:
+        with neuron_cores_context(start_nc=0, nc_count=n):
+            m = replicas[n] = neuron_client.jit.load(paths["piece"])
+        if not torch.allclose(m(x_piece), want_piece, atol=1e-4):
+            raise RuntimeError(f"replicas over {n} cores computed something else")
+        cases[f"replicas, {n} core{'s' if n > 1 else ''}"] = (
+            lambda s, m=m: pool.rate(lambda: m(x_piece), s) * PIECE, workers[:n])
+    for n in CORES:
+        dp = dps[n] = neuron_client.DataParallel(neuron_client.jit.load(paths["piece"]), device_ids=list(range(n)))
+        if not torch.allclose(dp(x_batch), want_batch, atol=1e-4):
+            raise RuntimeError(f"DataParallel over {n} cores computed something else")
+        cases[f"DataParallel, {n} core{'s' if n > 1 else ''}"] = (
+            lambda s, dp=dp: _single_rate(lambda: dp(x_batch), s) * DP_BATCH, workers[:n])
+    whole = neuron_client.jit.load(paths["whole"])
+    whole.load_onto([0])
+    cases["one call, whole batch, 1 core"] = (lambda s: _single_rate(lambda: whole(x_batch), s) * DP_BATCH,
+                                              workers[:1])
+    ceiling.load(paths["piece"])
+    for n in CORES:
+        cases[f"in-process ceiling, {n} process{'es' if n > 1 else ''}"] = (
+            lambda s, n=n: ceiling.items_per_s(n, s), [])
+
+    rounds, seconds = ctx.n_rounds(*ROUNDS), SECONDS[1] if ctx.quick else SECONDS[0]
+    for fn, _ in cases.values():  # warm-up: every path once
+        fn(0.05)
+    names = list(cases)
+    task = p.task(f"(a) throughput, {len(names)} cases", rounds)
+    per_round = []  # per round: name -> (items/s, worker CPU seconds per second)
+    for r in range(rounds):
+        got = {}
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn, procs = cases[name]
+            c0, t0 = _cpu_s(procs), time.perf_counter()
+            items = fn(seconds)
+            got[name] = (items, (_cpu_s(procs) - c0) / (time.perf_counter() - t0) if procs else None)
+        per_round.append(got)
+        task.advance()
+
+    def med(xs):
+        xs = [v for v in xs if v is not None]
+        return percentile(xs, 50) if xs else None
+
+    def ratio_to(name, base):
+        rs = sorted(rd[name][0] / rd[base][0] for rd in per_round if rd[base][0])
+        return {"median": med(rs), "p25": percentile(rs, 25) if rs else None,
+                "p75": percentile(rs, 75) if rs else None}
+
+    kinds = {"replicas": "replicas, {n} core{s}", "DataParallel": "DataParallel, {n} core{s}",
+             "ceiling": "in-process ceiling, {n} process{es}"}
+
+    def label(kind, n):
+        return kinds[kind].format(n=n, s="s" if n > 1 else "", es="es" if n > 1 else "")
+
+    table = {}
+    for name in names:
+        table[name] = {"items_per_s": med([rd[name][0] for rd in per_round]),
+                       "worker_cpus_busy": med([rd[name][1] for rd in per_round])}
+    scaling = {}
+    for kind in kinds:
+        scaling[kind] = {}
+        for n in CORES:
+            rr = ratio_to(label(kind, n), label(kind, 1))
+            scaling[kind][n] = {"items_per_s": table[label(kind, n)]["items_per_s"], "ratio_to_1": rr["median"],
+                                "round_spread": rr, "worker_cpus_busy": table[label(kind, n)]["worker_cpus_busy"]}
+    for kind in ("replicas", "DataParallel"):
+        for n in CORES:
+            hw = scaling["ceiling"][n]["ratio_to_1"]
+            s = scaling[kind][n]
+            s["efficiency_vs_hardware"] = s["ratio_to_1"] / hw if s["ratio_to_1"] and hw else None
+            rr = ratio_to(label(kind, n), label("ceiling", n))
+            s["ratio_to_ceiling_same_n"] = rr["median"]
+    whole_vs_dp1 = ratio_to("one call, whole batch, 1 core", label("DataParallel", 1))
+    task.finish(f"replicas 2 cores {fmt_ratio(scaling['replicas'][2]['ratio_to_1'])}, DataParallel 2 cores "
+                f"{fmt_ratio(scaling['DataParallel'][2]['ratio_to_1'])}, hardware {fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])}")
+
+    # DataParallel's own cost on a call: a model with no compute, directly vs through DataParallel over one core.
+    tiny = neuron_client.jit.load(paths["affine"])
+    tiny.load_onto([0])
+    dp_tiny = neuron_client.DataParallel(neuron_client.jit.load(paths["affine"]), device_ids=[0])
+    chunks = batching.chunk_sizes(DP_BATCH, 4)
+
+    def split_gather():
+        parts = batching.split((x_batch,), chunks, 0)
+        return batching.gather([c[0] for c in parts], 0)
+
+    o_rounds = ctx.n_rounds(*OVERHEAD_ROUNDS)
+    o_batch = OVERHEAD_BATCH[1] if ctx.quick else OVERHEAD_BATCH[0]
+    om = interleave([Variant("direct", lambda: tiny(x_batch)), Variant("DataParallel", lambda: dp_tiny(x_batch)),
+                     Variant("split+gather", split_gather)], o_rounds, o_batch, warmup=3, rng=ctx.rng)
+    overhead = {k: v.summary() for k, v in om.items()}
+    overhead["dp_extra_p50_us"] = overhead["DataParallel"]["p50_us"] - overhead["direct"]["p50_us"]
+    overhead["input_bytes"] = x_batch.numel() * 4
+    for m in list(replicas.values()) + [whole, tiny]:
+        m.unload()
+    for dp in list(dps.values()) + [dp_tiny]:
+        dp.module.unload()
+
+    res.figures["throughput"] = {
+        "model": f"conv net ({CHANNELS} channels, {IMAGE}x{IMAGE} images), traced with {PIECE} rows",
+        "rounds": rounds, "seconds_per_case": seconds, "client_threads": CLIENT_THREADS, "dp_batch": DP_BATCH,
+        "host_cpus": host_cpus, "core_cpus": core_cpus, "cases": table, "scaling": scaling,
+        "whole_batch_over_dp1": whole_vs_dp1, "dp_overhead": overhead}
+    _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, rounds, seconds)
+    res.plots.append(Plot("scaling_throughput.png", "Throughput over cores, as a ratio to 1 core",
+                          lambda plt, path: _draw_throughput(plt, path, scaling, len(host_cpus))))
+
+
+def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, rounds, seconds) -> None:
+    L = res.lines
+    ncpu = len(host_cpus)
+    L += ["### (a) Throughput over cores", "",
+          f"A conv net ({CHANNELS} channels, {IMAGE}x{IMAGE} images, about "
+          f"{1e3 / (table['replicas, 1 core']['items_per_s'] / PIECE):.0f} ms per call of {PIECE} rows on one core) "
+          f"on a broker of {BROKER_CORES} cores over this machine's {ncpu} CPUs; each worker runs torch with one "
+          f"thread. Core to CPUs: {', '.join(f'{c}: {v}' for c, v in core_cpus.items())}. **Replicas**: "
+          f"{CLIENT_THREADS} client threads calling a model replicated over N cores. **DataParallel**: batches of "
+          f"{DP_BATCH} items split over N cores (pieces of {PIECE}). **In-process ceiling**: N processes pinned like "
+          "the workers of cores 0..N-1 running the traced piece without the runtime: what the hardware gives, the "
+          "baseline for the efficiency column.", ""]
+    if BROKER_CORES > ncpu:
+        L += [f"**{BROKER_CORES} cores on {ncpu} CPUs**: cores beyond the {ncpu}th share CPUs with the first ones "
+              f"(two workers time-slice each CPU), so {BROKER_CORES} cores cannot beat {ncpu}: the "
+              f"{BROKER_CORES}-core rows measure what oversubscription costs (context switches, caches shared by "
+              "two workers), not scaling. The ceiling processes are pinned the same way and show the hardware's "
+              "own answer.", ""]
+    rows = []
+    for kind, title in (("replicas", "replicas"), ("DataParallel", "DataParallel"), ("ceiling", "in-process ceiling")):
+        for n in CORES:
+            s = scaling[kind][n]
+            rows.append([title, n, f"{s['items_per_s']:,.0f}", fmt_ratio(s["ratio_to_1"]),
+                         f"{s['round_spread']['p25']:.2f}-{s['round_spread']['p75']:.2f}" if s["round_spread"][
+                             "p25"] else "-",
+                         fmt_ratio(s.get("efficiency_vs_hardware")) if kind != "ceiling" else "-",
+                         f"{s['worker_cpus_busy']:.2f}" if s["worker_cpus_busy"] is not None else "-"])
+    L += md_table(["case", "cores", "items/s", "vs 1 core", "round spread", "efficiency vs hardware",
+                   "worker CPUs busy"], rows)
+    w = table["one call, whole batch, 1 core"]["items_per_s"]
+    L += ["", "Efficiency vs hardware = (N cores / 1 core) / (N ceiling processes / 1 process): 1.00x means the "
+          "runtime scales exactly as far as the machine does. \"worker CPUs busy\": CPU seconds the case's workers "
+          "used per second of wall time (a shortfall with busy workers is the host's, with idle workers the "
+          "runtime's).", "",
+          f"One call of the whole batch (traced with {DP_BATCH} rows) on one core: {w:,.0f} items/s, "
+          f"{fmt_ratio(whole_vs_dp1['median'])} of DataParallel on one core (four pieces of {PIECE}).", "",
+          f"DataParallel's own cost per call (a model with no compute, {overhead['input_bytes'] / 1e6:.1f} MB input): "
+          f"a direct call p50 {fmt_us(overhead['direct']['p50_us'])}, through DataParallel over one core "
+          f"{fmt_us(overhead['DataParallel']['p50_us'])} (+{fmt_us(overhead['dp_extra_p50_us'])}); the in-process "
+          f"split + gather of the batch into 4 chunks {fmt_us(overhead['split+gather']['p50_us'])}.", ""]
+    for kind in ("replicas", "DataParallel"):
+        s2 = scaling[kind][2]
+        eff = s2.get("efficiency_vs_hardware")
+        if eff is not None and eff < 0.9:
+            L += [f"_{kind} at 2 cores reaches {fmt_ratio(s2['ratio_to_1'])} where the hardware gives "
+                  f"{fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])}: the client process shares the "
+                  f"{ncpu} CPUs with both workers (its calls, the split and gather, and the result copies take CPU "
+                  "time from them), which the ceiling processes do not pay._", ""]
+
+
+def _draw_throughput(plt, path, scaling, ncpu) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    styles = {"replicas": ("tab:red", "o-", "replicas (8 client threads)"),
+              "DataParallel": ("tab:blue", "s-", f"DataParallel (batch {DP_BATCH})"),
+              "ceiling": ("tab:gray", "^--", "in-process ceiling (hardware)")}
+    for kind, (color, style, lab) in styles.items():
+        ys = [scaling[kind][n]["ratio_to_1"] for n in CORES]
+        lo = [scaling[kind][n]["round_spread"]["p25"] or y for n, y in zip(CORES, ys)]
+        hi = [scaling[kind][n]["round_spread"]["p75"] or y for n, y in zip(CORES, ys)]
+        ax.plot(CORES, ys, style, color=color, label=lab)
+        ax.fill_between(CORES, lo, hi, color=color, alpha=0.12)
+    ax.plot(CORES, CORES, ":", color="black", alpha=0.5, label="linear")
+    ax.axhline(ncpu, color="tab:green", linestyle="-.", alpha=0.6, label=f"{ncpu} CPUs on this machine")
+    if max(CORES) > ncpu:
+        ax.axvspan(ncpu, max(CORES), color="tab:orange", alpha=0.07)
+        ax.text(max(CORES) - 0.05, ncpu + 0.6, f"more cores than CPUs:\ncores share the {ncpu} CPUs", fontsize=8,
+                color="tab:orange", va="center", ha="right")
+    ax.set_xticks(list(CORES))
+    ax.set_xlabel("cores")
+    ax.set_ylabel("throughput / throughput on 1 core (items/s ratio)")
+    ax.set_ylim(0, max(CORES) + 0.3)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Throughput scaling with cores\n(median of per-round ratios; band: 25th-75th percentile)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) Open loop.
+
+
+def _open_loop(model, x, rate: float, n: int, rng: random.Random) -> dict:
+    """``n`` calls submitted at Poisson arrivals of ``rate`` per second; latencies from the scheduled arrivals."""
+    gaps = [rng.expovariate(rate) for _ in range(n)]
+    lat = [None] * n
+    lag = [0.0] * n
+    done = threading.Event()
+    left = [n]
+    lock = threading.Lock()
+    pc = time.perf_counter
+
+    def finished(fut, i, sched):
+        lat[i] = pc() - sched
+        with lock:
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+
+    t0 = pc() + 0.005
+    at = t0
+    for i in range(n):
+        at += gaps[i]
+        while True:
+            delay = at - pc()
+            if delay <= 0:
+                break
+            time.sleep(delay if delay > 0.002 else 0)  # sleep most of the gap, then yield until it is time
+        lag[i] = pc() - at
+        fut = model.submit(x)
+        fut.add_done_callback(lambda f, i=i, s=at: finished(f, i, s))
+    if not done.wait(600):
+        raise RuntimeError("open-loop calls did not finish within 600 s")
+    errors = sum(1 for v in lat if v is None)
+    end = max(at + v for v in lat if v is not None)
+    samples = [int(v * 1e9) for v in lat if v is not None]
+    return {"offered_per_s": rate, "calls": n, "errors": errors, "span_s": at - t0,
+            "achieved_per_s": n / (end - t0), **summarize(samples),
+            "sender_lag_p99_us": percentile(lag, 99) * 1e6, "samples_ms": [s / 1e6 for s in samples]}
+
+
+def _unloaded(model, x, calls: int) -> dict:
+    """One call at a time through the same submit path: the latency without queueing."""
+    out = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        model.submit(x).result()
+        out.append(time.perf_counter_ns() - t0)
+    return summarize(out)
+
+
+def _part_open_loop(ctx, rt, res) -> None:
+    import torch
+
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    p = ctx.progress
+    path = str(ctx.tmp / "scaling" / "conv-piece.pt")
+    x = torch.rand(*_shape(PIECE))
+    quick = ctx.quick
+    fractions = LOAD_FRACTIONS[1 if quick else 0]
+    secs, min_n = SECONDS_PER_RATE[1 if quick else 0], MIN_REQUESTS[1 if quick else 0]
+    rng = random.Random(ctx.rng.random())
+    configs = {}
+    load_configs = LOAD_CONFIGS[1 if quick else 0]
+    task = p.task(f"(b) open loop, {len(fractions)} rates x {len(load_configs)} configuration(s)",
+                  len(fractions) * len(load_configs))
+    pool = Pool(CLIENT_THREADS)
+    for n in load_configs:
+        with neuron_cores_context(start_nc=0, nc_count=n):
+            model = neuron_client.jit.load(path)
+        for _ in range(5):
+            model.submit(x).result()
+        cap = pool.rate(lambda: model(x), CAPACITY_SECONDS[1 if quick else 0])
+        before = _unloaded(model, x, UNLOADED_CALLS[1 if quick else 0])
+        points = []
+        for f in fractions:
+            rate = f * cap
+            calls = max(min_n, int(rate * secs))
+            pt = _open_loop(model, x, rate, calls, rng)
+            pt["fraction_of_capacity"] = f
+            points.append(pt)
+            task.advance()
+        after = _unloaded(model, x, UNLOADED_CALLS[1 if quick else 0])
+        model.unload()
+        unloaded_p50 = percentile([before["p50_us"], after["p50_us"]], 50)
+        limit_us = BREAK_FACTOR * unloaded_p50
+        for pt in points:
+            pt["p99_over_unloaded_p50"] = pt["p99_us"] / unloaded_p50
+            pt["p50_over_unloaded_p50"] = pt["p50_us"] / unloaded_p50
+        broke = next((pt for pt in points if pt["p99_us"] > limit_us), None)
+        held = [pt for pt in points if pt["p99_us"] <= limit_us and (broke is None or pt["offered_per_s"] <
+                                                                      broke["offered_per_s"])]
+        configs[n] = {"cores": n, "capacity_per_s": cap, "unloaded_before": before, "unloaded_after": after,
+                      "unloaded_p50_us": unloaded_p50, "break_limit_us": limit_us, "points": points,
+                      "break_rate_per_s": broke["offered_per_s"] if broke else None,
+                      "break_fraction": broke["fraction_of_capacity"] if broke else None,
+                      "last_held_rate_per_s": held[-1]["offered_per_s"] if held else None,
+                      "last_held_fraction": held[-1]["fraction_of_capacity"] if held else None}
+    pool.close()
+    task.finish()
+    res.figures["open_loop"] = {"break_factor": BREAK_FACTOR, "fractions": fractions, "seconds_per_rate": secs,
+                                "min_calls_per_rate": min_n, "configs": configs}
+    _report_open_loop(res, configs)
+    res.plots.append(Plot("scaling_open_loop.png", "Latency against offered load (open loop, Poisson arrivals)",
+                          lambda plt, path: _draw_open_loop(plt, path, configs)))
+
+
+def _report_open_loop(res, configs) -> None:
+    L = res.lines
+    L += ["### (b) Latency against offered load (open loop)", "",
+          "Calls of the same model (one piece of 16 rows) submitted with `model.submit` at Poisson arrivals; the "
+          f"offered rate is a fraction of the configuration's capacity, its closed-loop throughput with "
+          f"{CLIENT_THREADS} client threads measured right before its sweep. "
+          "Latency runs from each call's scheduled arrival to its result. Unloaded p50: one call at a time through "
+          "`submit`, just before and after the sweep. The p99 \"breaks\" when it exceeds "
+          f"{BREAK_FACTOR:g}x the unloaded p50.", ""]
+    summary = []
+    for n, c in configs.items():
+        brk = (f"{c['break_rate_per_s']:.0f}/s ({c['break_fraction']:.2f} of capacity)" if c["break_rate_per_s"]
+               else f"not within the rates tried (up to {c['points'][-1]['offered_per_s']:.0f}/s)")
+        held = (f"{c['last_held_rate_per_s']:.0f}/s ({c['last_held_fraction']:.2f})" if c["last_held_rate_per_s"]
+                else "-")
+        summary.append([f"{n} core{'s' if n > 1 else ''}", f"{c['capacity_per_s']:.0f}/s",
+                        fmt_us(c["unloaded_p50_us"]), fmt_us(c["break_limit_us"]), held, brk])
+    L += md_table(["configuration", "capacity", "unloaded p50", f"p99 limit ({BREAK_FACTOR:g}x)",
+                   "highest rate held", "p99 breaks at"], summary)
+    L += [""]
+    rows = []
+    for n, c in configs.items():
+        for pt in c["points"]:
+            rows.append([f"{n} core{'s' if n > 1 else ''}", f"{pt['offered_per_s']:.0f}/s",
+                         f"{pt['fraction_of_capacity']:.2f}", f"{pt['achieved_per_s']:.0f}/s", fmt_us(pt["p50_us"]),
+                         fmt_us(pt["p99_us"]), fmt_ratio(pt["p50_over_unloaded_p50"]),
+                         fmt_ratio(pt["p99_over_unloaded_p50"]), fmt_us(pt["sender_lag_p99_us"]), pt["n"]])
+    L += md_table(["configuration", "offered", "of capacity", "achieved", "p50", "p99", "p50 / unloaded p50",
+                   "p99 / unloaded p50", "sender lag p99", "calls"], rows)
+    L += ["", "Where the time goes as the load rises: below capacity the extra latency is queueing behind calls "
+          "already in the worker (M/D/1-like: the p99 grows as 1/(1-load)); at and above capacity the queue grows "
+          "for as long as the rate lasts, so p99 is set by the run's length. \"sender lag\" is how late the client "
+          "submitted against the schedule (it counts in the latency): a large lag means the client itself was "
+          "short of CPU.", ""]
+
+
+def _draw_open_loop(plt, path, configs) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    colors = {1: "tab:red", 2: "tab:blue", 4: "tab:purple"}
+    for n, c in configs.items():
+        color = colors.get(n, "black")
+        xs = [pt["offered_per_s"] for pt in c["points"]]
+        lab = f"{n} core{'s' if n > 1 else ''}"
+        a1.plot(xs, [pt["p50_us"] / 1e3 for pt in c["points"]], "o-", color=color, label=f"{lab} p50")
+        a1.plot(xs, [pt["p99_us"] / 1e3 for pt in c["points"]], "s--", color=color, alpha=0.7, label=f"{lab} p99")
+        a1.axhline(c["break_limit_us"] / 1e3, color=color, linestyle=":", alpha=0.6,
+                   label=f"{lab}: {BREAK_FACTOR:g}x unloaded p50")
+        a1.axvline(c["capacity_per_s"], color=color, linestyle="-.", alpha=0.3)
+        fr = [pt["fraction_of_capacity"] for pt in c["points"]]
+        a2.plot(fr, [pt["p99_over_unloaded_p50"] for pt in c["points"]], "s--", color=color, label=f"{lab} p99")
+        a2.plot(fr, [pt["p50_over_unloaded_p50"] for pt in c["points"]], "o-", color=color, alpha=0.7,
+                label=f"{lab} p50")
+    a1.set_yscale("log")
+    a1.set_xlabel("offered rate (calls/s, Poisson); dash-dot: capacity")
+    a1.set_ylabel("latency (ms, log)")
+    a1.set_title("Latency against offered rate")
+    a1.grid(which="both", alpha=0.3)
+    a1.legend(fontsize=7)
+    a2.axhline(BREAK_FACTOR, color="black", linestyle=":", label=f"p99 limit ({BREAK_FACTOR:g}x)")
+    a2.axvline(1.0, color="gray", linestyle="-.", alpha=0.5)
+    a2.set_yscale("log")
+    for ax in (a1, a2):
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    a2.set_xlabel("offered load (fraction of measured capacity)")
+    a2.set_ylabel("latency / unloaded p50 (log)")
+    a2.set_title("Normalised: latency in unloaded p50s")
+    a2.grid(which="both", alpha=0.3)
+    a2.legend(fontsize=7)
+    fig.suptitle(f"Open-loop load on a conv net ({PIECE} rows per call)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _notes(res, broker) -> None:
+    res.notes += [
+        "Throughput cases run interleaved: each round runs every case for the same time in a rotating order, and a "
+        "ratio is the median of the per-round ratios (the round spread is their 25th-75th percentile).",
+        "The ceiling processes are started with multiprocessing's spawn method and pinned with "
+        "`sched_setaffinity` to the CPU the broker gives each core (`worker.backends.cpus_for_core`); they start "
+        "their timed loops at the same instant.",
+        "Open loop: the gaps are drawn in advance from an exponential distribution; the sender sleeps until each "
+        "arrival and submits; a call's latency runs from its scheduled arrival to the moment its future completes "
+        "(a done-callback), so a sender that falls behind does not hide queueing (no coordinated omission). "
+        "`model.submit` runs calls on the runtime's thread pool (4 threads per owned core + 4); calls beyond that "
+        "wait in the pool's queue, which counts in the latency as it would for an application.",
+        "Each rate runs for a fixed time or a minimum number of calls, whichever is longer; above capacity the "
+        "backlog, and so the p99, grows with that time.",
+    ]
