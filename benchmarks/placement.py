@@ -14,9 +14,9 @@ import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import List
-
 import torch
+
+from neuron_client.examples.lstm_ensemble import BiLSTM, LSTMEnsemble as Ensemble
 
 from .harness import SectionResult, client_of, fmt_ratio, md_table, percentile
 
@@ -35,44 +35,6 @@ class Chain(torch.nn.Module):
         for _ in range(self.steps):
             x = torch.tanh(x @ self.w)
         return x
-
-
-class BiLSTM(torch.nn.Module):
-    def __init__(self, channels: int, fork: bool):
-        super().__init__()
-        self.fork = fork
-        self.cell_f = torch.nn.LSTM(input_size=channels, hidden_size=channels)
-        self.cell_b = torch.nn.LSTM(input_size=channels, hidden_size=channels)
-
-    def forward(self, x):
-        if self.fork:
-            future_f = torch.jit.fork(self.cell_f, x)
-            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
-            output_f, _ = torch.jit.wait(future_f)
-        else:
-            output_f, _ = self.cell_f(x)
-            output_b, _ = self.cell_b(torch.flip(x, dims=[0]))
-        return torch.cat((output_f, torch.flip(output_b, dims=[0])), dim=2)
-
-
-class Ensemble(torch.nn.Module):
-    def __init__(self, n_models: int, channels: int, fork: bool):
-        super().__init__()
-        self.fork = fork
-        self.models = torch.nn.ModuleList([BiLSTM(channels, fork) for _ in range(n_models)])
-
-    def forward(self, x):
-        results: List[torch.Tensor] = []
-        if self.fork:
-            futures: List[torch.jit.Future[torch.Tensor]] = []
-            for m in self.models:
-                futures.append(torch.jit.fork(m, x))
-            for f in futures:
-                results.append(torch.jit.wait(f))
-        else:
-            for m in self.models:
-                results.append(m(x))
-        return torch.stack(results).sum(dim=0)
 
 
 def _save(module, example, path: str, lazy: bool = False, asynchronous: bool = False) -> str:

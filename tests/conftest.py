@@ -11,87 +11,18 @@ import time
 import pytest
 import torch
 
+from broker.embedded import EmbeddedBroker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APPS = os.path.join(ROOT, "tests", "apps.py")
 READY_TIMEOUT_S = 60.0
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
-class BrokerProc:
-    """A broker in the foreground of its own process group (workers included), in a private directory."""
+class BrokerProc(EmbeddedBroker):
+    """A broker in the foreground of its own process group (workers included), in the private ``directory``."""
 
     def __init__(self, directory: str, cores: int, extra=()):
-        from neuron_client import transport
-
-        self.directory = directory
-        self.cores = cores
-        self.env = dict(os.environ, NEURON_BROKER_DIR=directory, NEURON_BROKER_AUTOSTART="0")
-        for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
-            self.env.pop(var, None)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.log = open(os.path.join(directory, "broker.log"), "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "broker", "start", "--foreground", "--dir", directory, "--cores", str(cores),
-             *extra], env=self.env, stdout=self.log, stderr=self.log, start_new_session=True, cwd=ROOT)
-        self.address = f"ipc://{directory}/broker.sock"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while transport.ping(self.address, 0.5) is None:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"broker did not start; log:\n{self.read_log()}")
-        self.wait_workers_ready()
-
-    def status(self) -> dict:
-        from neuron_client import protocol, transport
-
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(protocol.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
-
-    def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition"):
-        deadline = time.monotonic() + timeout_s
-        doc = None
-        while time.monotonic() < deadline:
-            doc = self.status()
-            if predicate(doc):
-                return doc
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(doc, indent=1)[:3000]}")
-
-    def wait_workers_ready(self, timeout_s: float = READY_TIMEOUT_S):
-        return self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), timeout_s, "workers ready")
-
-    def owners(self) -> dict[int, int | None]:
-        return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in self.status()["cores"]}
-
-    def read_log(self) -> str:
-        try:
-            with open(os.path.join(self.directory, "broker.log"), errors="replace") as f:
-                return f.read()[-5000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        _kill_group(self.proc)
-        self.log.close()
+        super().__init__(cores, directory=directory, extra=extra, ready_timeout_s=READY_TIMEOUT_S)
 
 
 class App:
