@@ -380,6 +380,8 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
         "model": f"conv net ({CHANNELS} channels, {IMAGE}x{IMAGE} images), traced with {PIECE} rows",
         "rounds": rounds, "seconds_per_case": seconds, "client_threads": CLIENT_THREADS, "dp_batch": DP_BATCH,
         "host_cpus": host_cpus, "core_cpus": core_cpus, "cases": table, "scaling": scaling,
+        "per_round": [{name: {"items_per_s": v[0], "worker_cpus_busy": v[1]} for name, v in rd.items()}
+                      for rd in per_round],
         "whole_batch_over_dp1": whole_vs_dp1, "dp_overhead": overhead}
     _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, rounds, seconds)
     res.plots.append(Plot("scaling_throughput.png", "Throughput over cores, as a ratio to 1 core",

@@ -218,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cores-per-gpu", type=int, default=1, help="cuda backend: cores sharing one GPU")
     s.add_argument("--foreground", action="store_true", help="stay attached instead of daemonising")
     s.add_argument("--lease-timeout", type=float, default=config.LEASE_TIMEOUT_S,
-                   help="seconds without a heartbeat before a process loses its cores")
+                   help="seconds without a heartbeat before a stopped or idle (hung) process loses its cores; a busy "
+                        "one keeps them up to 30 s")
     s.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
                    help="also serve ping and status over TCP, CURVE-authenticated (keys in <dir>/curve)")
     s.add_argument("--shm-threshold", type=int, default=config.SHM_THRESHOLD_BYTES,

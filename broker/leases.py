@@ -21,6 +21,8 @@ class Lease:
     granted_at: float  # monotonic
     last_seen: float  # monotonic, last heartbeat or request
     granted_wall: float = 0.0  # wall clock, for display
+    cpu_mark: float = -1.0  # the owner's CPU seconds when its heartbeats were overdue and it last used CPU
+    cpu_mark_at: float = 0.0  # monotonic time of that look
 
     def age_s(self, now: float) -> float:
         return now - self.granted_at
@@ -28,8 +30,14 @@ class Lease:
 
 @dataclass
 class LeaseTable:
+    """``timeout_s``: a silent owner that is not running (stopped, deadlocked, waiting on nothing) loses its lease
+    after this long. ``busy_limit_s``: a silent owner that keeps using CPU (its heartbeat thread starved, say by a
+    long TorchScript compile holding the GIL) is given this long before it loses its lease all the same."""
+
     timeout_s: float
     leases: dict[str, Lease] = field(default_factory=dict)
+    busy_limit_s: float = 30.0
+    idle_window_s: float = 0.3  # how long an overdue owner must use no CPU to count as hung
 
     @staticmethod
     def new_ids() -> tuple[str, str]:
@@ -54,12 +62,27 @@ class LeaseTable:
     def of_pid(self, pid: int) -> list[Lease]:
         return [lease for lease in self.leases.values() if lease.pid == pid]
 
-    def dead(self, now: float, is_alive: Callable[[int, float], bool]) -> list[tuple[Lease, str]]:
-        """Leases whose owner exited (or whose pid now names another process) or stopped heartbeating."""
+    def dead(self, now: float, is_alive: Callable[[int, float], bool],
+             cpu_seconds: Callable[[int], float | None] | None = None) -> list[tuple[Lease, str]]:
+        """Leases whose owner exited (or whose pid now names another process), or hung: no heartbeat for
+        ``timeout_s`` while (when ``cpu_seconds`` can tell) stopped or using no CPU for ``idle_window_s``, or none for
+        ``busy_limit_s`` however busy. ``cpu_seconds(pid)`` is the owner's CPU time, None if not running."""
         out = []
         for lease in list(self.leases.values()):
+            silent = now - lease.last_seen
             if not is_alive(lease.pid, lease.create_time):
                 out.append((lease, "owner exited"))
-            elif now - lease.last_seen > self.timeout_s:
-                out.append((lease, f"no heartbeat for {now - lease.last_seen:.1f}s"))
+            elif silent <= self.timeout_s:
+                lease.cpu_mark = -1.0
+            elif silent > self.busy_limit_s or cpu_seconds is None:
+                out.append((lease, f"no heartbeat for {silent:.1f}s"))
+            else:
+                cpu = cpu_seconds(lease.pid)
+                if cpu is None:  # stopped by a signal, or gone
+                    out.append((lease, f"no heartbeat for {silent:.1f}s and the owner is not running"))
+                elif lease.cpu_mark < 0 or cpu > lease.cpu_mark:  # first look, or it used CPU since: busy
+                    lease.cpu_mark, lease.cpu_mark_at = cpu, now
+                elif now - lease.cpu_mark_at >= self.idle_window_s:
+                    out.append((lease, f"no heartbeat for {silent:.1f}s and no CPU used for "
+                                       f"{now - lease.cpu_mark_at:.1f}s (hung)"))
         return out

@@ -48,6 +48,18 @@ def process_alive(pid: int, create_time: float) -> bool:
         return False
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds a process has used, or None if it is not running (gone, zombie, or stopped by a signal)."""
+    try:
+        p = psutil.Process(pid)
+        if p.status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP, psutil.STATUS_ZOMBIE):
+            return None
+        t = p.cpu_times()
+        return t.user + t.system
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
 @dataclass
 class Pending:
     """An acquire parked until its cores free up (NEURON_RT_ACQUIRE_TIMEOUT)."""
@@ -278,7 +290,7 @@ class Broker:
         self.pending = still
 
     def tick(self, now: float) -> None:
-        for lease, why in self.leases.dead(now, process_alive):
+        for lease, why in self.leases.dead(now, process_alive, process_cpu_seconds):
             self.end_lease(lease, why)
         for slot in self.supervisor.reap(now):
             self.worker_stats.pop(slot.core, None)

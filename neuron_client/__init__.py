@@ -16,6 +16,9 @@ from .errors import (BrokerUnavailableError, InputShapeError, LeaseLostError, Mo
 from .model import NeuronModel
 from .runtime import get_runtime, shutdown
 from .tracing import async_load, lazy_load, trace
+from . import state  # noqa: E402  (io_aliases: state kept on the core; TrafficMeter)
+from .bucketing import BucketModelConfig, bucket_model_trace
+from .generation import generate
 
 __version__ = "0.1.0"
 
@@ -25,4 +28,5 @@ __all__ = [
     "NeuronRuntimeError", "NeuronCoreUnavailableError", "NeuronCoreSpecError", "BrokerUnavailableError",
     "LeaseLostError", "ModelExecutionError", "ModelLoadError", "NotOwnerError", "WorkerUnavailableError",
     "InputShapeError",
+    "BucketModelConfig", "bucket_model_trace", "generate", "state",
 ]

@@ -32,20 +32,36 @@ def running_pid(directory: str) -> int:
     return pid
 
 
-def spawn_broker(directory: str, cores: int | None = None, extra_args=(), timeout_s: float = config.BROKER_START_TIMEOUT_S):
-    """Start a detached broker and wait until it answers; returns its :class:`protocol.Pong`."""
+def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
+                 timeout_s: float = config.BROKER_START_TIMEOUT_S, detach: bool = False):
+    """Start a broker in the background and wait until it answers; returns its :class:`protocol.Pong`.
+
+    The broker runs in its own session, logging to ``broker.log``. With ``detach`` it is started through
+    ``neuron-broker start``, which exits once the broker answers, so the broker is not even a child of this process
+    (a supervisor such as Ray kills its workers' children when they exit).
+    """
     config.ensure_private_dir(directory)
-    args = [sys.executable, "-m", "broker", "start", "--foreground", "--dir", directory]
+    command = ["start", "--dir", directory] if detach else ["start", "--foreground", "--dir", directory]
+    args = [sys.executable, "-m", "broker", *command]
     if cores:
         args += ["--cores", str(cores)]
     args += list(extra_args)
     env = dict(os.environ, **{config.ENV_BROKER_DIR: directory})
-    for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES"):  # the broker owns no cores itself
+    for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "OMP_NUM_THREADS"):  # not the broker's business
         env.pop(var, None)
+    address = config.broker_address(directory)
+    if detach:
+        done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                              timeout=timeout_s)
+        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        if pong is None:
+            raise BrokerUnavailableError(
+                f"could not start the broker in {directory} (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}; see {config.log_file(directory)}")
+        return pong
     with open(config.log_file(directory), "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                 start_new_session=True, close_fds=True)
-    address = config.broker_address(directory)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
@@ -61,8 +77,13 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(), timeou
         f"the broker did not answer within {timeout_s:.0f}s of starting; see {config.log_file(directory)}")
 
 
-def ensure_broker(directory: str | None = None):
-    """The broker's :class:`protocol.Pong`, starting a broker (cores = CPU count) when none runs and autostart is on."""
+def ensure_broker(directory: str | None = None, cores: int | None = None, detach: bool = False,
+                  autostart: bool | None = None):
+    """The broker's :class:`protocol.Pong`, starting one (``cores``, default the CPU count) when none runs.
+
+    Safe when several processes call it at once: the first takes ``autostart.lock`` and starts the broker, the others
+    wait on the lock and find it. ``autostart`` defaults to ``NEURON_BROKER_AUTOSTART``.
+    """
     directory = directory or config.broker_dir()
     address = config.broker_address(directory)
     explicit = os.environ.get(config.ENV_BROKER_ADDRESS)
@@ -73,7 +94,7 @@ def ensure_broker(directory: str | None = None):
         if explicit:
             raise BrokerUnavailableError(f"no broker answers at {config.ENV_BROKER_ADDRESS}={explicit}; "
                                          "start one there or unset the variable")
-    if not config.autostart_enabled():
+    if not (config.autostart_enabled() if autostart is None else autostart):
         raise BrokerUnavailableError(
             f"no broker is running (looked in {directory}) and {config.ENV_AUTOSTART}=0; "
             "start one with 'neuron-broker start' or unset the variable")
@@ -85,7 +106,7 @@ def ensure_broker(directory: str | None = None):
             pong = transport.ping(address, config.BROKER_START_TIMEOUT_S)
             if pong is not None:
                 return pong
-        return spawn_broker(directory)
+        return spawn_broker(directory, cores, detach=detach)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -15,9 +15,10 @@ the worker, the packaged module's scripted ``forward``:
 Buckets share their weights: the model is built once (``func()``, or once per bucket with ``func_kwargs``) and every
 weight identical in two buckets is one tensor in the package, so ``torch.jit.save`` writes it once.
 
-The packaged module takes one ``List[Tensor]`` and returns a ``List[Tensor]`` of the outputs flattened;
-:class:`neuron_client.NeuronModel` packs ``model(a, b, c)`` into that list and gives the outputs back their structure
-(recorded in the file's ``neuron_meta``: ``bucketed``, ``buckets``, ``outputs``), and skips the static-shape check.
+The packaged module is called like the model, ``packaged(a, b, c)`` (its ``forward`` takes the traced model's number
+of tensors; ``packaged.run([a, b, c])`` is the same), and returns a ``List[Tensor]`` of the outputs flattened;
+:class:`neuron_client.NeuronModel` gives them back their structure (recorded in the file's ``neuron_meta``:
+``bucketed``, ``buckets``, ``outputs``) and skips the static-shape check.
 """
 
 import hashlib
@@ -102,19 +103,19 @@ def unflatten(flat, spec):
     return out
 
 
-def pack_args(args: tuple) -> tuple:
-    """``model(a, b, c)`` -> the packaged module's single ``List[Tensor]`` argument (a list passes through)."""
-    if len(args) == 1 and isinstance(args[0], (list, tuple)):
-        args = tuple(args[0])
-    if not all(isinstance(a, torch.Tensor) for a in args):
-        raise TypeError("a bucketed model takes tensors only, got "
-                        + ", ".join(type(a).__name__ for a in args))
-    return (list(args),)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _script_error(exc: BaseException) -> str:
+    """A TorchScript compile error in one line: what, where, and the offending source line."""
+    lines = [line.rstrip() for line in str(exc).splitlines() if line.strip()]
+    cut = next((i for i, line in enumerate(lines) if line.strip().startswith('File "')), len(lines))
+    what = " ".join(line.strip() for line in lines[:cut] if line.strip() != ":").rstrip(":")
+    here = next((i for i, line in enumerate(lines) if "<--- HERE" in line), None)
+    where = f" ({lines[cut].strip()}: {lines[here - 1].strip()})" if here and cut < here else ""
+    return f"{type(exc).__name__}: {what or 'error'}{where}"
 
 
 def _script(fn, what: str):
@@ -127,7 +128,7 @@ def _script(fn, what: str):
     except Exception as exc:
         raise ValueError(f"the {what} {getattr(fn, '__name__', fn)!r} cannot be compiled with torch.jit.script "
                          f"(it runs inside the packaged model, which must be TorchScript): "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from None
+                         f"{_script_error(exc)}") from None
 
 
 def _check_schema(fn, what: str, args: str, returns: str) -> None:
@@ -221,8 +222,8 @@ def sequence_length_kernel(buckets, dim: int = 1, padded_inputs: Optional[int] =
 # Modules.
 
 
-class _BucketGraph(torch.nn.Module):
-    """What is traced per bucket: the model on a ``List[Tensor]``, outputs flattened into a list.
+class _BucketCall:
+    """What is traced for one bucket: the model on a ``List[Tensor]``, outputs flattened into a list.
 
     With ``states_as_inputs`` the list carries the state slices after the inputs; they stand in for the model's
     state buffers while it runs (so the trace reads them as inputs and keeps no state of its own), and every output
@@ -230,50 +231,60 @@ class _BucketGraph(torch.nn.Module):
     """
 
     def __init__(self, model, n_inputs: int, aliases: dict, states_as_inputs: bool):
-        super().__init__()
         self.model = model
-        object.__setattr__(self, "_n", n_inputs)
-        object.__setattr__(self, "_aliases", aliases)
-        object.__setattr__(self, "_slots", state.slots(model, aliases))
-        object.__setattr__(self, "_states_as_inputs", states_as_inputs)
-        object.__setattr__(self, "spec", None)
-        object.__setattr__(self, "alias_flat", [])
+        self.n = n_inputs
+        self.aliases = aliases
+        self.slots = state.slots(model, aliases)
+        self.states_as_inputs = states_as_inputs
+        self.spec = None
+        self.alias_flat: list = []
 
-    def forward(self, inputs: List[torch.Tensor]):
-        args, states = inputs[: self._n], inputs[self._n:]
-        if self._states_as_inputs:
-            for (owner, attr), s in zip(self._slots, states):
+    def __call__(self, inputs: List[torch.Tensor]):
+        args, states = inputs[: self.n], inputs[self.n:]
+        if self.states_as_inputs:
+            for (owner, attr), s in zip(self.slots, states):
                 owner._buffers[attr] = s
             try:
                 top = self.model(*args)
             finally:
-                for owner, attr in self._slots:
+                for owner, attr in self.slots:
                     owner._buffers[attr] = None
-            top = state.check_aliased_outputs(top, self._aliases, dict(zip(self._aliases, states)))
-            keep = set(self._aliases.values())
-            flat, spec = flatten(list(top))
-            # flat positions of the aliased (top-level tensor) outputs, and the structure of the others
-            pos, offsets = 0, []
+            top = state.check_aliased_outputs(top, self.aliases, dict(zip(self.aliases, states)))
+            keep = set(self.aliases.values())
+            flat, _ = flatten(list(top))
+            pos, offsets = 0, []  # flat positions of the aliased (top-level tensor) outputs
             for item in top:
                 offsets.append(pos)
                 pos += len(flatten(item)[0])
-            object.__setattr__(self, "alias_flat", [offsets[i] for i in self._aliases.values()])
-            object.__setattr__(self, "spec", flatten(tuple(o for i, o in enumerate(top) if i not in keep))[1])
+            self.alias_flat = [offsets[i] for i in self.aliases.values()]
+            self.spec = flatten(tuple(o for i, o in enumerate(top) if i not in keep))[1]
             return flat
         top = self.model(*args)
-        if self._aliases:
-            top = state.check_aliased_outputs(top, self._aliases, dict(self.model.named_buffers()))
-            for (owner, attr), index in zip(self._slots, self._aliases.values()):
+        if self.aliases:
+            top = state.check_aliased_outputs(top, self.aliases, dict(self.model.named_buffers()))
+            for (owner, attr), index in zip(self.slots, self.aliases.values()):
                 getattr(owner, attr).copy_(top[index])
-            keep = set(self._aliases.values())
+            keep = set(self.aliases.values())
             top = tuple(o for i, o in enumerate(top) if i not in keep)
-        flat, spec = flatten(top)
-        object.__setattr__(self, "spec", spec)
+        flat, self.spec = flatten(top)
         return flat
 
 
+class _Graphs(torch.nn.Module):
+    """The module traced once per bucket (``torch.jit.trace_module``: one method ``bucket_i`` each), so that every
+    weight is one attribute however many buckets use it."""
+
+    def __init__(self, models: list):
+        super().__init__()
+        self.models = torch.nn.ModuleList(models)
+
+
 class BucketedModule(torch.nn.Module):
-    """The packaged model (scripted): kernel, dispatch to ``buckets[i]``, state write-back, trimming."""
+    """The packaged model (scripted): kernel, dispatch to ``graphs.bucket_i``, state write-back, trimming.
+
+    ``run`` and ``forward`` are defined after scripting (:func:`_define_entry_points`): the dispatch names one
+    method per bucket, and ``forward`` takes the traced model's number of tensors.
+    """
 
     __constants__ = ["trim"]
     bucket_shapes: List[List[List[int]]]
@@ -283,7 +294,7 @@ class BucketedModule(torch.nn.Module):
 
     def __init__(self, graphs, kernel, bucket_shapes, state_shapes, shared_state, preprocessor, alias_flat, trim):
         super().__init__()
-        self.buckets = torch.nn.ModuleList(graphs)
+        self.graphs = graphs
         self.kernel = kernel
         self.preprocessor = preprocessor
         self.bucket_shapes = bucket_shapes
@@ -311,7 +322,10 @@ class BucketedModule(torch.nn.Module):
                              "input(s) of shapes {}; the buckets take {} (the largest: {})".format(
                                  given, idx, len(padded), got, self.bucket_shapes, self.bucket_shapes[n - 1]))
 
-    def forward(self, inputs: List[torch.Tensor]) -> List[torch.Tensor]:
+    @torch.jit.export
+    def prepare(self, inputs: List[torch.Tensor]) -> Tuple[int, List[torch.Tensor], List[torch.Tensor],
+                                                            List[torch.Tensor]]:
+        """(bucket index, the bucket graph's arguments, the padded inputs, the state slices)."""
         padded, idx_t = self.kernel(inputs)
         if idx_t.numel() < 1:
             raise ValueError("the bucket kernel returned an empty bucket index")
@@ -320,11 +334,12 @@ class BucketedModule(torch.nn.Module):
         states: List[torch.Tensor] = []
         if len(self.shared_state) > 0:
             states = self.preprocessor(self.state_shapes, self.shared_state, idx_t)
-        args = padded + states
-        outs: List[torch.Tensor] = []
-        for i, bucket in enumerate(self.buckets):
-            if i == idx:
-                outs = bucket(args)
+        return idx, padded + states, padded, states
+
+    @torch.jit.export
+    def finish(self, inputs: List[torch.Tensor], padded: List[torch.Tensor], states: List[torch.Tensor],
+               outs: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Write the aliased outputs into the state, drop them, trim the rest to the real lengths."""
         if len(self.alias_flat) > 0:
             for j in range(len(self.alias_flat)):
                 states[j].copy_(outs[self.alias_flat[j]])
@@ -351,6 +366,20 @@ class BucketedModule(torch.nn.Module):
                     trimmed.append(t)
                 outs = trimmed
         return outs
+
+
+def _define_entry_points(scripted, n_buckets: int, n_inputs: int) -> None:
+    branches = "".join(f"    {'if' if i == 0 else 'elif'} idx == {i}:\n        outs = self.graphs.bucket_{i}(args)\n"
+                       for i in range(n_buckets - 1))
+    last = f"        outs = self.graphs.bucket_{n_buckets - 1}(args)\n"
+    branches += ("    else:\n" + last) if n_buckets > 1 else last.replace("        ", "    ", 1)
+    scripted.define("def run(self, inputs: List[Tensor]) -> List[Tensor]:\n"
+                    "    idx, args, padded, states = self.prepare(inputs)\n"
+                    + branches +
+                    "    return self.finish(inputs, padded, states, outs)\n")
+    names = [f"input_{i}" for i in range(n_inputs)]  # forward(a, b, c), like the traced model's
+    scripted.define(f"def forward(self, {', '.join(n + ': Tensor' for n in names)}) -> List[Tensor]:\n"
+                    f"    return self.run([{', '.join(names)}])\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,33 +421,31 @@ def _models(func, n: int, config: BucketModelConfig) -> list:
             raise TypeError(f"func must be a function returning the model (or the model), got {type(func).__name__}")
         return _model_and_aliases(func(**kwargs), i)
 
-    if kw is None:  # one model for every bucket: its weights are the same tensors in every graph
+    if kw is None:  # one model for every bucket: its weights are the same attributes in every graph
         built = build(0, {})
         return [built] * n
     return [build(i, k) for i, k in enumerate(kw)]
 
 
-def _share_weights(graphs, skip: set) -> int:
-    """Make identical weights of different bucket graphs one tensor; returns the bytes saved.
+def _share_weights(module, skip: set) -> int:
+    """Make identical weights of different models (``func_kwargs``) one tensor; returns the bytes saved.
 
     ``skip``: data pointers of state buffers, which are never merged.
     """
     seen: dict = {}
     saved = 0
-    for g in graphs:
-        for module_name, sub in g.named_modules():
-            for kind in ("parameters", "buffers"):
-                for name, t in list(getattr(sub, f"named_{kind}")(recurse=False)):
-                    if t is None or t.data_ptr() in skip:
-                        continue
-                    key = (t.dtype, tuple(t.shape), t.stride())
-                    same = next((u for u in seen.get(key, []) if u is t or u.data_ptr() == t.data_ptr()
-                                 or torch.equal(u, t)), None)
-                    if same is None:
-                        seen.setdefault(key, []).append(t)
-                    elif same is not t and same.data_ptr() != t.data_ptr():
-                        sub._c.setattr(name, same)
-                        saved += t.numel() * t.element_size()
+    for _, sub in module.named_modules():
+        for kind in ("parameters", "buffers"):
+            for name, t in list(getattr(sub, f"named_{kind}")(recurse=False)):
+                if t is None or t.data_ptr() in skip:
+                    continue
+                key = (t.dtype, tuple(t.shape), t.stride())
+                same = next((u for u in seen.get(key, []) if u.data_ptr() == t.data_ptr() or torch.equal(u, t)), None)
+                if same is None:
+                    seen.setdefault(key, []).append(t)
+                elif same.data_ptr() != t.data_ptr():
+                    sub._c.setattr(name, same)
+                    saved += t.numel() * t.element_size()
     return saved
 
 
@@ -430,7 +457,7 @@ def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, t
     ``bucket_config.func_kwargs``), or the model itself. ``example_inputs``: one tuple of inputs per bucket, in the
     order of the kernel's bucket indices. Save the result with ``torch.jit.save`` and load it with
     ``neuron_client.jit.load``. Neuron compiler options are accepted and ignored; other keyword arguments go to
-    ``torch.jit.trace``.
+    ``torch.jit.trace_module``.
     """
     if not isinstance(bucket_config, BucketModelConfig):
         raise TypeError(f"bucket_config must be a BucketModelConfig, got {type(bucket_config).__name__}")
@@ -464,11 +491,16 @@ def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, t
         raise TypeError("shared_state_buffer must be a list of tensors")
     shared = [t.detach().clone() for t in shared] if shared else []
     preprocessor = resolve_preprocessor(bucket_config)
-    graphs, state_shapes, alias_flat, specs, state_ids = [], [], None, [], set()
+
+    distinct = list({id(m): m for m, _ in models}.values())
+    graphs = _Graphs(distinct)
+    calls, trace_inputs, state_shapes, state_ptrs = [], {}, [], set()
+    emptied, snapshots = [], []  # state buffers taken out while tracing (shared state), and states to put back
     for i, ((model, io_aliases), ex) in enumerate(zip(models, examples)):
         aliases = state.buffer_names(model, io_aliases)
         buffers = dict(model.named_buffers())
-        state_ids.update(buffers[a].data_ptr() for a in aliases)
+        state_ptrs.update(buffers[a].data_ptr() for a in aliases)
+        call = _BucketCall(model, n_inputs, aliases, states_as_inputs=bool(shared))
         if shared:
             if len(aliases) != len(shared):
                 raise ValueError(f"bucket {i}'s model aliases {len(aliases)} state buffer(s) but shared_state_buffer "
@@ -481,38 +513,38 @@ def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, t
                                      f"does not fit in the shared state buffer ({protocol.dtype_name(whole.dtype)}"
                                      f"{list(whole.shape)})")
             state_shapes.append(shapes)
-            slices = preprocessor(state_shapes + [shapes] * (n - len(state_shapes)), shared, torch.tensor([i]))
-            graph = _BucketGraph(model, n_inputs, aliases, states_as_inputs=True)
-            saved = {a: buffers[a] for a in aliases}
-            owners = state.slots(model, aliases)
-            for owner, attr in owners:  # the trace must not keep a copy of the state
-                owner._buffers[attr] = None
-            try:
-                with torch.no_grad():
-                    traced = torch.jit.trace(graph, ([*ex, *[s.clone() for s in slices]],), **trace_kwargs)
-            finally:
-                for (owner, attr), a in zip(owners, aliases):
-                    owner._buffers[attr] = saved[a]
-            if alias_flat is not None and graph.alias_flat != alias_flat:
-                raise ValueError("every bucket must put its state outputs at the same positions")
-            alias_flat = graph.alias_flat
+            slices = preprocessor([shapes] * n, shared, torch.tensor([i]))
+            trace_inputs[f"bucket_{i}"] = ([*ex, *[s.detach().clone() for s in slices]],)
+            emptied += [(owner, attr, buffers[a]) for (owner, attr), a in zip(state.slots(model, aliases), aliases)]
         else:
-            graph = _BucketGraph(model, n_inputs, aliases, states_as_inputs=False)
-            snap = state.Snapshot(model, aliases)
-            try:
-                with torch.no_grad():
-                    traced = torch.jit.trace(graph, (list(ex),), **trace_kwargs)
-            finally:
-                snap.restore()
-        specs.append(graph.spec)
-        graphs.append(traced)
+            trace_inputs[f"bucket_{i}"] = (list(ex),)
+            snapshots.append(state.Snapshot(model, aliases))
+        setattr(graphs, f"bucket_{i}", call)
+        calls.append(call)
+    try:
+        for owner, attr, _ in emptied:  # the trace must not keep a copy of a shared state
+            owner._buffers[attr] = None
+        with torch.no_grad():
+            traced = torch.jit.trace_module(graphs, trace_inputs, **trace_kwargs)
+    finally:
+        for owner, attr, buf in emptied:
+            owner._buffers[attr] = buf
+        for snap in snapshots:
+            snap.restore()
+        for i in range(n):
+            graphs.__dict__.pop(f"bucket_{i}", None)
+    specs = [c.spec for c in calls]
     if any(s != specs[0] for s in specs):
         raise ValueError(f"the buckets' outputs differ in structure: {specs}")
-    saved_bytes = _share_weights(graphs, state_ids)
-    package = BucketedModule(graphs, kernel, [[list(t.shape) for t in ex] for ex in examples], state_shapes,
-                             shared, preprocessor, alias_flat or [], bool(trim_outputs))
+    alias_flat = calls[0].alias_flat
+    if any(c.alias_flat != alias_flat for c in calls):
+        raise ValueError("every bucket must put its state outputs at the same positions")
+    saved_bytes = _share_weights(traced, state_ptrs) if len(distinct) > 1 else 0
+    package = BucketedModule(traced, kernel, [[list(t.shape) for t in ex] for ex in examples], state_shapes,
+                             shared, preprocessor, alias_flat, bool(trim_outputs))
     try:
         scripted = torch.jit.script(package)
+        _define_entry_points(scripted, n, n_inputs)
     except Exception as exc:
         raise ValueError(f"the buckets could not be packaged into one TorchScript model: {type(exc).__name__}: "
                          f"{_first_line(exc)}") from None

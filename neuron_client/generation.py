@@ -134,10 +134,7 @@ def generate(prompt_ids, target_model, draft_model=None, max_new_tokens: int = 3
     logits = target.feed(prompt, 0)
     out = [int(logits[-1].argmax())]
     t_len = len(prompt)  # tokens whose keys and values are in the target's cache (the last output is not)
-    d_len = 0
-    if draft is not None:
-        draft.feed(prompt, 0)
-        d_len = len(prompt)
+    d_len = 0  # the same for the draft, which reads the prompt with its first proposal
     while len(out) < max_new_tokens and (eos_token_id is None or out[-1] != eos_token_id):
         seq = prompt + out
         k = min(speculation_length, max_new_tokens - len(out), limit - len(seq)) if draft is not None else 0

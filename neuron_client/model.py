@@ -247,10 +247,10 @@ class NeuronModel:
         return bool(self.meta.get("bucketed"))
 
     def _run_bucketed(self, args: tuple):
-        """``model(a, b, c)`` of a bucketed model: its one ``List[Tensor]`` argument, its outputs' structure back."""
+        """A call of a bucketed model: its outputs come back as a flat list; give them their traced structure."""
         from . import bucketing
 
-        return bucketing.unpack_outputs(self.run(bucketing.pack_args(args)), self.meta)
+        return bucketing.unpack_outputs(self.run(args), self.meta)
 
     def __call__(self, *args):
         if self.state != "loaded":

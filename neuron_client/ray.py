@@ -34,15 +34,16 @@ This module imports ``ray``; ``import neuron_client`` does not import it.
 """
 from __future__ import annotations
 
-import fcntl
 import io
 import logging
 import os
-import subprocess
-import sys
 import time
+from contextlib import contextmanager
 
-import ray
+try:
+    import ray
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("neuron_client.ray needs Ray: pip install 'ray[serve]' (or this project's [ray] extra)") from exc
 
 from . import autostart, config, transport
 from .cores import format_cores, parse_visible_cores
@@ -147,29 +148,9 @@ def ensure_local_broker(directory: str, cores: int, timeout_s: float = ENSURE_TI
     ``{"directory", "pid", "cores", "backend", "started"}``; raises :class:`BrokerUnavailableError` when the
     broker there has fewer cores than Ray advertises for the node.
     """
-    config.ensure_private_dir(directory)
-    address = config.broker_address(directory)
-    started = False
-    fd = os.open(os.path.join(directory, "autostart.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # the same lock the client's autostart takes
-        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S) if autostart.running_pid(directory) else None
-        if pong is None:
-            env = dict(os.environ, **{config.ENV_BROKER_DIR: directory})
-            for var in (ENV_VISIBLE, "NEURON_RT_NUM_CORES", "OMP_NUM_THREADS"):  # Ray's per-task settings
-                env.pop(var, None)
-            proc = subprocess.run([sys.executable, "-m", "broker", "start", "--dir", directory, "--cores", str(cores)],
-                                  env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  timeout=timeout_s)
-            pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
-            if pong is None:
-                raise BrokerUnavailableError(
-                    f"could not start the broker in {directory} (exit {proc.returncode}): "
-                    f"{(proc.stderr or proc.stdout).strip()[-2000:]}; see {config.log_file(directory)}")
-            started = True
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    before = autostart.running_pid(directory)
+    pong = autostart.ensure_broker(directory, cores=cores, detach=True, autostart=True)
+    started = pong.pid != before
     if pong.cores < cores:
         raise BrokerUnavailableError(
             f"the broker in {directory} (pid {pong.pid}) has {pong.cores} cores, but Ray advertises {cores} "
@@ -322,6 +303,32 @@ def attach(directory: str | None = None):
             os.environ.pop(config.ENV_ACQUIRE_TIMEOUT, None)
 
 
+@contextmanager
+def task_cores():
+    """In a Ray task that asked for ``neuron_cores``: hold them (as :func:`attach`) for the ``with`` block and give
+    them back at its end, because Ray reuses a task's worker process for other tasks::
+
+        @ray.remote(resources={"neuron_cores": 1}, num_cpus=0)
+        def embed(model_bytes, x):
+            with nray.task_cores():
+                return nray.load(model_bytes)(x)
+    """
+    from . import runtime as rt_mod
+
+    rt = attach()
+    try:
+        yield rt
+    finally:
+        rt_mod.shutdown()
+
+
+def load(model, name: str = "model"):
+    """``neuron_client.jit.load`` of a path, a file object or a saved model's bytes."""
+    from . import jit
+
+    return jit.load(_read_model(model, name))
+
+
 def _read_model(model, name: str):
     if isinstance(model, (bytes, bytearray, memoryview)):
         f = io.BytesIO(bytes(model))
@@ -442,4 +449,4 @@ class NeuronModelServer(NeuronActor):
 
 __all__ = ["RESOURCE", "ENV_BROKER_BASE", "node_broker_dir", "node_neuron_cores", "ensure_local_broker",
            "ensure_brokers", "node_status", "owners", "stop_local_brokers", "assigned_cores", "attach", "NeuronActor",
-           "neuron_actor", "NeuronModelServer"]
+           "neuron_actor", "NeuronModelServer", "task_cores", "load"]

@@ -28,6 +28,7 @@ and again from it whenever the model is loaded onto a core (a worker that restar
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -86,7 +87,10 @@ def check_aliased_outputs(outputs, aliases: dict[str, int], buffers: dict[str, t
         if index >= len(outputs):
             raise ValueError(f"io_aliases[{name!r}] = {index}, but the model returns {len(outputs)} outputs")
         out, buf = outputs[index], buffers[name]
-        if not isinstance(out, torch.Tensor) or out.shape != buf.shape or out.dtype != buf.dtype:
+        with warnings.catch_warnings():  # shapes are constants of the trace: comparing them records nothing
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            fits = isinstance(out, torch.Tensor) and list(out.shape) == list(buf.shape) and out.dtype == buf.dtype
+        if not fits:
             got = f"{protocol.dtype_name(out.dtype)}{list(out.shape)}" if isinstance(out, torch.Tensor) else \
                 type(out).__name__
             raise ValueError(f"output {index} ({got}) cannot be written into state buffer {name!r} "

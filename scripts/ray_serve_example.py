@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
         ray.shutdown()
         if own_broker_dir is not None:
             nray.stop_local_brokers([b for b in brokers if b["started"]])
+            shutil.rmtree(os.path.dirname(own_broker_dir), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import uuid
 
 import torch
 
-from .. import placement, tracing
+from .. import bucketing, placement, tracing
 from ..errors import ModelLoadError
 from . import weights as wsep
 from .model import RankShard, TensorParallelModel
@@ -75,15 +75,25 @@ def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weight
         if inline_weights_to_neff:
             raise ValueError("bucket_config requires inline_weights_to_neff=False (autobucketing needs the weights "
                              "separated from the graphs)")
-        raise NotImplementedError("autobucketing of TP models comes with the bucketing issue")
+        if not isinstance(bucket_config, bucketing.BucketModelConfig):
+            raise TypeError(f"bucket_config must be a BucketModelConfig, got {type(bucket_config).__name__}")
+        if bucket_config.func_kwargs is not None:
+            raise ValueError("bucket_config.func_kwargs is not supported with tensor parallelism: get_model() "
+                             "builds each rank's model once, for all its buckets")
+        if not isinstance(example_inputs, (list, tuple)) or not example_inputs:
+            raise ValueError("with bucket_config, example_inputs is a list of one tuple of inputs per bucket")
     trace_kwargs = {k: v for k, v in kwargs.items() if k not in _COMPILER_OPTIONS}
-    example = _example_tuple(example_inputs)
+    example = _example_tuple(example_inputs) if bucket_config is None else None
     trace_id = uuid.uuid4().hex
     traced_ranks, per_rank = [], []
     for rank in range(tp_degree):
         with parallel_state.rank_context(rank, tp_degree):
             model = _model_of(func(), rank)
-            traced = tracing.trace(model, example, **trace_kwargs)
+            if bucket_config is None:
+                traced = tracing.trace(model, example, **trace_kwargs)
+            else:  # one packaged model per rank: its buckets' graphs and the kernel (neuron_client.bucketing)
+                traced = bucketing.bucket_model_trace(model, [_example_tuple(e) for e in example_inputs],
+                                                      bucket_config, **trace_kwargs)
             del model
         per_rank.append(None if inline_weights_to_neff else wsep.strip(traced))
         traced_ranks.append(traced)

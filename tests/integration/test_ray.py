@@ -26,14 +26,22 @@ pytestmark = pytest.mark.timeout(240)
 
 class RayCluster:
     def __init__(self, base: str):
-        from ray.cluster_utils import Cluster
-
         self.base = base
         self.brokers: list[dict] = []
+        self.cluster = None
+        self.saved_env: dict = {}
+
+    def start(self) -> None:
+        from ray.cluster_utils import Cluster
+
+        # the nodes inherit this process's environment: no broker of the caller's may leak into them
+        self.saved_env = {k: os.environ.pop(k) for k in ("NEURON_BROKER_DIR", "NEURON_BROKER_ADDRESS",
+                                                         nray.ENV_BROKER_BASE, "NEURON_RT_VISIBLE_CORES",
+                                                         "NEURON_RT_NUM_CORES") if k in os.environ}
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
         # node A names its broker directory itself (as a host would, in the environment of `ray start`); node B gets
         # one derived from its node id under the base that ensure_brokers is given
-        self.dir_a = os.path.join(base, "node-a-broker")
+        self.dir_a = os.path.join(self.base, "node-a-broker")
         self.node_a = self.cluster.add_node(num_cpus=1, resources={"neuron_cores": 2},
                                             env_vars={"NEURON_BROKER_DIR": self.dir_a})
         self.node_b = self.cluster.add_node(num_cpus=1, resources={"neuron_cores": 2})
@@ -41,7 +49,7 @@ class RayCluster:
         ray.init(address=self.cluster.address, log_to_driver=False, logging_level="error",
                  runtime_env={"env_vars": {"PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"}})
         self.a, self.b = self.node_a.node_id, self.node_b.node_id
-        self.brokers = nray.ensure_brokers(base_dir=base)
+        self.brokers = nray.ensure_brokers(base_dir=self.base)
         self.dirs = {info["node_id"]: info["directory"] for info in self.brokers}
 
     def broker_pids(self) -> set[int]:
@@ -63,7 +71,8 @@ class RayCluster:
             ray.shutdown()
         finally:
             try:
-                self.cluster.shutdown()
+                if self.cluster is not None:
+                    self.cluster.shutdown()
             finally:
                 nray.stop_local_brokers(self.brokers, timeout_s=5.0)
                 for pid in self.broker_pids():
@@ -71,26 +80,22 @@ class RayCluster:
                         os.killpg(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
                         pass
+                os.environ.update(self.saved_env)
 
 
 @pytest.fixture(scope="module")
-def rc(tmp_path_factory):
-    # a short base: ipc socket paths must stay under ~100 characters
+def rc():
+    import shutil
     import tempfile
 
-    base = tempfile.mkdtemp(prefix="nray-")
-    c = None
+    base = tempfile.mkdtemp(prefix="nray-")  # short: ipc socket paths must stay under ~100 characters
+    c = RayCluster(base)
     try:
-        c = RayCluster(base)
+        c.start()
         yield c
-    finally:
-        if c is not None:
-            c.close()
-        else:  # the cluster failed half way: still stop what it started
-            try:
-                ray.shutdown()
-            except Exception:
-                pass
+    finally:  # also when starting failed half way: stop whatever was started
+        c.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -202,14 +207,14 @@ def test_an_actor_given_cores_a_process_outside_ray_holds_fails(rc, spawn_app):
 
 
 def test_ray_serve_replicas_own_their_cores_and_scale_without_leaking(rc):
-    """scripts/ray_serve_example.py on this cluster (no HTTP proxy): 1 -> 3 -> 1 replica of 1 core, then deleted."""
+    """scripts/ray_serve_example.py on this cluster (no HTTP proxy): 2 -> 1 replicas of 1 core, then deleted."""
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "ray_serve_example.py"), "--address",
-                          rc.cluster.address, "--replicas", "1,3,1", "--requests", "4", "--json"],
+                          rc.cluster.address, "--replicas", "2,1", "--requests", "4", "--json"],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     steps = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     scaled = [s for s in steps if "replicas" in s]
-    assert [s["replicas"] for s in scaled] == [1, 3, 1]
+    assert [s["replicas"] for s in scaled] == [2, 1]
     for s in scaled:
         held = [pid for owners in s["owners"].values() for pid in owners.values() if pid is not None]
         assert len(held) == len(set(held)) == s["replicas"]  # one core per replica, no core left to a gone one
@@ -247,6 +252,22 @@ def test_without_rays_variable_the_assignment_is_read_from_the_runtime_context(r
     finally:
         ray.kill(p)
     ray_apps.wait_status(rc.dirs[rc.a], all_free, what="all cores free")
+
+
+def test_a_task_holds_its_cores_for_the_with_block_only(rc, model_bytes):
+    @ray.remote(resources={"neuron_cores": 1}, num_cpus=0)
+    def infer(model, x):
+        with nray.task_cores() as rt:
+            y = nray.load(model)(x)
+            return y, list(rt.cores), nray.assigned_cores(), os.getpid()
+
+    x = torch.rand(2, 4)
+    y, cores, ray_cores, pid = ray.get(infer.options(scheduling_strategy=ray_apps.pinned(rc.b)).remote(
+        model_bytes, x), timeout=120)
+    torch.testing.assert_close(y, x * 2 + 1)
+    assert cores == ray_cores and len(cores) == 1
+    doc = ray_apps.local_status(rc.dirs[rc.b])
+    assert all_free(doc), doc["leases"]  # the task's worker lives on (Ray reuses it) but holds nothing
 
 
 def test_an_actor_without_neuron_cores_is_refused(rc):

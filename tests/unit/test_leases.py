@@ -150,3 +150,48 @@ def test_dead_is_exactly_exited_or_silent(specs, now, timeout):
             expected[lid] = "owner exited"
     got = reasons(t.dead(now, lambda pid, ct: (pid, ct) in alive_pids))
     assert got == expected
+
+
+# -- hung or busy: an overdue owner that keeps using CPU keeps its lease (up to busy_limit_s) -------------------------
+
+def _overdue_table():
+    from broker.leases import Lease, LeaseTable
+
+    table = LeaseTable(timeout_s=1.0, busy_limit_s=30.0, idle_window_s=0.3)
+    table.add(Lease(lease_id="a", token="t", pid=10, create_time=1.0, cmd="x", cores=[0], granted_at=0.0,
+                    last_seen=0.0))
+    return table
+
+
+def test_overdue_but_busy_owner_keeps_its_lease_until_the_busy_limit():
+    table = _overdue_table()
+    cpu = iter([1.0, 1.2, 1.4, 1.6])
+    alive = lambda pid, ct: True  # noqa: E731
+    for now in (1.1, 1.5, 2.0, 2.5):  # heartbeats overdue, CPU climbing: starved, not hung
+        assert table.dead(now, alive, lambda pid: next(cpu)) == []
+    dead = table.dead(30.5, alive, lambda pid: 9.0)
+    assert [lease.lease_id for lease, _ in dead] == ["a"] and "no heartbeat for 30.5s" in dead[0][1]
+
+
+def test_overdue_owner_using_no_cpu_is_hung():
+    table = _overdue_table()
+    alive = lambda pid, ct: True  # noqa: E731
+    assert table.dead(1.1, alive, lambda pid: 5.0) == []  # first look
+    assert table.dead(1.3, alive, lambda pid: 5.0) == []  # idle for 0.2 s: look a little longer
+    dead = table.dead(1.45, alive, lambda pid: 5.0)
+    assert len(dead) == 1 and "no CPU used" in dead[0][1]
+
+
+def test_overdue_stopped_owner_is_reclaimed_at_once():
+    table = _overdue_table()
+    dead = table.dead(1.1, lambda pid, ct: True, lambda pid: None)
+    assert len(dead) == 1 and "not running" in dead[0][1]
+
+
+def test_a_heartbeat_resets_the_busy_watch():
+    table = _overdue_table()
+    alive = lambda pid, ct: True  # noqa: E731
+    assert table.dead(1.2, alive, lambda pid: 5.0) == []
+    table.touch("a", 1.3)
+    assert table.leases["a"].last_seen == 1.3
+    assert table.dead(1.4, alive, lambda pid: 5.0) == [] and table.leases["a"].cpu_mark == -1.0
