@@ -45,7 +45,14 @@ SENTENCES = [
     "It is raining",
 ]
 
+# glibc's malloc, by default, returns freed blocks of more than 128 KiB (or, after it adapts, of about the size of
+# the largest freed so far) to the kernel and faults them in again at the next call; fixed thresholds keep them.
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+ROUNDS_TUNED = (10, 2)
+FAULT_CALLS = 3
+
 NEURON = "neuron_client"
+TUNED = "neuron_client, workers' malloc tuned"
 INPROC = "in-process TorchScript"
 RAY = "Ray actor"
 PROBE = "dispatch probe (no compute)"
@@ -233,9 +240,6 @@ def _pin_this_thread(cpus) -> None:
 def run(ctx) -> SectionResult:
     import torch
 
-    import neuron_client
-    from neuron_client.experimental import neuron_cores_context
-
     res = SectionResult("e2e", "2. A real model end to end: all-MiniLM-L6-v2 embeddings")
     p = ctx.progress
     work = ctx.tmp / "e2e"
@@ -245,91 +249,175 @@ def run(ctx) -> SectionResult:
         stack.callback(torch.set_num_threads, prev_threads)
         starting = broker_in_background(ctx, stack, "e2e", BROKER_CORES)
         m = trace_embedder(str(work), p)
-        x, expected = m["x"], m["expected"]
+        m["local"] = torch.jit.load(m["path"]).eval()
+        inproc = ThreadRunner("bench-inproc")
+        stack.callback(inproc.close)
         broker = starting.result()
+        a = _phase(ctx, broker, m, inproc, extras=True)
+        broker.stop()
+        b = None
+        if not ctx.quick:  # the same against workers whose malloc keeps its memory (what a worker change would buy)
+            with malloc_env():
+                broker = ctx.start_broker("e2e-malloc", cores=BROKER_CORES)
+            stack.callback(broker.stop)
+            b = _phase(ctx, broker, m, inproc, extras=False, label=TUNED)
+            broker.stop()
+
+    stats = _stats(a["meas"])
+    if b is not None:
+        stats_b = _stats(b["meas"])
+        stats[TUNED] = stats_b[TUNED]
+        stats[TUNED]["inproc_same_phase"] = stats_b[INPROC]
+    r50 = stats[NEURON]["p50_ratio_to_inproc"]
+    target = {"what": f"neuron_client p50 / in-process p50, batch {BATCH}", "value": r50,
+              "p99_value": stats[NEURON]["p99_ratio_to_inproc"],
+              "round_spread": stats[NEURON]["round_ratio_to_inproc"], "goal": f"<= {TARGET_RATIO}x",
+              "met": None if r50 is None else r50 <= TARGET_RATIO}
+    tuned = None
+    if b is not None:
+        t50 = stats[TUNED]["p50_ratio_to_inproc"]
+        tuned = {"what": f"the same, workers with glibc malloc thresholds fixed ({_malloc_text()})", "value": t50,
+                 "p99_value": stats[TUNED]["p99_ratio_to_inproc"],
+                 "round_spread": stats[TUNED]["round_ratio_to_inproc"], "goal": f"<= {TARGET_RATIO}x",
+                 "met": None if t50 is None else t50 <= TARGET_RATIO, "faults": b["faults"],
+                 "worker_p50_us": b["worker_p50_us"]}
+    base = stats[INPROC]
+    breakdown = {"inproc_p50_us": base["p50_us"], "neuron_p50_us": stats[NEURON]["p50_us"],
+                 "probe_p50_us": stats[PROBE]["p50_us"], "worker_p50_us": a["worker_p50_us"],
+                 "worker_window_calls": a["worker_window"], "faults_per_call": a["faults"]}
+    res.figures.update(model={"name": "all-MiniLM-L6-v2", "params": m["params"], "saved_bytes": m["bytes"],
+                              "batch": BATCH, "seq": SEQ, "real_tokens_per_row": m["real_tokens"],
+                              "pipeline": "BERT + mean pooling + L2 normalisation, traced"},
+                       setup={"core": a["core"], "cpus": a["cpus"], "torch_threads": a["threads"],
+                              "broker_cores": BROKER_CORES, "rounds": a["rounds"], "calls_per_batch": a["batch"],
+                              "tuned_malloc_env": TUNED_MALLOC},
+                       variants=stats, target=target, target_tuned_workers=tuned, breakdown=breakdown,
+                       max_abs_diff=a["diffs"], ray=a["ray_note"] or "measured")
+    _report(res, stats, target, tuned, breakdown, a, m)
+    res.plots.append(Plot("e2e_latency.png", "all-MiniLM-L6-v2: latency distribution per batch",
+                          lambda plt, path: _draw(plt, path, stats)))
+    return res
+
+
+def _stats(meas: dict) -> dict:
+    base = meas[INPROC].summary()
+    out = {}
+    for name, mm in meas.items():
+        s = mm.summary()
+        out[name] = {**s, "p50_ratio_to_inproc": ratio(s["p50_us"], base["p50_us"]),
+                     "p99_ratio_to_inproc": ratio(s["p99_us"], base["p99_us"]),
+                     "round_ratio_to_inproc": round_ratio(mm, meas[INPROC]),
+                     "samples_ms": [v / 1e6 for v in mm.samples]}
+    return out
+
+
+def _phase(ctx, broker, m: dict, inproc: ThreadRunner, extras: bool, label: str = NEURON) -> dict:
+    """One interleaved measurement against ``broker``: the embedder through neuron_client (named ``label``) and
+    in-process; with ``extras``, the dispatch probe and the Ray actor too. Also the minor page faults per call."""
+    import threading
+
+    import torch
+
+    import neuron_client
+    from neuron_client.experimental import neuron_cores_context
+
+    p = ctx.progress
+    x, expected, local = m["x"], m["expected"], m["local"]
+    with contextlib.ExitStack() as stack:
         rt = stack.enter_context(client_of(broker, "0-1"))
         core = rt.cores[0]
         cpus = broker.status()["cores"][core].get("cpus") or []
         threads = max(1, len(cpus))  # the worker runs torch with as many intra-op threads as its core has CPUs
         torch.set_num_threads(threads)
-
+        inproc.run(_pin_this_thread, cpus)
         with neuron_cores_context(start_nc=0, nc_count=1):
             model = neuron_client.jit.load(m["path"])
-        with neuron_cores_context(start_nc=1, nc_count=1):
-            probe = neuron_client.jit.load(m["probe_path"])
-        local = torch.jit.load(m["path"]).eval()
-        inproc = ThreadRunner("bench-inproc")
-        stack.callback(inproc.close)
-        inproc.run(_pin_this_thread, cpus)
+        stack.callback(model.unload)
 
         def call_local():
             with torch.inference_mode():
                 return local(*x)
 
         # Correctness once, outside the timing: every variant computes the same embeddings.
-        diffs = {NEURON: float((model(*x) - expected).abs().max()), INPROC: float((inproc.run(call_local) -
-                                                                                  expected).abs().max())}
-        variants = [Variant(NEURON, lambda: model(*x)), Variant(INPROC, call_local, runner=inproc),
-                    Variant(PROBE, lambda: probe(*x))]
-        p.note(f"this process owns cores {rt.cores}: the embedder on core {core} (CPUs {cpus}, {threads} torch "
-               f"thread(s)), the probe on core {rt.cores[1]}; starting Ray if installed")
-        if ctx.quick:
-            ray_call, ray_note = None, "not measured in --quick mode (starting Ray alone takes several seconds)"
-        else:
-            ray_call, ray_shutdown, ray_note = _ray_actor(m["path"], cpus, threads)
-        if ray_call is not None:
-            stack.callback(ray_shutdown)
-            diffs[RAY] = float((ray_call(*x) - expected).abs().max())
-            variants.insert(2, Variant(RAY, lambda: ray_call(*x)))
-        else:
-            p.note(f"Ray: {ray_note}")
+        diffs = {label: float((model(*x) - expected).abs().max()),
+                 INPROC: float((inproc.run(call_local) - expected).abs().max())}
+        variants = [Variant(label, lambda: model(*x)), Variant(INPROC, call_local, runner=inproc)]
+        ray_note = None
+        if extras:
+            with neuron_cores_context(start_nc=1, nc_count=1):
+                probe = neuron_client.jit.load(m["probe_path"])
+            stack.callback(probe.unload)
+            variants.append(Variant(PROBE, lambda: probe(*x)))
+            p.note(f"this process owns cores {rt.cores}: the embedder on core {core} (CPUs {cpus}, {threads} torch "
+                   f"thread(s)), the probe on core {rt.cores[1]}" + ("" if ctx.quick else "; starting Ray"))
+            if ctx.quick:
+                ray_note = "not measured in --quick mode (starting Ray alone takes several seconds)"
+            else:
+                ray_call, ray_shutdown, ray_note = _ray_actor(m["path"], cpus, threads)
+                if ray_call is not None:
+                    stack.callback(ray_shutdown)
+                    diffs[RAY] = float((ray_call(*x) - expected).abs().max())
+                    variants.insert(2, Variant(RAY, lambda: ray_call(*x)))
+            if ray_note:
+                p.note(f"Ray: {ray_note}")
         bad = {k: v for k, v in diffs.items() if not v < 1e-4}
         if bad:
             raise BenchError(f"embeddings differ from the eager model's: {bad}")
 
-        rounds = ctx.n_rounds(*ROUNDS)
+        rounds = ctx.n_rounds(*(ROUNDS if extras else ROUNDS_TUNED))
         batch, warmup = (CALLS[1], WARMUP[1]) if ctx.quick else (CALLS[0], WARMUP[0])
-        task = p.task(f"MiniLM batch {BATCH} ({len(variants)} variants)", rounds)
+        task = p.task(f"MiniLM batch {BATCH}: {label} ({len(variants)} variants)", rounds)
         meas = interleave(variants, rounds, batch, warmup=warmup, task=task, rng=ctx.rng)
         perf = broker.status()["cores"][core].get("perf") or {}
-        base = meas[INPROC].summary()
-        nc = meas[NEURON].summary()
-        task.finish(f"neuron_client p50 {fmt_us(nc['p50_us'])}, {fmt_ratio(ratio(nc['p50_us'], base['p50_us']))} "
-                    "of in-process")
-        model.unload()
-        probe.unload()
+        nc, base = meas[label].summary(), meas[INPROC].summary()
+        task.finish(f"p50 {fmt_us(nc['p50_us'])}, {fmt_ratio(ratio(nc['p50_us'], base['p50_us']))} of in-process")
 
-    stats = {}
-    for name, mm in meas.items():
-        s = mm.summary()
-        stats[name] = {**s, "p50_ratio_to_inproc": ratio(s["p50_us"], base["p50_us"]),
-                       "p99_ratio_to_inproc": ratio(s["p99_us"], base["p99_us"]),
-                       "round_ratio_to_inproc": round_ratio(mm, meas[INPROC]),
-                       "samples_ms": [v / 1e6 for v in mm.samples]}
-    r50 = stats[NEURON]["p50_ratio_to_inproc"]
-    target = {"what": f"neuron_client p50 / in-process p50, batch {BATCH}", "value": r50,
-              "p99_value": stats[NEURON]["p99_ratio_to_inproc"],
-              "round_spread": stats[NEURON]["round_ratio_to_inproc"], "goal": f"<= {TARGET_RATIO}x",
-              "met": None if r50 is None else r50 <= TARGET_RATIO}
-    worker_p50_ms = perf.get("p50_ms")
-    breakdown = {"inproc_p50_us": base["p50_us"], "neuron_p50_us": nc["p50_us"],
-                 "probe_p50_us": stats[PROBE]["p50_us"],
-                 "worker_p50_us": worker_p50_ms * 1e3 if worker_p50_ms else None,
-                 "worker_window_calls": perf.get("window")}
-    res.figures.update(model={"name": "all-MiniLM-L6-v2", "params": m["params"], "saved_bytes": m["bytes"],
-                              "batch": BATCH, "seq": SEQ, "real_tokens_per_row": m["real_tokens"],
-                              "pipeline": "BERT + mean pooling + L2 normalisation, traced"},
-                       setup={"core": core, "cpus": cpus, "torch_threads": threads, "broker_cores": broker.cores,
-                              "rounds": rounds, "calls_per_batch": batch},
-                       variants=stats, target=target, breakdown=breakdown, max_abs_diff=diffs,
-                       ray=ray_note or "measured")
-    _report(res, stats, target, breakdown, cpus, threads, rounds, batch, ray_note, m)
-    res.plots.append(Plot("e2e_latency.png", "all-MiniLM-L6-v2: latency distribution per batch",
-                          lambda plt, path: _draw(plt, path, stats)))
-    return res
+        # Minor page faults per call (untimed): memory the allocator handed back to the kernel and takes again.
+        k = 1 if ctx.quick else FAULT_CALLS
+        wpid = rt.workers[core]["pid"]
+        f0 = minor_faults(wpid)
+        for _ in range(k):
+            model(*x)
+        worker_faults = (minor_faults(wpid) - f0) / k
+        tid = inproc.run(threading.get_native_id)
+        f0 = minor_faults(os.getpid(), tid)
+        inproc.run(lambda: [call_local() for _ in range(k)])
+        inproc_faults = (minor_faults(os.getpid(), tid) - f0) / k
+    return {"meas": meas, "core": core, "cpus": cpus, "threads": threads, "rounds": rounds, "batch": batch,
+            "diffs": diffs, "ray_note": ray_note,
+            "worker_p50_us": perf["p50_ms"] * 1e3 if perf.get("p50_ms") else None, "worker_window": perf.get("window"),
+            "faults": {"worker": worker_faults, "in_process": inproc_faults, "calls": k}}
 
 
-def _report(res, stats, target, b, cpus, threads, rounds, batch, ray_note, m) -> None:
+def minor_faults(pid: int, tid: int | None = None) -> int:
+    """Minor page faults so far of a process (or of one of its threads), from /proc."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(path) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
+@contextlib.contextmanager
+def malloc_env():
+    """``os.environ`` with glibc's malloc thresholds fixed (``TUNED_MALLOC``), for processes started inside (a
+    broker's workers inherit it; glibc reads it when a process starts)."""
+    saved = {k: os.environ.get(k) for k in TUNED_MALLOC}
+    os.environ.update(TUNED_MALLOC)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _malloc_text() -> str:
+    return ", ".join(f"`{k}={int(v) >> 20} MiB`" for k, v in TUNED_MALLOC.items())
+
+
+def _report(res, stats, target, tuned, b, a, m) -> None:
+    cpus, threads, rounds, batch, ray_note = a["cpus"], a["threads"], a["rounds"], a["batch"], a["ray_note"]
     L = res.lines
     L += [f"all-MiniLM-L6-v2 ({m['params'] / 1e6:.1f} M parameters) embeds a batch of {BATCH} sentences padded to "
           f"{SEQ} tokens ({min(m['real_tokens'])}-{max(m['real_tokens'])} real tokens per row); the traced graph "
@@ -342,34 +430,76 @@ def _report(res, stats, target, b, cpus, threads, rounds, batch, ray_note, m) ->
     if ray_note:
         L += [f"Ray: {ray_note}.", ""]
     L += ["### Target", ""]
-    L += md_table(["target", "measured p50", "p99 ratio", "round spread", "goal", "verdict"],
-                  [[target["what"], fmt_ratio(target["value"]), fmt_ratio(target["p99_value"]),
-                    fmt_spread(target["round_spread"]), target["goal"], verdict(target["met"])]])
+    rows = [[target["what"], fmt_ratio(target["value"]), fmt_ratio(target["p99_value"]),
+             fmt_spread(target["round_spread"]), target["goal"], verdict(target["met"])]]
+    if tuned:
+        rows.append([tuned["what"] + " (not the default: a proposed worker change)", fmt_ratio(tuned["value"]),
+                     fmt_ratio(tuned["p99_value"]), fmt_spread(tuned["round_spread"]), tuned["goal"],
+                     verdict(tuned["met"])])
+    L += md_table(["target", "measured p50", "p99 ratio", "round spread", "goal", "verdict"], rows)
     L += ["", "### Latency per batch", ""]
+    rows = []
+    for n, s in stats.items():
+        if n == TUNED:
+            continue
+        rows.append([n, fmt_us(s["p50_us"]), fmt_us(s["p99_us"]), fmt_us(s["mean_us"]),
+                     fmt_ratio(s["p50_ratio_to_inproc"]), fmt_ratio(s["p99_ratio_to_inproc"]),
+                     fmt_spread(s["round_ratio_to_inproc"]), s["n"]])
+    if TUNED in stats:
+        s, base = stats[TUNED], stats[TUNED]["inproc_same_phase"]
+        rows.append(["*second run, against a broker whose workers have fixed malloc thresholds:*", "", "", "", "",
+                     "", "", ""])
+        for n, v in ((TUNED, s), (INPROC + " (same run)", base)):
+            rows.append([n, fmt_us(v["p50_us"]), fmt_us(v["p99_us"]), fmt_us(v["mean_us"]),
+                         fmt_ratio(v["p50_ratio_to_inproc"]), fmt_ratio(v["p99_ratio_to_inproc"]),
+                         fmt_spread(v["round_ratio_to_inproc"]), v["n"]])
     L += md_table(["variant", "p50", "p99", "mean", "p50 / in-process", "p99 / in-process", "round spread", "calls"],
-                  [[n, fmt_us(s["p50_us"]), fmt_us(s["p99_us"]), fmt_us(s["mean_us"]),
-                    fmt_ratio(s["p50_ratio_to_inproc"]), fmt_ratio(s["p99_ratio_to_inproc"]),
-                    fmt_spread(s["round_ratio_to_inproc"]), s["n"]] for n, s in stats.items()])
+                  rows)
     if RAY in stats:
         rr = ratio(stats[NEURON]["p50_us"], stats[RAY]["p50_us"])
         L += ["", f"neuron_client p50 / Ray actor p50: **{fmt_ratio(rr)}**."]
+    f = b["faults_per_call"]
     extra = b["neuron_p50_us"] - b["inproc_p50_us"]
-    text = (f"Where the time goes (p50): in-process {fmt_us(b['inproc_p50_us'])}; through neuron_client "
-            f"{fmt_us(b['neuron_p50_us'])}, {'+' if extra >= 0 else '-'}{fmt_us(abs(extra))}. ")
+    L += ["", "### Where the time goes", ""]
+    text = (f"p50 in-process {fmt_us(b['inproc_p50_us'])}; through neuron_client {fmt_us(b['neuron_p50_us'])} "
+            f"({'+' if extra >= 0 else '-'}{fmt_us(abs(extra))}). ")
     if b["worker_p50_us"]:
         text += (f"The worker itself measures {fmt_us(b['worker_p50_us'])} from a call's receipt to its reply "
-                 f"(p50 over its last {b['worker_window_calls']} calls, warm-up included), so the model runs "
-                 f"{fmt_ratio(ratio(b['worker_p50_us'], b['inproc_p50_us']))} as long in the worker as in-process, and "
-                 f"the rest, about {fmt_us(max(0.0, b['neuron_p50_us'] - b['worker_p50_us']))}, is the client and "
-                 "the sockets. ")
+                 f"(`perf.p50_ms` over its last {b['worker_window_calls']} calls, warm-up included): the model runs "
+                 f"{fmt_ratio(ratio(b['worker_p50_us'], b['inproc_p50_us']))} as long in the worker as in-process")
+        rest = b["neuron_p50_us"] - b["worker_p50_us"]
+        text += (f", and the client and the sockets add about {fmt_us(rest)}. " if rest > 0 else
+                 " (its window includes the warm-up calls, so it can exceed what the client sees). ")
     text += (f"Moving the tensors alone (the dispatch probe: two int64 [{BATCH}, {SEQ}] inputs, "
              f"{BATCH * 384 * 4 // 1024} KiB out) takes {fmt_us(b['probe_p50_us'])} a call, "
-             f"{fmt_ratio(ratio(b['probe_p50_us'], b['inproc_p50_us']))} of the compute.")
+             f"{fmt_ratio(ratio(b['probe_p50_us'], b['inproc_p50_us']))} of the compute: dispatch is not where the "
+             "time goes.")
+    L += [text, ""]
+    why = ("glibc's malloc gives freed blocks above its mmap threshold (128 KiB at first; it adapts to the largest "
+           "block freed so far) back to the kernel, and trims the top of a heap above its trim threshold; a call of "
+           "this model allocates and frees activations of up to 6 MiB (attention scores "
+           f"[{BATCH}, 12, {SEQ}, {SEQ}] float32), so a process whose malloc has not seen larger blocks faults them "
+           "in again, page by page, on every call.")
+    if f["in_process"] > 0.5 * f["worker"]:
+        who = (" The in-process baseline pays them too (its thread allocates from a malloc arena of its own, which "
+               "trims itself likewise), so here they cost both sides alike.")
+    else:
+        who = " The in-process thread hardly does: its malloc has already seen larger blocks."
+    L += [f"Minor page faults per call: **{f['worker']:,.0f} in the worker**, {f['in_process']:,.0f} in the "
+          f"in-process thread (one per 4 KiB page). " + why + who]
+    if tuned:
+        tf = tuned["faults"]
+        L += ["", f"With the thresholds fixed in the workers ({_malloc_text()}, set in the environment of a second "
+              f"broker, inherited by its workers): {tf['worker']:,.0f} faults per call in the worker "
+              f"({tf['in_process']:,.0f} in the in-process thread), and neuron_client at "
+              f"**{fmt_ratio(tuned['value'])}** of in-process (the two measured interleaved again). "
+              "Proposed library change: the worker sets these thresholds itself at start "
+              "(`mallopt(M_MMAP_THRESHOLD, ...)` and `mallopt(M_TRIM_THRESHOLD, ...)` through ctypes, before it "
+              "loads anything), keeping its `malloc_trim(0)` after unloads to give memory back."]
     if target["met"] is False:
-        text += (" The target is missed: where the worker's own time is well above in-process, the gap is the "
-                 "model running slower in the worker process (the CPU it is pinned to is shared with this machine's "
-                 "other load, see the round spread), not dispatch.")
-    L += ["", text, ""]
+        L += ["", "The target is missed by the default worker. Besides the page faults above, the worker's CPU is "
+              "shared with this machine's other load (see the round spread): the p99 ratio moves with that load."]
+    L += [""]
     res.notes += [
         f"{rounds} interleaved rounds of {batch} calls per variant, after untimed warm-up calls (TorchScript's "
         "profiling executor optimises a graph over its first calls).",
@@ -379,12 +509,14 @@ def _report(res, stats, target, b, cpus, threads, rounds, batch, ray_note, m) ->
         "Correctness is checked once before timing: every variant's embeddings match the eager model's within 1e-4.",
         "The worker's own p50 comes from `neuron-broker status` (`perf.p50_ms` of the core: receipt to reply, over "
         "its last calls), read right after the measurement; the probe runs on another core so it does not mix in.",
+        f"Page faults: `minflt` of /proc/<worker pid>/stat and of /proc/self/task/<tid>/stat, over {FAULT_CALLS} "
+        "untimed calls after the measurement.",
     ]
 
 
 def _draw(plt, path, stats) -> None:
     names = [n for n in stats if n != PROBE]
-    colors = {NEURON: "tab:red", INPROC: "tab:gray", RAY: "tab:blue"}
+    colors = {NEURON: "tab:red", INPROC: "tab:gray", RAY: "tab:blue", TUNED: "tab:orange"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for n in names:
         xs = sorted(stats[n]["samples_ms"])

@@ -32,6 +32,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .e2e import TUNED_MALLOC, malloc_env
 from .harness import (CHILDREN, Plot, SectionResult, Variant, client_of, fmt_ratio, fmt_us, interleave, md_table,
                       percentile, summarize)
 
@@ -66,6 +67,18 @@ def make_model():
         torch.nn.Conv2d(3, CHANNELS, 3, padding=1), torch.nn.ReLU(),
         torch.nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1), torch.nn.ReLU(),
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(CHANNELS, 10)).eval()
+
+
+KINDS = ("replicas", "DataParallel", "ceiling")
+WHOLE = "one call, whole batch, core 0"
+
+
+def _name(kind: str, n: int, start: int | None = None) -> str:
+    """The case's name: ``start`` None is the 1-core figure averaged over the cores measured alone."""
+    where = "" if start is None or n > 1 else f" (core {start} alone)"
+    if kind == "ceiling":
+        return f"in-process ceiling, {n} process{'es' if n > 1 else ''}{where}"
+    return f"{kind}, {n} core{'s' if n > 1 else ''}{where}"
 
 
 def _affine():
@@ -143,11 +156,13 @@ class Ceiling:
                 raise RuntimeError("an in-process ceiling process did not start within 120 s")
             conn.recv()
 
-    def items_per_s(self, n: int, seconds: float) -> float:
+    def items_per_s(self, which: list[int], seconds: float) -> float:
+        """Items per second of the children ``which`` running at once."""
+        conns = [self.children[i][1] for i in which]
         start_at = time.time() + 0.02
-        for _, conn in self.children[:n]:
+        for conn in conns:
             conn.send((start_at, seconds))
-        return sum(conn.recv() for _, conn in self.children[:n]) * PIECE
+        return sum(conn.recv() for conn in conns) * PIECE
 
     def close(self) -> None:
         for proc, conn in self.children:
@@ -227,9 +242,14 @@ def run(ctx) -> SectionResult:
         ceiling_cpus = [cpus_for_core(c, BROKER_CORES, host_cpus)[0] for c in range(BROKER_CORES)]
         ctx.progress.note(f"starting {BROKER_CORES} in-process ceiling processes pinned like the workers of cores "
                           f"0-{BROKER_CORES - 1} (CPUs {ceiling_cpus})")
-        ceiling = Ceiling(ceiling_cpus)
-        stack.callback(ceiling.close)
-        broker = ctx.start_broker("scaling", cores=BROKER_CORES)
+        # Workers and ceiling processes alike with glibc's malloc thresholds fixed (see section 2): with the
+        # defaults, a process's speed on this model depends on the largest block it has freed before (here 2-3x:
+        # a worker that once ran the whole batch stops faulting the pieces' activations in on every call), and
+        # the comparison would depend on the order of the cases.
+        with malloc_env():
+            ceiling = Ceiling(ceiling_cpus)
+            stack.callback(ceiling.close)
+            broker = ctx.start_broker("scaling", cores=BROKER_CORES)
         stack.callback(broker.stop)
         rt = stack.enter_context(client_of(broker, f"0-{BROKER_CORES - 1}"))
         _part_throughput(ctx, stack, broker, rt, res, ceiling)
@@ -268,37 +288,46 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
     core_cpus = {c["core"]: c.get("cpus") or [] for c in doc["cores"]}
     host_cpus = sorted(os.sched_getaffinity(0))
     workers = [psutil.Process(rt.workers[core]["pid"]) for core in rt.cores]
+    me = psutil.Process()  # the client: this process
 
     x_piece = torch.rand(*_shape(PIECE))
     x_batch = torch.rand(*_shape(DP_BATCH))
     with torch.inference_mode():
         want_piece, want_batch = saved["module"](x_piece), saved["module"](x_batch)
 
-    cases = {}  # name -> (items per second fn(seconds), workers it runs on)
+    # name -> (items per second fn(seconds), workers it runs on). One core is measured on core 0 and on core 1
+    # (CPU 0 and CPU 1) and the two averaged: on a shared machine the CPUs need not be equally busy (here every
+    # broker's core 0, other users' included, lands on CPU 0), and a 1-core baseline on one of them would bias
+    # every ratio to it.
+    cases = {}
     pool = Pool(CLIENT_THREADS)
     stack.callback(pool.close)
+    one = [0, 1] if BROKER_CORES > 1 else [0]
     replicas, dps = {}, {}
     for n in CORES:
-        with neuron_cores_context(start_nc=0, nc_count=n):
-            m = replicas[n] = neuron_client.jit.load(paths["piece"])
-        if not torch.allclose(m(x_piece), want_piece, atol=1e-4):
-            raise RuntimeError(f"replicas over {n} cores computed something else")
-        cases[f"replicas, {n} core{'s' if n > 1 else ''}"] = (
-            lambda s, m=m: pool.rate(lambda: m(x_piece), s) * PIECE, workers[:n])
+        for start in (one if n == 1 else [0]):
+            with neuron_cores_context(start_nc=start, nc_count=n):
+                m = replicas[n, start] = neuron_client.jit.load(paths["piece"])
+            if not torch.allclose(m(x_piece), want_piece, atol=1e-4):
+                raise RuntimeError(f"replicas over {n} cores computed something else")
+            cases[_name("replicas", n, start)] = (lambda s, m=m: pool.rate(lambda: m(x_piece), s) * PIECE,
+                                                  workers[start:start + n])
     for n in CORES:
-        dp = dps[n] = neuron_client.DataParallel(neuron_client.jit.load(paths["piece"]), device_ids=list(range(n)))
-        if not torch.allclose(dp(x_batch), want_batch, atol=1e-4):
-            raise RuntimeError(f"DataParallel over {n} cores computed something else")
-        cases[f"DataParallel, {n} core{'s' if n > 1 else ''}"] = (
-            lambda s, dp=dp: _single_rate(lambda: dp(x_batch), s) * DP_BATCH, workers[:n])
+        for start in (one if n == 1 else [0]):
+            ids = list(range(start, start + n))
+            dp = dps[n, start] = neuron_client.DataParallel(neuron_client.jit.load(paths["piece"]), device_ids=ids)
+            if not torch.allclose(dp(x_batch), want_batch, atol=1e-4):
+                raise RuntimeError(f"DataParallel over {n} cores computed something else")
+            cases[_name("DataParallel", n, start)] = (
+                lambda s, dp=dp: _single_rate(lambda: dp(x_batch), s) * DP_BATCH, workers[start:start + n])
     whole = neuron_client.jit.load(paths["whole"])
     whole.load_onto([0])
-    cases["one call, whole batch, 1 core"] = (lambda s: _single_rate(lambda: whole(x_batch), s) * DP_BATCH,
-                                              workers[:1])
+    cases[WHOLE] = (lambda s: _single_rate(lambda: whole(x_batch), s) * DP_BATCH, workers[:1])
     ceiling.load(paths["piece"])
     for n in CORES:
-        cases[f"in-process ceiling, {n} process{'es' if n > 1 else ''}"] = (
-            lambda s, n=n: ceiling.items_per_s(n, s), [])
+        for start in (one if n == 1 else [0]):
+            cases[_name("ceiling", n, start)] = (
+                lambda s, ids=list(range(start, start + n)): ceiling.items_per_s(ids, s), [])
 
     rounds, seconds = ctx.n_rounds(*ROUNDS), SECONDS[1] if ctx.quick else SECONDS[0]
     for fn, _ in cases.values():  # warm-up: every path once
@@ -311,11 +340,18 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
         k = r % len(names)
         for name in names[k:] + names[:k]:
             fn, procs = cases[name]
-            c0, t0 = _cpu_s(procs), time.perf_counter()
+            c0, m0, t0 = _cpu_s(procs), _cpu_s([me]), time.perf_counter()
             items = fn(seconds)
-            got[name] = (items, (_cpu_s(procs) - c0) / (time.perf_counter() - t0) if procs else None)
+            dt = time.perf_counter() - t0
+            got[name] = (items, (_cpu_s(procs) - c0) / dt if procs else None, (_cpu_s([me]) - m0) / dt)
+        for kind in KINDS:  # the 1-core figure of the round: the mean over the cores measured
+            vals = [got[_name(kind, 1, c)] for c in one]
+            busy = [v[1] for v in vals if v[1] is not None]
+            got[_name(kind, 1)] = (sum(v[0] for v in vals) / len(vals), sum(busy) / len(busy) if busy else None,
+                                   sum(v[2] for v in vals) / len(vals))
         per_round.append(got)
         task.advance()
+    names = list(per_round[0])
 
     def med(xs):
         xs = [v for v in xs if v is not None]
@@ -326,23 +362,22 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
         return {"median": med(rs), "p25": percentile(rs, 25) if rs else None,
                 "p75": percentile(rs, 75) if rs else None}
 
-    kinds = {"replicas": "replicas, {n} core{s}", "DataParallel": "DataParallel, {n} core{s}",
-             "ceiling": "in-process ceiling, {n} process{es}"}
-
     def label(kind, n):
-        return kinds[kind].format(n=n, s="s" if n > 1 else "", es="es" if n > 1 else "")
+        return _name(kind, n)
 
     table = {}
     for name in names:
         table[name] = {"items_per_s": med([rd[name][0] for rd in per_round]),
-                       "worker_cpus_busy": med([rd[name][1] for rd in per_round])}
+                       "worker_cpus_busy": med([rd[name][1] for rd in per_round]),
+                       "client_cpus_busy": med([rd[name][2] for rd in per_round])}
     scaling = {}
-    for kind in kinds:
+    for kind in KINDS:
         scaling[kind] = {}
         for n in CORES:
             rr = ratio_to(label(kind, n), label(kind, 1))
-            scaling[kind][n] = {"items_per_s": table[label(kind, n)]["items_per_s"], "ratio_to_1": rr["median"],
-                                "round_spread": rr, "worker_cpus_busy": table[label(kind, n)]["worker_cpus_busy"]}
+            t = table[label(kind, n)]
+            scaling[kind][n] = {"items_per_s": t["items_per_s"], "ratio_to_1": rr["median"], "round_spread": rr,
+                                "worker_cpus_busy": t["worker_cpus_busy"], "client_cpus_busy": t["client_cpus_busy"]}
     for kind in ("replicas", "DataParallel"):
         for n in CORES:
             hw = scaling["ceiling"][n]["ratio_to_1"]
@@ -350,7 +385,8 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
             s["efficiency_vs_hardware"] = s["ratio_to_1"] / hw if s["ratio_to_1"] and hw else None
             rr = ratio_to(label(kind, n), label("ceiling", n))
             s["ratio_to_ceiling_same_n"] = rr["median"]
-    whole_vs_dp1 = ratio_to("one call, whole batch, 1 core", label("DataParallel", 1))
+    whole_vs_dp1 = ratio_to(WHOLE, _name("DataParallel", 1, 0))  # both on core 0
+    asym = {kind: ratio_to(_name(kind, 1, one[-1]), _name(kind, 1, 0)) for kind in KINDS}
     task.finish(f"replicas 2 cores {fmt_ratio(scaling['replicas'][2]['ratio_to_1'])}, DataParallel 2 cores "
                 f"{fmt_ratio(scaling['DataParallel'][2]['ratio_to_1'])}, hardware {fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])}")
 
@@ -380,26 +416,33 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
         "model": f"conv net ({CHANNELS} channels, {IMAGE}x{IMAGE} images), traced with {PIECE} rows",
         "rounds": rounds, "seconds_per_case": seconds, "client_threads": CLIENT_THREADS, "dp_batch": DP_BATCH,
         "host_cpus": host_cpus, "core_cpus": core_cpus, "cases": table, "scaling": scaling,
-        "per_round": [{name: {"items_per_s": v[0], "worker_cpus_busy": v[1]} for name, v in rd.items()}
-                      for rd in per_round],
-        "whole_batch_over_dp1": whole_vs_dp1, "dp_overhead": overhead}
-    _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, rounds, seconds)
+        "per_round": [{name: {"items_per_s": v[0], "worker_cpus_busy": v[1], "client_cpus_busy": v[2]}
+                       for name, v in rd.items()} for rd in per_round],
+        "whole_batch_over_dp1": whole_vs_dp1, "dp_overhead": overhead, "core1_over_core0_alone": asym}
+    _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym)
     res.plots.append(Plot("scaling_throughput.png", "Throughput over cores, as a ratio to 1 core",
                           lambda plt, path: _draw_throughput(plt, path, scaling, len(host_cpus))))
 
 
-def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, rounds, seconds) -> None:
+def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym) -> None:
     L = res.lines
     ncpu = len(host_cpus)
     L += ["### (a) Throughput over cores", "",
           f"A conv net ({CHANNELS} channels, {IMAGE}x{IMAGE} images, about "
-          f"{1e3 / (table['replicas, 1 core']['items_per_s'] / PIECE):.0f} ms per call of {PIECE} rows on one core) "
+          f"{1e3 / (table[_name('replicas', 1)]['items_per_s'] / PIECE):.1f} ms per call of {PIECE} rows on one core) "
           f"on a broker of {BROKER_CORES} cores over this machine's {ncpu} CPUs; each worker runs torch with one "
           f"thread. Core to CPUs: {', '.join(f'{c}: {v}' for c, v in core_cpus.items())}. **Replicas**: "
           f"{CLIENT_THREADS} client threads calling a model replicated over N cores. **DataParallel**: batches of "
           f"{DP_BATCH} items split over N cores (pieces of {PIECE}). **In-process ceiling**: N processes pinned like "
           "the workers of cores 0..N-1 running the traced piece without the runtime: what the hardware gives, the "
-          "baseline for the efficiency column.", ""]
+          "baseline for the efficiency column. The 1-core figures are the mean of core 0 alone and core 1 alone "
+          "(CPU 0 and CPU 1), measured in every round.", ""]
+    a = asym["ceiling"]["median"]
+    if a and abs(a - 1) > 0.1:
+        L += [f"_The CPUs are not equally available: alone, a process on core 1's CPU ran {fmt_ratio(a)} as fast as "
+              f"one on core 0's (workers: {fmt_ratio(asym['replicas']['median'])}); other users' brokers put their "
+              "core 0 on CPU 0 too. Hence the averaged 1-core baseline; the hardware ceiling for 2 cores then can "
+              "exceed 2x of it._", ""]
     if BROKER_CORES > ncpu:
         L += [f"**{BROKER_CORES} cores on {ncpu} CPUs**: cores beyond the {ncpu}th share CPUs with the first ones "
               f"(two workers time-slice each CPU), so {BROKER_CORES} cores cannot beat {ncpu}: the "
@@ -414,28 +457,51 @@ def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, h
                          f"{s['round_spread']['p25']:.2f}-{s['round_spread']['p75']:.2f}" if s["round_spread"][
                              "p25"] else "-",
                          fmt_ratio(s.get("efficiency_vs_hardware")) if kind != "ceiling" else "-",
-                         f"{s['worker_cpus_busy']:.2f}" if s["worker_cpus_busy"] is not None else "-"])
+                         f"{s['worker_cpus_busy']:.2f}" if s["worker_cpus_busy"] is not None else "-",
+                         f"{s['client_cpus_busy']:.2f}" if kind != "ceiling" else "-"])
     L += md_table(["case", "cores", "items/s", "vs 1 core", "round spread", "efficiency vs hardware",
-                   "worker CPUs busy"], rows)
-    w = table["one call, whole batch, 1 core"]["items_per_s"]
+                   "worker CPUs busy", "client CPUs busy"], rows)
+    w = table[WHOLE]["items_per_s"]
     L += ["", "Efficiency vs hardware = (N cores / 1 core) / (N ceiling processes / 1 process): 1.00x means the "
-          "runtime scales exactly as far as the machine does. \"worker CPUs busy\": CPU seconds the case's workers "
-          "used per second of wall time (a shortfall with busy workers is the host's, with idle workers the "
-          "runtime's).", "",
-          f"One call of the whole batch (traced with {DP_BATCH} rows) on one core: {w:,.0f} items/s, "
-          f"{fmt_ratio(whole_vs_dp1['median'])} of DataParallel on one core (four pieces of {PIECE}).", "",
+          "runtime scales exactly as far as the machine does. \"CPUs busy\": CPU seconds the case's workers, and "
+          "this process (the client), used per second of wall time (a shortfall with busy workers is the host's, "
+          "with idle workers the runtime's).", "",
+          f"One call of the whole batch (traced with {DP_BATCH} rows) on core 0: {w:,.0f} items/s, "
+          f"{fmt_ratio(whole_vs_dp1['median'])} of DataParallel on that core (four pieces of {PIECE}).", "",
           f"DataParallel's own cost per call (a model with no compute, {overhead['input_bytes'] / 1e6:.1f} MB input): "
           f"a direct call p50 {fmt_us(overhead['direct']['p50_us'])}, through DataParallel over one core "
           f"{fmt_us(overhead['DataParallel']['p50_us'])} (+{fmt_us(overhead['dp_extra_p50_us'])}); the in-process "
           f"split + gather of the batch into 4 chunks {fmt_us(overhead['split+gather']['p50_us'])}.", ""]
     for kind in ("replicas", "DataParallel"):
-        s2 = scaling[kind][2]
+        s1, s2 = scaling[kind][1], scaling[kind][2]
         eff = s2.get("efficiency_vs_hardware")
-        if eff is not None and eff < 0.9:
-            L += [f"_{kind} at 2 cores reaches {fmt_ratio(s2['ratio_to_1'])} where the hardware gives "
-                  f"{fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])}: the client process shares the "
-                  f"{ncpu} CPUs with both workers (its calls, the split and gather, and the result copies take CPU "
-                  "time from them), which the ceiling processes do not pay._", ""]
+        if eff is None or eff >= 0.9:
+            continue
+        text = (f"_{kind} at 2 cores reaches {fmt_ratio(s2['ratio_to_1'])} of 1 core where the hardware gives "
+                f"{fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])} (efficiency {fmt_ratio(eff)}). ")
+        b1, b2 = s1.get("worker_cpus_busy"), s2.get("worker_cpus_busy")
+        if b1 and b2:
+            c1, c2 = b1 / s1["items_per_s"] * 1e3 * PIECE, b2 / s2["items_per_s"] * 1e3 * PIECE
+            cl = s2["client_cpus_busy"] / s2["items_per_s"] * 1e3 * PIECE
+            text += (f"Where the time goes: the two workers were busy {b2:.2f} CPUs (one worker alone: {b1:.2f}), "
+                     f"at {c2:.2f} ms of worker CPU per {PIECE}-row piece (alone: {c1:.2f} ms), and the client "
+                     f"{s2['client_cpus_busy']:.2f} CPUs ({cl:.2f} ms per piece), out of {ncpu}. ")
+            if c2 > 1.15 * c1:
+                text += ("Each piece cost the workers more CPU than on one core: the two workers slow each other "
+                         "down (shared caches and memory bandwidth, or a host that does not give two vCPUs two "
+                         "cores' worth of time).")
+            elif kind == "DataParallel":
+                text += ("Per piece the workers did about the same work, but they waited part of the time: each "
+                         "DataParallel call from the one caller is a fork-join (split, send both chunks, wait for "
+                         "the slower core, gather), so both workers idle between calls and the faster one idles "
+                         f"until the slower finishes; and the client and this machine's other load share the {ncpu} "
+                         "CPUs with them. The ceiling processes pay none of this. More callers in flight (or "
+                         "larger batches) would hide the gaps.")
+            else:
+                text += (f"Per piece the workers did about the same work, but they waited for calls part of the "
+                         f"time: the client (its threads, one interpreter lock) and this machine's other load share "
+                         f"the {ncpu} CPUs with them, and the ceiling processes pay neither.")
+        L += [text + "_", ""]
 
 
 def _draw_throughput(plt, path, scaling, ncpu) -> None:
@@ -491,11 +557,9 @@ def _open_loop(model, x, rate: float, n: int, rng: random.Random) -> dict:
     at = t0
     for i in range(n):
         at += gaps[i]
-        while True:
-            delay = at - pc()
-            if delay <= 0:
-                break
-            time.sleep(delay if delay > 0.002 else 0)  # sleep most of the gap, then yield until it is time
+        delay = at - pc()
+        if delay > 0:  # no spinning: on a small machine a spinning sender takes CPU from the workers
+            time.sleep(delay)
         lag[i] = pc() - at
         fut = model.submit(x)
         fut.add_done_callback(lambda f, i=i, s=at: finished(f, i, s))
@@ -559,13 +623,17 @@ def _part_open_loop(ctx, rt, res) -> None:
         for pt in points:
             pt["p99_over_unloaded_p50"] = pt["p99_us"] / unloaded_p50
             pt["p50_over_unloaded_p50"] = pt["p50_us"] / unloaded_p50
+        over = [pt["p99_us"] > limit_us for pt in points]
         broke = next((pt for pt in points if pt["p99_us"] > limit_us), None)
+        for_good = next((points[i] for i in range(len(points)) if all(over[i:])), None)
         held = [pt for pt in points if pt["p99_us"] <= limit_us and (broke is None or pt["offered_per_s"] <
                                                                       broke["offered_per_s"])]
         configs[n] = {"cores": n, "capacity_per_s": cap, "unloaded_before": before, "unloaded_after": after,
                       "unloaded_p50_us": unloaded_p50, "break_limit_us": limit_us, "points": points,
                       "break_rate_per_s": broke["offered_per_s"] if broke else None,
                       "break_fraction": broke["fraction_of_capacity"] if broke else None,
+                      "break_for_good_rate_per_s": for_good["offered_per_s"] if for_good else None,
+                      "break_for_good_fraction": for_good["fraction_of_capacity"] if for_good else None,
                       "last_held_rate_per_s": held[-1]["offered_per_s"] if held else None,
                       "last_held_fraction": held[-1]["fraction_of_capacity"] if held else None}
     pool.close()
@@ -590,12 +658,12 @@ def _report_open_loop(res, configs) -> None:
     for n, c in configs.items():
         brk = (f"{c['break_rate_per_s']:.0f}/s ({c['break_fraction']:.2f} of capacity)" if c["break_rate_per_s"]
                else f"not within the rates tried (up to {c['points'][-1]['offered_per_s']:.0f}/s)")
-        held = (f"{c['last_held_rate_per_s']:.0f}/s ({c['last_held_fraction']:.2f})" if c["last_held_rate_per_s"]
-                else "-")
+        good = (f"{c['break_for_good_rate_per_s']:.0f}/s ({c['break_for_good_fraction']:.2f} of capacity)"
+                if c["break_for_good_rate_per_s"] else "-")
         summary.append([f"{n} core{'s' if n > 1 else ''}", f"{c['capacity_per_s']:.0f}/s",
-                        fmt_us(c["unloaded_p50_us"]), fmt_us(c["break_limit_us"]), held, brk])
+                        fmt_us(c["unloaded_p50_us"]), fmt_us(c["break_limit_us"]), brk, good])
     L += md_table(["configuration", "capacity", "unloaded p50", f"p99 limit ({BREAK_FACTOR:g}x)",
-                   "highest rate held", "p99 breaks at"], summary)
+                   "p99 first above the limit at", "p99 above the limit from here on"], summary)
     L += [""]
     rows = []
     for n, c in configs.items():
@@ -614,7 +682,7 @@ def _report_open_loop(res, configs) -> None:
 
 
 def _draw_open_loop(plt, path, configs) -> None:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -642,6 +710,7 @@ def _draw_open_loop(plt, path, configs) -> None:
     a2.axvline(1.0, color="gray", linestyle="-.", alpha=0.5)
     a2.set_yscale("log")
     for ax in (a1, a2):
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
     a2.set_xlabel("offered load (fraction of measured capacity)")
@@ -658,6 +727,11 @@ def _notes(res, broker) -> None:
     res.notes += [
         "Throughput cases run interleaved: each round runs every case for the same time in a rotating order, and a "
         "ratio is the median of the per-round ratios (the round spread is their 25th-75th percentile).",
+        "The broker's workers and the ceiling processes run with glibc's malloc thresholds fixed ("
+        + ", ".join(f"`{k}={int(v) >> 20} MiB`" for k, v in TUNED_MALLOC.items()) + "): with the defaults a "
+        "process's speed on this model depends on what it freed before (a worker that had once run the whole batch "
+        "of 64 computed pieces 2-3x faster than a fresh one, which faults the activations in again on every call; "
+        "see section 2), and the ratios would depend on the order of the cases.",
         "The ceiling processes are started with multiprocessing's spawn method and pinned with "
         "`sched_setaffinity` to the CPU the broker gives each core (`worker.backends.cpus_for_core`); they start "
         "their timed loops at the same instant.",

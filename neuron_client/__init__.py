@@ -16,7 +16,7 @@ from .errors import (BrokerUnavailableError, InputShapeError, LeaseLostError, Mo
 from .model import NeuronModel
 from .runtime import get_runtime, shutdown
 from .tracing import async_load, lazy_load, trace
-from . import state  # noqa: E402  (io_aliases: state kept on the core; TrafficMeter)
+from . import state  # io_aliases: state kept on the core; TrafficMeter
 from .bucketing import BucketModelConfig, bucket_model_trace
 from .generation import generate
 

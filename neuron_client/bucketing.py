@@ -1,7 +1,7 @@
 """Autobucketing (torch-neuronx's ``BucketModelConfig`` / ``bucket_model_trace``, seed 003).
 
 One packaged TorchScript model holds a traced graph per bucket and the scripted bucket kernel. At each call, inside
-the worker, the packaged module's scripted ``forward``:
+the worker, the packaged module's scripted ``forward`` (``run``):
 
 1. calls the kernel on the inputs: ``kernel(List[Tensor]) -> (List[Tensor] padded, Tensor bucket_index)``;
 2. checks that the padded inputs have exactly the chosen bucket's shapes (otherwise a ``ValueError`` naming the input
@@ -12,8 +12,10 @@ the worker, the packaged module's scripted ``forward``:
 5. trims every output back to the real length along each padded dimension (an output dimension at the same index
    whose size is the bucket's), so that the outputs are those of the unpadded model for the real positions.
 
-Buckets share their weights: the model is built once (``func()``, or once per bucket with ``func_kwargs``) and every
-weight identical in two buckets is one tensor in the package, so ``torch.jit.save`` writes it once.
+Buckets share their weights: the model is built once (``func()``; or once per bucket with ``func_kwargs``, identical
+weights then being merged) and traced once per bucket as one method each of one module
+(``torch.jit.trace_module``), so every weight is one attribute of the package and ``torch.jit.save`` writes it once;
+weight separation (tensor parallelism) sees each weight once too.
 
 The packaged module is called like the model, ``packaged(a, b, c)`` (its ``forward`` takes the traced model's number
 of tensors; ``packaged.run([a, b, c])`` is the same), and returns a ``List[Tensor]`` of the outputs flattened;
@@ -24,7 +26,7 @@ of tensors; ``packaged.run([a, b, c])`` is the same), and returns a ``List[Tenso
 import hashlib
 import inspect
 import linecache
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -49,7 +51,7 @@ class BucketModelConfig:
     bucket_kernel_constant_args: tuple = ()
     shared_state_buffer: Optional[List[torch.Tensor]] = None
     shared_state_buffer_preprocessor: Optional[Callable] = None
-    func_kwargs: Optional[List[dict]] = field(default=None)
+    func_kwargs: Optional[List[dict]] = None
 
 
 def default_state_preprocessor(shapes: List[List[List[int]]], states: List[torch.Tensor],

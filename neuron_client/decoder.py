@@ -70,6 +70,11 @@ class CachedDecoder(torch.nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
         self.to(dtype)
 
+    @property
+    def max_length(self) -> int:
+        """Positions a sequence may use in this (eager) module: the cache's and the position table's."""
+        return min(self.max_positions, self.cache_length)
+
     def io_aliases(self) -> dict:
         return {self.k_cache: 1, self.v_cache: 2}
 
@@ -115,7 +120,7 @@ def from_hf_gpt2(hf, layers=None, cache_length: int | None = None, dtype: torch.
     return dec.to(dtype).eval()
 
 
-def trace_decoder(decoder: CachedDecoder, buckets=(1, 2, 4, 8, 16, 64), resident: bool = True):
+def trace_decoder(decoder: CachedDecoder, buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64), resident: bool = True):
     """Package ``decoder`` as a bucketed model over the number of tokens per call.
 
     ``resident=True``: the KV cache is one shared state buffer kept on the core; calls are ``model(ids, position)``
@@ -167,13 +172,13 @@ class _CacheAsInputs(torch.nn.Module):
 
 
 def example_gpt2(seed: int = 0, vocab: int = 1024, positions: int = 256, d: int = 128, layers: int = 4,
-                 heads: int = 4, damp_upper: float = 0.15):
+                 heads: int = 4, damp_upper: float = 0.15, damp_from: int | None = None):
     """The tests' and benchmark's GPT-2: ``transformers.GPT2LMHeadModel`` built from a config with a fixed seed
     (nothing downloaded). Its weights are random (``initializer_range=0.1``, so that greedy text is not one token
-    repeated); the output projections of the upper half of its blocks are scaled by ``damp_upper``, so that a draft
-    made of its lower half (``from_hf_gpt2(hf, layers=range(layers // 2))``, sharing embeddings, final layer norm
-    and head) agrees with it about half of the time, as a distilled draft would. Undamped, such a draft agrees on
-    about 6 % of the tokens."""
+    repeated); the output projections of its blocks from ``damp_from`` (default: the upper half) are scaled by
+    ``damp_upper``, so that a draft made of the blocks below (``from_hf_gpt2(hf, layers=range(layers // 2))``,
+    sharing embeddings, final layer norm and head) agrees with it about half of the time, as a distilled draft
+    would. Undamped, such a draft agrees on about 6 % of the tokens."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -184,7 +189,7 @@ def example_gpt2(seed: int = 0, vocab: int = 1024, positions: int = 256, d: int 
                                   bos_token_id=vocab - 1, eos_token_id=vocab - 1, initializer_range=0.1)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():
-        for block in hf.transformer.h[layers // 2:]:
+        for block in hf.transformer.h[layers // 2 if damp_from is None else damp_from:]:
             for proj in (block.attn.c_proj, block.mlp.c_proj):
                 proj.weight.mul_(damp_upper)
                 proj.bias.mul_(damp_upper)

@@ -72,7 +72,8 @@ class CachedLM:
         self.model = model
         meta = (getattr(model, "meta", None) or {}).get("decoder") or {}
         self.resident = bool(meta.get("resident", True))
-        self.max_length = max_length or meta.get("max_length") or getattr(model, "cache_length", None)
+        self.max_length = max_length or meta.get("max_length") or getattr(model, "max_length", None) \
+            or getattr(model, "cache_length", None)
         buckets = meta.get("buckets")
         self.max_tokens = max_tokens_per_call or (max(buckets) if buckets else 1 << 30)
         self.calls = 0
@@ -94,11 +95,12 @@ class CachedLM:
             chunk = tokens[start:start + self.max_tokens]
             ids = torch.tensor([chunk], dtype=torch.long)
             pos = torch.tensor([position + start], dtype=torch.long)
-            if self.resident:
-                out = self.model(ids, pos)
-            else:
-                out = self.model(ids, pos, *self.cache)
-                self.cache = (out[1], out[2])
+            with torch.no_grad():  # an eager module (a local check) as well as a NeuronModel
+                if self.resident:
+                    out = self.model(ids, pos)
+                else:
+                    out = self.model(ids, pos, *self.cache)
+                    self.cache = (out[1], out[2])
             self.calls += 1
             logits = out[0] if isinstance(out, (tuple, list)) else out
             pieces.append(logits[0])

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import neuron_client  # noqa: E402
-from neuron_client import bucketing, decoder, generation, state, tracing  # noqa: E402
+from neuron_client import decoder, generation, state  # noqa: E402
 
 LENGTHS = (1, 127, 128, 129, 511, 512)
 

