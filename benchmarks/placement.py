@@ -147,8 +147,8 @@ def run(ctx) -> SectionResult:
 
         # (c-spread) ensemble members over cores with futures ---------------------------------------------------
         torch.manual_seed(0)
-        members, channels = 4, 128
-        lstm_x = torch.rand(40, 16, channels)
+        members, channels = 4, 256
+        lstm_x = torch.rand(50, 32, channels)  # large enough that a member's LSTMs take tens of milliseconds
         member_paths = []
         for i in range(members):
             member = torch.jit.script(BiLSTM(channels, fork=False).eval())

@@ -444,7 +444,7 @@ def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, h
               "core 0 on CPU 0 too. Hence the averaged 1-core baseline; the hardware ceiling for 2 cores then can "
               "exceed 2x of it._", ""]
     if BROKER_CORES > ncpu:
-        L += [f"**{BROKER_CORES} cores on {ncpu} CPUs**: cores beyond the {ncpu}th share CPUs with the first ones "
+        L += [f"**{BROKER_CORES} cores on {ncpu} CPUs**: cores beyond the first {ncpu} share CPUs with them "
               f"(two workers time-slice each CPU), so {BROKER_CORES} cores cannot beat {ncpu}: the "
               f"{BROKER_CORES}-core rows measure what oversubscription costs (context switches, caches shared by "
               "two workers), not scaling. The ceiling processes are pinned the same way and show the hardware's "

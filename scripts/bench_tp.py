@@ -33,9 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench_data_parallel import start_broker, stop_broker  # noqa: E402
+from broker.embedded import EmbeddedBroker  # noqa: E402
 
 
 def dir_bytes(path: str) -> int:
@@ -64,19 +63,17 @@ def main() -> None:
     opts = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
-        broker_dir = os.path.join(tmp, "broker")
-        os.makedirs(broker_dir, mode=0o700)
-        os.environ.update(NEURON_BROKER_DIR=broker_dir, NEURON_BROKER_AUTOSTART="0")
+        broker = EmbeddedBroker(2, directory=os.path.join(tmp, "broker"))
+        os.environ.update(NEURON_BROKER_DIR=broker.directory, NEURON_BROKER_AUTOSTART="0")
         for var in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
             os.environ.pop(var, None)
-        proc = start_broker(broker_dir, 2)
         try:
             run(tmp, opts)
         finally:
             import neuron_client
 
             neuron_client.shutdown()
-            stop_broker(proc)
+            broker.stop()
 
 
 def run(tmp: str, opts) -> None:

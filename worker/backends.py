@@ -5,8 +5,11 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
+
+log = logging.getLogger("neuron.worker")
 
 
 def host_cpus() -> list[int]:
@@ -54,8 +57,10 @@ def setup_threads(placement: dict) -> None:
     torch.set_num_threads(placement.get("intra_op_threads") or len(cpus))
     try:
         torch.set_num_interop_threads(placement.get("inter_op_threads") or len(cpus))
-    except RuntimeError:  # the pool already started in this process
-        pass
+    except RuntimeError as exc:  # the pool already started in this process
+        log.warning("could not set inter-op threads: %s", exc)
+    log.info("pinned to cpus %s; torch intra-op threads %d, inter-op threads %d", cpus, torch.get_num_threads(),
+             torch.get_num_interop_threads())
 
 
 @dataclass

@@ -31,7 +31,7 @@ from neuron_client.shm import SegmentCache, SegmentWriter
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 
 from . import backends
-from .store import ModelStore
+from .store import ModelStore, tune_allocator
 
 log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
@@ -297,6 +297,7 @@ def run(cfg: WorkerConfig) -> None:
     """Entry point of a worker process (started by the broker's supervisor)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s worker nc{cfg.core} %(levelname)s %(message)s")
+    tune_allocator()
     device = backends.setup_worker(cfg.backend, cfg.placement)
     collectives.require_groups()  # a TP graph loaded without its group fails instead of computing a stand-in
     Worker(cfg, device).serve()
