@@ -296,7 +296,8 @@ class Broker:
             self.worker_stats.pop(slot.core, None)
             if slot.failed:
                 self.alloc.mark_failed(slot.core)
-        self.supervisor.restart_due(now)
+        if not self.stopping:  # a group-wide SIGTERM kills the workers too: no restarts on the way out
+            self.supervisor.restart_due(now)
         if self.pending:
             self.serve_pending()
         if self.metrics is not None:
