@@ -105,6 +105,37 @@ def scenario_trace(work: str) -> None:
             model.unload()
 
         one()
+    @checked("state")
+    def state():
+        """io_aliases from get_model: each rank's state stays on its core, updated in place, never sent."""
+        from neuron_client.state import TrafficMeter
+
+        class Stateful(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.col = parallel_layers.layers.ColumnParallelLinear(64, 64, bias=False, gather_output=False)
+                self.row = parallel_layers.layers.RowParallelLinear(64, 64, bias=False, input_is_parallel=True)
+                self.register_buffer("calls", torch.zeros(1))
+                self.register_buffer("memory", torch.zeros(16384))  # 64 KiB of state per rank
+
+            def forward(self, x):
+                return self.row(self.col(x)) + self.calls, self.calls + 1, self.memory + 1
+
+        def get_model():
+            torch.manual_seed(0)
+            m = Stateful()
+            return m, {m.calls: 1, m.memory: 2}
+
+        model = trace.parallel_model_trace(get_model, torch.ones(2, 64), tp_degree=2)
+        x = torch.ones(2, 64)
+        with TrafficMeter() as meter:
+            outs = [model(x) for _ in range(3)]
+        outs = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        emit(check="state", steps=[float((o - outs[0]).mean()) for o in outs], calls=meter.calls,
+             received_per_call=meter.received / max(1, meter.calls), sent_per_call=meter.sent / max(1, meter.calls))
+        model.unload()
+
+    state()
     torch.save(ref, os.path.join(work, "reference.pt"))
     emit(check="done")
 

@@ -53,12 +53,12 @@ def _model_of(got, rank: int):
         raise TypeError(f"get_model() must return (model, io_aliases); for rank {rank} it returned "
                         f"{type(got).__name__}")
     model, io_aliases = got
-    if io_aliases:
-        raise NotImplementedError("io_aliases (state tensors kept on the device between calls) are not supported "
-                                  "yet; return an empty dict")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"get_model() returned a {type(model).__name__} for rank {rank}, not a torch.nn.Module")
-    return model
+    if io_aliases is not None and not isinstance(io_aliases, dict):
+        raise TypeError(f"get_model()'s io_aliases must be a dict {{state buffer: output index}}, got "
+                        f"{type(io_aliases).__name__}")
+    return model, io_aliases or {}
 
 
 def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weights_to_neff: bool = True,
@@ -88,9 +88,12 @@ def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weight
     traced_ranks, per_rank = [], []
     for rank in range(tp_degree):
         with parallel_state.rank_context(rank, tp_degree):
-            model = _model_of(func(), rank)
-            if bucket_config is None:
-                traced = tracing.trace(model, example, **trace_kwargs)
+            model, io_aliases = _model_of(func(), rank)
+            if bucket_config is None:  # io_aliases: state buffers stay on the rank's core (neuron_client.state)
+                traced = tracing.trace(model, example, input_output_aliases=io_aliases or None, **trace_kwargs)
+            elif io_aliases:
+                raise ValueError("io_aliases with bucket_config: give the state as the BucketModelConfig's "
+                                 "shared_state_buffer (sliced per bucket by its preprocessor) instead")
             else:  # one packaged model per rank: its buckets' graphs and the kernel (neuron_client.bucketing)
                 traced = bucketing.bucket_model_trace(model, [_example_tuple(e) for e in example_inputs],
                                                       bucket_config, **trace_kwargs)

@@ -142,3 +142,11 @@ def test_killed_rank_fails_the_call_naming_the_core_then_reforms(loaded, broker4
     assert leftovers == []  # rendezvous files are removed once every rank has joined
     restarts = {c["core"]: c["worker"]["restarts"] for c in broker4.status()["cores"]}
     assert restarts == {0: 0, 1: 0, 2: 0, 3: 1}  # only the killed worker; its peers dropped their groups cleanly
+
+
+def test_state_marked_by_get_model_stays_on_the_cores(traced):
+    doc = traced["state"]
+    assert doc["steps"] == [0.0, 1.0, 2.0]  # each call saw the state its predecessor left on the core
+    assert doc["calls"] == 6  # three calls, two ranks each
+    assert doc["received_per_call"] < 16384 and doc["sent_per_call"] < 16384  # 64 KiB of state never travels
+

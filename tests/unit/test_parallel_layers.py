@@ -364,8 +364,8 @@ def test_bucket_config_and_bad_arguments(tiny):
         trace.parallel_model_trace(never, x, tp_degree=0)
     with pytest.raises(TypeError, match=r"\(model, io_aliases\)"):
         trace.parallel_model_trace(lambda: TinyParallel(), x, tp_degree=1)
-    with pytest.raises(NotImplementedError, match="io_aliases"):
-        trace.parallel_model_trace(lambda: (TinyParallel(), {"state": 0}), x, tp_degree=1)
+    with pytest.raises(TypeError, match="io_aliases must be a dict"):
+        trace.parallel_model_trace(lambda: (TinyParallel(), ["state"]), x, tp_degree=1)
 
 
 def test_workers_refuse_collectives_without_a_group():
