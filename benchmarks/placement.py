@@ -17,24 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from neuron_client.examples.lstm_ensemble import BiLSTM, LSTMEnsemble as Ensemble
+from neuron_client.examples.matmul_chain import MatmulChain
 
 from .harness import SectionResult, client_of, fmt_ratio, md_table, percentile
 
 ROUNDS = (8, 2)
-
-
-class Chain(torch.nn.Module):
-    """CPU-bound: chained matmuls, a few milliseconds per call."""
-
-    def __init__(self, steps: int = 40):
-        super().__init__()
-        self.steps = steps
-        self.w = torch.nn.Parameter(torch.randn(192, 192) / 14)
-
-    def forward(self, x):
-        for _ in range(self.steps):
-            x = torch.tanh(x @ self.w)
-        return x
 
 
 def _save(module, example, path: str, lazy: bool = False, asynchronous: bool = False) -> str:
@@ -82,7 +69,7 @@ def run(ctx) -> SectionResult:
         stack.callback(broker.stop)
         stack.enter_context(client_of(broker, f"0-{n - 1}"))
         x = torch.rand(64, 192)
-        path = _save(Chain(), x, os.path.join(tmp, "chain.pt"))
+        path = _save(MatmulChain(40, 192), x, os.path.join(tmp, "chain.pt"))
         with neuron_cores_context(start_nc=0, nc_count=1):
             one = neuron_client.jit.load(path)
         with neuron_cores_context(start_nc=0, nc_count=n):

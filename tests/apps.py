@@ -14,6 +14,7 @@ from typing import Dict, List
 import torch
 
 from neuron_client.examples.lstm_ensemble import LSTMEnsemble
+from neuron_client.examples.matmul_chain import MatmulChain
 
 HOLD_S = 120
 
@@ -127,18 +128,9 @@ def scenario_roundtrip(models: str) -> None:
 # -- placement inside a process (issue 3) ---------------------------------------------------------------------
 
 
-class Slow(torch.nn.Module):
-    """CPU-bound: ``steps`` chained matmuls, long enough that concurrent calls visibly overlap."""
-
-    def __init__(self, steps: int = 150):
-        super().__init__()
-        self.steps = steps
-        self.w = torch.nn.Parameter(torch.randn(256, 256) / 16)
-
-    def forward(self, x):
-        for _ in range(self.steps):
-            x = torch.tanh(x @ self.w)
-        return x
+def Slow(steps: int = 150) -> torch.nn.Module:
+    """CPU-bound: ``steps`` chained 256-wide matmuls, long enough that concurrent calls visibly overlap."""
+    return MatmulChain(steps, 256)
 
 
 def save(module, example, path, lazy=False, asynchronous=False) -> str:
