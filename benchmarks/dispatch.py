@@ -21,7 +21,7 @@ import importlib.util
 import os
 
 from . import echo
-from .harness import (BENCH_LEASE_TIMEOUT_S, CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of,
+from .harness import (patched_environ, BENCH_LEASE_TIMEOUT_S, CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of,
                       fmt_bytes, fmt_ratio, fmt_spread, fmt_us, interleave, md_table, ratio, round_ratio, verdict)
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -134,15 +134,8 @@ def _channel_in_this_thread(rt, core: int, threshold: int):
     (``NEURON_SHM_THRESHOLD_BYTES``, which a channel reads when it is created)."""
     from neuron_client import config
 
-    saved = os.environ.get(config.ENV_SHM_THRESHOLD)
-    os.environ[config.ENV_SHM_THRESHOLD] = str(threshold)
-    try:
+    with patched_environ(**{config.ENV_SHM_THRESHOLD: threshold}):
         ch = rt.channel(core)
-    finally:
-        if saved is None:
-            os.environ.pop(config.ENV_SHM_THRESHOLD, None)
-        else:
-            os.environ[config.ENV_SHM_THRESHOLD] = saved
     if ch.threshold != threshold:
         raise RuntimeError(f"the channel took shm threshold {ch.threshold}, not {threshold}: this thread already had "
                            "a channel to the core")

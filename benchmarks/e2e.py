@@ -21,7 +21,7 @@ import contextlib
 import importlib.util
 import os
 
-from .harness import (BenchError, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_ratio, fmt_spread, fmt_us,
+from .harness import (patched_environ, BenchError, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_ratio, fmt_spread, fmt_us,
                       interleave, md_table, percentile, ratio, round_ratio, verdict)
 
 BATCH, SEQ = 8, 128
@@ -394,20 +394,10 @@ def minor_faults(pid: int, tid: int | None = None) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[7])
 
 
-@contextlib.contextmanager
 def malloc_env():
-    """``os.environ`` with glibc's malloc thresholds fixed (``TUNED_MALLOC``), for processes started inside (a
-    broker's workers inherit it; glibc reads it when a process starts)."""
-    saved = {k: os.environ.get(k) for k in TUNED_MALLOC}
-    os.environ.update(TUNED_MALLOC)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """``os.environ`` with glibc's malloc thresholds fixed (``TUNED_MALLOC``), for processes started inside (glibc
+    reads it when a process starts)."""
+    return patched_environ(**TUNED_MALLOC)
 
 
 def _signed_us(us: float) -> str:

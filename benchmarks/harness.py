@@ -125,17 +125,15 @@ class Broker(EmbeddedBroker):
 
 
 @contextlib.contextmanager
-def broker_env(broker: Broker, visible_cores: str | None = None):
-    """This process's environment pointed at ``broker`` (no autostart), restored afterwards."""
-    keys = ("NEURON_BROKER_DIR", "NEURON_BROKER_AUTOSTART", "NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES",
-            "NEURON_BROKER_ADDRESS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(NEURON_BROKER_DIR=broker.directory, NEURON_BROKER_AUTOSTART="0")
-    for k in ("NEURON_RT_VISIBLE_CORES", "NEURON_RT_NUM_CORES", "NEURON_BROKER_ADDRESS"):
-        os.environ.pop(k, None)
-    if visible_cores is not None:
-        os.environ["NEURON_RT_VISIBLE_CORES"] = visible_cores
+def patched_environ(**values):
+    """``os.environ`` with ``values`` set (a value of None: unset) for the block, restored afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
         yield
     finally:
         for k, v in saved.items():
@@ -143,6 +141,13 @@ def broker_env(broker: Broker, visible_cores: str | None = None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def broker_env(broker: Broker, visible_cores: str | None = None):
+    """This process's environment pointed at ``broker`` (no autostart), restored afterwards."""
+    return patched_environ(NEURON_BROKER_DIR=broker.directory, NEURON_BROKER_AUTOSTART="0",
+                           NEURON_RT_VISIBLE_CORES=visible_cores, NEURON_RT_NUM_CORES=None,
+                           NEURON_BROKER_ADDRESS=None)
 
 
 @contextlib.contextmanager
