@@ -57,9 +57,11 @@ def cmd_start(args) -> int:
         print(f"neuron-broker: {exc}", file=sys.stderr)
         return 2
     if args.foreground:
+        from . import metrics
         from .server import run_foreground
         from .supervisor import RestartPolicy
 
+        metrics.SHOW_CMDLINE = args.metrics_show_cmdline  # run_foreground's metrics.serve() reads it
         policy = RestartPolicy(max_restarts=args.max_restarts, window_s=args.restart_window)
         return run_foreground(args.dir, backend, args.lease_timeout, None, policy,
                               int(args.max_message_mb * (1 << 20)), args.metrics_port, args.metrics_host,
@@ -74,6 +76,7 @@ def cmd_start(args) -> int:
              "--shm-threshold", str(args.shm_threshold)] + (["--listen", args.listen] if args.listen else [])
     if args.metrics_port is not None:
         extra += ["--metrics-port", str(args.metrics_port), "--metrics-host", args.metrics_host]
+        extra += ["--metrics-show-cmdline"] if args.metrics_show_cmdline else []
     try:
         pong = autostart.spawn_broker(args.dir, cores, extra)
     except NeuronRuntimeError as exc:
@@ -218,8 +221,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--cores-per-gpu", type=int, default=1, help="cuda backend: cores sharing one GPU")
     s.add_argument("--foreground", action="store_true", help="stay attached instead of daemonising")
     s.add_argument("--lease-timeout", type=float, default=config.LEASE_TIMEOUT_S,
-                   help="seconds without a heartbeat before a stopped or idle (hung) process loses its cores; a busy "
-                        "one keeps them up to 30 s")
+                   help="opt-in: an owner stopped by a signal (SIGSTOP, a debugger) for this many seconds loses its "
+                        "cores; 0 (the default) never takes cores from a live process. A running process, however "
+                        "starved, always keeps them; 'neuron-broker release --pid' takes them on purpose")
     s.add_argument("--listen", default=None, metavar="tcp://HOST:PORT",
                    help="also serve ping and status over TCP, CURVE-authenticated (keys in <dir>/curve)")
     s.add_argument("--shm-threshold", type=int, default=config.SHM_THRESHOLD_BYTES,
@@ -236,6 +240,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 9400; 0 picks a free port)")
     s.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics server listens on")
+    s.add_argument("--metrics-show-cmdline", action="store_true",
+                   help="label owners in metrics with their command lines (which may hold secrets, and every local "
+                        "user can read the metrics) instead of only their executable's name")
     s.add_argument("--dir", dest="sub_dir", default=None, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_start)
     st = sub.add_parser("status", help="show cores, owners, models and requests")

@@ -21,15 +21,31 @@ Metrics (labels in braces):
   ``neuron_leases_reclaimed_total`` (every reason but released)
 * ``neuron_process_cores{pid,cmd}`` (cores per owning process)
 * the broker process's own ``process_*`` metrics.
+
+Every local user can read the endpoint, and a command line can hold secrets (tokens, passwords in arguments), so
+``cmd`` is only the owner's executable base name (``python``) unless the broker was started with
+``--metrics-show-cmdline`` (then the command line itself, cut at :data:`CMDLINE_MAX_CHARS`). The pid stays: operators
+need it for ``neuron-broker release --pid``.
 """
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 log = logging.getLogger("neuron.broker")
 SCRAPE_WAIT_S = 2.0  # a scrape waits this long for the broker's loop, then serves the last document it has
 END_REASONS = ("released", "owner_exited", "heartbeat_timeout", "operator")
+CMDLINE_MAX_CHARS = 200
+SHOW_CMDLINE = False  # the default of serve(); neuron-broker start --metrics-show-cmdline sets it
+
+
+def command_label(cmd: str, show_cmdline: bool = False) -> str:
+    """The ``cmd`` label of an owner: its executable's base name, or (opted in) its command line, cut short."""
+    if show_cmdline:
+        return cmd[:CMDLINE_MAX_CHARS]
+    words = cmd.split(None, 1)
+    return os.path.basename(words[0]) if words else ""
 
 
 def end_reason(why: str) -> str:
@@ -89,8 +105,9 @@ class Snapshots:
 class BrokerCollector:
     """A prometheus_client collector that builds every metric from a status document."""
 
-    def __init__(self, snapshots: Snapshots):
+    def __init__(self, snapshots: Snapshots, show_cmdline: bool = False):
         self.snapshots = snapshots
+        self.show_cmdline = show_cmdline
 
     def describe(self):
         return []  # metrics are only known at scrape time; no registration-time collect
@@ -99,11 +116,11 @@ class BrokerCollector:
         doc = self.snapshots.get()
         if doc is None:
             return
-        yield from families(doc)
+        yield from families(doc, self.show_cmdline)
 
 
-def families(doc: dict):
-    """Prometheus metric families of a broker status document."""
+def families(doc: dict, show_cmdline: bool = False):
+    """Prometheus metric families of a broker status document (``cmd`` labels: see :func:`command_label`)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     from neuron_client.protocol import LATENCY_BUCKETS_S
@@ -143,7 +160,7 @@ def families(doc: dict):
             state.add_metric([core, c.get("device", ""), s], 1 if c["state"] == s else 0)
         owned.add_metric([core], 1 if c["owner"] else 0)
         if c["owner"]:
-            owner.add_metric([core, str(c["owner"]["pid"]), c["owner"]["cmd"][:80]], 1)
+            owner.add_metric([core, str(c["owner"]["pid"]), command_label(c["owner"]["cmd"], show_cmdline)], 1)
         requests.add_metric([core], c["requests"])
         errors.add_metric([core], c["errors"])
         busy.add_metric([core], perf.get("busy_s", 0.0))
@@ -177,18 +194,18 @@ def families(doc: dict):
                               value=sum(n for r, n in ended_counts.items() if r != "released"))
     procs = GaugeMetricFamily("neuron_process_cores", "Cores held by each owning process", labels=["pid", "cmd"])
     for lease in doc["leases"]:
-        procs.add_metric([str(lease["pid"]), lease["cmd"][:80]], len(lease["cores"]))
+        procs.add_metric([str(lease["pid"]), command_label(lease["cmd"], show_cmdline)], len(lease["cores"]))
     yield procs
 
 
-def serve(snapshots: Snapshots, port: int, host: str = "127.0.0.1"):
+def serve(snapshots: Snapshots, port: int, host: str = "127.0.0.1", show_cmdline: bool | None = None):
     """Start the metrics HTTP server in a thread; returns it (``.shutdown()`` stops it). Raises OSError if the
-    address is taken, saying which and what to do."""
+    address is taken, saying which and what to do. ``show_cmdline`` defaults to :data:`SHOW_CMDLINE`."""
     from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
 
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
-    registry.register(BrokerCollector(snapshots))
+    registry.register(BrokerCollector(snapshots, SHOW_CMDLINE if show_cmdline is None else show_cmdline))
     try:
         result = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

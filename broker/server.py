@@ -1,40 +1,42 @@
 """The broker daemon: one per host. Owns the core table and the leases, supervises the workers, answers status.
 
-One thread, two ROUTER sockets: ``broker.sock`` for clients (control plane) and ``workers.sock`` for the workers
-(supervision). Messages are decoded once at the edge and dispatched through one table, ``self.handlers``. Nothing in
-the loop blocks: a request that must wait (an opt-in queued acquire) is parked and answered later.
+Its decisions live in :class:`broker.state.BrokerState` (no I/O); this module is the loop that drives it. One thread
+polls, at once: the lease listener and every owner's lease link (``lease.sock``: AF_UNIX streams whose peer pid and
+uid come from the kernel), a pidfd per owner process (readable the moment it ends), the ZeroMQ ROUTER for operator
+commands and status (``broker.sock``), the workers' socket (``workers.sock``) and each worker process's sentinel. Every
+readiness becomes an event for the state; every effect it returns is carried out here, in order. Nothing in the loop
+blocks: a journal write has a short busy timeout, a link that cannot take a reply is closed.
 """
 from __future__ import annotations
 
 import fcntl
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 import time
-from dataclasses import dataclass
 
 import psutil
 
-from neuron_client import config, protocol, shm, transport
-from neuron_client.cores import CoreRequest, format_cores
-from neuron_client.errors import (BrokerDrainingError, LeaseLostError, NeuronCoreUnavailableError,
-                                  NeuronRuntimeError, ProtocolError, code_of)
+from neuron_client import config, lease_link, protocol, shm, transport
+from neuron_client.errors import NeuronRuntimeError, ProtocolError, code_of
 
-from .allocator import CoreAllocator, Denied
-from .journal import Journal
-from .leases import Lease, LeaseTable
+from . import state as st
+from .journal import Journal, JournalError
 from .metrics import Counters, Snapshots
 from .status import perf_doc
 from .supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("neuron.broker")
-LIVENESS_CHECK_S = 0.1
-RECENTLY_RECLAIMED_KEPT = 256
-RESTART_GRACE_S = 5.0  # after a restart, a restored lease's owner has this long to heartbeat again
+LIVENESS_CHECK_S = 0.1  # the tick: worker silence, grant and re-attach deadlines, waiting acquires
 REMOTE_OPS = ("ping", "status")  # what an authenticated TCP client may ask
 MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones get an error reply
 HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
+CONTROL_OPS = ("force_release", "drain", "stop", "heartbeat")  # decisions: handed to the state
+STOPPED_CHECK_S = 0.5
+UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end  # the opt-in stopped-owner policy looks this often
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -44,7 +46,7 @@ def process_alive(pid: int, create_time: float) -> bool:
         if abs(p.create_time() - create_time) > 0.05:
             return False
         return p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
         return False
 
 
@@ -60,20 +62,52 @@ def process_cpu_seconds(pid: int) -> float | None:
         return None
 
 
-@dataclass
-class Pending:
-    """An acquire parked until its cores free up (NEURON_RT_ACQUIRE_TIMEOUT)."""
+def _identity(pid: int) -> tuple[float, str]:
+    """(start time, command line) of a process, read from /proc; (0.0, "") if it is gone."""
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            start = p.create_time()
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.Error:
+                cmd = ""
+        return start, cmd or p.name()
+    except psutil.Error:
+        return 0.0, ""
 
-    identity: bytes
-    req_id: int
-    msg: protocol.Acquire
-    request: CoreRequest
-    deadline: float
-    since: float
+
+COUNTER_FIELDS = ("requests", "errors", "busy_s", "latency_sum_s", "loads", "load_s")
+
+
+def add_counters(total: protocol.WorkerStats | None, stats: protocol.WorkerStats | None):
+    """``stats`` with the counters of ``total`` (earlier workers of the same core) added: a core's counters run on
+    across the fresh workers that each new owner gets, as counters must."""
+    if total is None or stats is None:
+        return stats if stats is not None else total
+    merged = protocol.WorkerStats(**{f: getattr(stats, f) for f in protocol.WorkerStats.__dataclass_fields__})
+    for f in COUNTER_FIELDS:
+        setattr(merged, f, getattr(total, f) + getattr(stats, f))
+    a, b = list(total.latency_buckets or []), list(stats.latency_buckets or [])
+    n = max(len(a), len(b))
+    merged.latency_buckets = [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+    return merged
+
+
+def retired_counters(total: protocol.WorkerStats | None, last: protocol.WorkerStats) -> protocol.WorkerStats:
+    """The running counters of a core after its worker ``last`` went; no gauges (models, queue, latency window)."""
+    merged = add_counters(total, last)
+    return protocol.WorkerStats(core=last.core, models=[], requests=merged.requests, errors=merged.errors, rss=0,
+                                busy=False, busy_s=merged.busy_s, latency_sum_s=merged.latency_sum_s,
+                                latency_buckets=merged.latency_buckets, loads=merged.loads, load_s=merged.load_s)
 
 
 class Broker:
-    def __init__(self, directory: str, backend, lease_timeout_s: float = config.LEASE_TIMEOUT_S,
+    """Owns the sockets, pidfds, journal and worker processes of one broker; :attr:`state` owns its decisions.
+
+    Only the loop thread changes either; metrics scrapes read status documents it publishes."""
+
+    def __init__(self, directory: str, backend, lease_timeout_s: float = 0.0,
                  address: str | None = None, shm_threshold: int = config.SHM_THRESHOLD_BYTES,
                  restart_policy: RestartPolicy | None = None, max_message_bytes: int = config.MAX_MESSAGE_BYTES,
                  listen: str | None = None):
@@ -81,381 +115,467 @@ class Broker:
         self.backend = backend
         self.listen = listen  # a tcp:// endpoint served with CURVE authentication, read-only
         self.address = address or config.broker_address(directory)
-        self.alloc = CoreAllocator(backend.n_cores)
-        self.leases = LeaseTable(timeout_s=lease_timeout_s)
-        self.supervisor = Supervisor(directory, backend, shm_threshold, restart_policy or RestartPolicy(),
-                                     max_message_bytes)
-        self.journal = Journal(os.path.join(directory, "leases.db"))
-        self.pending: list[Pending] = []
+        restart_policy = restart_policy or RestartPolicy()
+        self.policy = st.Policy(max_restarts=restart_policy.max_restarts, window_s=restart_policy.window_s,
+                                stopped_owner_s=max(0.0, lease_timeout_s or 0.0),
+                                max_message_bytes=max_message_bytes)
+        self.state = st.BrokerState(backend.n_cores, self.policy,
+                                    worker_address=lambda c: config.worker_address(directory, c))
+        self.supervisor = Supervisor(directory, backend, shm_threshold, max_message_bytes)
+        self.lease_path = lease_link.lease_socket_path(directory)
+        journal_path = os.path.join(directory, "leases.db")
+        lost_journal = os.path.exists(self.lease_path) and not os.path.exists(journal_path)
+        self.journal = Journal(journal_path)
+        self.recovering = self.journal.recovering or lost_journal
         self.worker_stats: dict[int, protocol.WorkerStats] = {}
-        self.reclaimed: dict[str, str] = {}  # lease id -> why, for clear errors to late heartbeats
-        self.stopping = False
-        self.draining = False  # neuron-broker drain: grant no new leases
         self.counters = Counters()
         self.metrics: Snapshots | None = None  # set when metrics are served (run_foreground --metrics-port)
         self.metrics_url = ""
         self.started = time.monotonic()
-        self.handlers = {
-            "ping": self.on_ping,
-            "acquire": self.on_acquire,
-            "heartbeat": self.on_heartbeat,
-            "release": self.on_release,
-            "status": self.on_status,
-            "stop": self.on_stop,
-            "drain": self.on_drain,
-            "force_release": self.on_force_release,
-        }
-        self.worker_handlers = {"worker_ready": self.on_worker_ready, "worker_stats": self.on_worker_stats}
-        self.restore()
+        self.links: dict[int, tuple[socket.socket, lease_link.FrameReader]] = {}
+        self.pidfds: dict[int, tuple[int, float]] = {}  # pid -> (pidfd, start time)
+        self.pid_of_fd: dict[int, int] = {}
+        self.stopped_since: dict[int, float] = {}
+        self.sentinels: dict[int, int] = {}  # worker sentinel fd -> core
+        self.retired: dict[int, protocol.WorkerStats] = {}  # per core: counters of its workers that have gone
+        self.segments_of_exiting: dict[int, tuple[float, float]] = {}  # pid -> (start time, watch until)
+        self.poller = None
 
-    def restore(self) -> None:
-        """Take back the journal's leases whose owners still run; they get a grace period to heartbeat."""
-        now = time.monotonic()
-        for rec in self.journal.load():
-            if not process_alive(rec["pid"], rec["create_time"]):
-                self.journal.forget(rec["lease_id"])
-                shm.unlink_for_pid(rec["pid"])
-                continue
-            picked = self.alloc.grant(CoreRequest(visible=tuple(rec["cores"])), rec["lease_id"])
-            if isinstance(picked, Denied):  # overlapping rows cannot be written; be safe anyway
-                self.journal.forget(rec["lease_id"])
-                continue
-            self.leases.add(Lease(lease_id=rec["lease_id"], token=rec["token"], pid=rec["pid"],
-                                  create_time=rec["create_time"], cmd=rec["cmd"], cores=picked, granted_at=now,
-                                  last_seen=now + RESTART_GRACE_S, granted_wall=rec["granted_wall"] or 0.0))
-            log.warning("restored lease %s of live pid %d on %s from the journal", rec["lease_id"], rec["pid"],
-                        format_cores(picked))
+    @property
+    def stopping(self) -> bool:
+        return self.state.stopping
 
-    # -- client handlers: return a reply message, or None when the reply comes later ----------------------
-    def on_ping(self, ident, rid, msg):
-        return protocol.Pong(pid=os.getpid(), cores=self.alloc.n_cores, backend=self.backend.name)
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self.state.stopping = value
 
-    def on_acquire(self, ident, rid, msg: protocol.Acquire):
-        if self.stopping:
-            raise BrokerDrainingError("the broker is stopping and grants no cores; start it again and retry")
-        if self.draining:
-            raise BrokerDrainingError("the broker is draining (neuron-broker drain) and grants no new cores; retry "
-                                      "after an operator resumes it ('neuron-broker drain --cancel') or restarts it")
-        if msg.visible is not None and not all(isinstance(c, int) for c in msg.visible):
-            raise ProtocolError("acquire: 'visible' must be a list of core indices")
-        request = CoreRequest(visible=tuple(msg.visible) if msg.visible is not None else None,
-                              count=msg.count or None)
-        self.alloc.validate(request)
-        reply = self.try_grant(msg, request)
-        if isinstance(reply, protocol.Granted):
-            return reply
-        if msg.wait_s > 0 and reply.could_succeed_later:
-            now = time.monotonic()
-            self.pending.append(Pending(ident, rid, msg, request, now + msg.wait_s, now))
-            log.info("pid %d waits up to %.1fs for %s", msg.pid, msg.wait_s, request.describe())
-            return None
-        raise NeuronCoreUnavailableError(self.conflict_message(request, reply))
-
-    def try_grant(self, msg: protocol.Acquire, request: CoreRequest):
-        lease_id, token = LeaseTable.new_ids()
-        picked = self.alloc.grant(request, lease_id)
-        if isinstance(picked, Denied):
-            return picked
-        now = time.monotonic()
-        lease = Lease(lease_id=lease_id, token=token, pid=msg.pid, create_time=msg.create_time, cmd=msg.cmd,
-                      cores=picked, granted_at=now, last_seen=now, granted_wall=time.time())
-        self.journal.record(lease)  # durable before anyone hears of it
-        self.leases.add(lease)
-        self.counters.granted += 1
-        for core in picked:
-            self.assign(core, lease)
-        log.info("granted %s to pid %d (%s) as lease %s", format_cores(picked), msg.pid, msg.cmd[:60], lease_id)
-        return protocol.Granted(lease_id=lease_id, token=token, cores=picked, workers=self.workers_of(lease),
-                                heartbeat_s=config.HEARTBEAT_INTERVAL_S, lease_timeout_s=self.leases.timeout_s)
-
-    def conflict_message(self, request: CoreRequest, denied: Denied) -> str:
-        free = self.alloc.free_cores()
-        holders: dict[str, list[int]] = {}
-        for core, lease_id in sorted(denied.busy.items()):
-            holders.setdefault(lease_id, []).append(core)
-        why = []
-        for lease_id, cores in holders.items():
-            lease = self.leases.get(lease_id)
-            who = f"pid {lease.pid} {lease.cmd!r}" if lease else f"lease {lease_id}"
-            why.append(f"{format_cores(cores)} held by {who}")
-        if denied.failed:
-            why.append(f"{format_cores(denied.failed)} failed (worker keeps crashing)")
-        requested = format_cores(denied.requested) if denied.requested is not None else request.describe()
-        detail = f" ({'; '.join(why)})" if why else ""
-        return (f"NeuronCore(s) not available - Requested:{requested} Available:{format_cores(free)}{detail}. "
-                "Ask for free cores (NEURON_RT_VISIBLE_CORES / NEURON_RT_NUM_CORES), stop the owner, or set "
-                "NEURON_RT_ACQUIRE_TIMEOUT=<seconds> to wait for them")
-
-    def on_heartbeat(self, ident, rid, msg: protocol.Heartbeat):
-        if not self.leases.touch(msg.lease_id, time.monotonic()):
-            why = self.reclaimed.get(msg.lease_id, "it is unknown to this broker (was the broker restarted?)")
-            raise LeaseLostError(f"lease {msg.lease_id} is gone: {why}")
-        return protocol.HeartbeatAck(workers=self.workers_of(self.leases.get(msg.lease_id)))
-
-    def workers_of(self, lease: Lease) -> list[dict]:
-        """What a lease's owner needs to know of its cores' workers (a changed pid means: load your models again)."""
-        out = []
-        for c in lease.cores:
-            slot = self.supervisor.slots[c]
-            out.append({"core": c, "endpoint": config.worker_address(self.directory, c), "pid": slot.pid,
-                        "ready": slot.ready, "failed": slot.failed, "last_exit": slot.last_exit})
-        return out
-
-    def on_release(self, ident, rid, msg: protocol.Release):
-        lease = self.leases.get(msg.lease_id)
-        if lease is not None:
-            self.end_lease(lease, "released")
-        return protocol.Ok()
-
-    def on_status(self, ident, rid, msg):
-        return protocol.StatusReply(doc=self.status_doc())
-
-    def on_stop(self, ident, rid, msg):
-        log.info("stop requested")
-        self.stopping = True
-        return protocol.Ok()
-
-    def on_drain(self, ident, rid, msg: protocol.Drain):
-        self.draining = not msg.resume
-        log.warning("%s", "draining: no new leases are granted" if self.draining else "resumed granting leases")
-        if self.draining:
-            for p in self.pending:
-                self.reply_error(p.identity, p.req_id, BrokerDrainingError(
-                    "the broker began draining (neuron-broker drain) while you waited for cores"))
-            self.pending = []
-        return protocol.Ok()
-
-    def on_force_release(self, ident, rid, msg: protocol.ForceRelease):
-        leases = self.leases.of_pid(msg.pid)
-        cores = sorted(c for lease in leases for c in lease.cores)
-        for lease in leases:
-            self.end_lease(lease, f"released by an operator (neuron-broker release --pid {msg.pid})")
-        return protocol.ForceReleased(pid=msg.pid, cores=cores, leases=[lease.lease_id for lease in leases])
-
-    # -- worker handlers -------------------------------------------------------------------------------------
-    def on_worker_ready(self, msg: protocol.WorkerReady):
-        slot = self.supervisor.slots.get(msg.core)
-        if slot is None:
-            return
-        slot.ready = True
-        log.info("core %d: worker ready (pid %d)", msg.core, msg.pid)
-        owner = self.alloc.owner_of(msg.core)
-        lease = self.leases.get(owner) if owner else None
-        if lease is not None:
-            self.assign(msg.core, lease)
-
-    def on_worker_stats(self, msg: protocol.WorkerStats):
-        if msg.core in self.supervisor.slots:
-            self.worker_stats[msg.core] = msg
-
-    # -- lease bookkeeping -----------------------------------------------------------------------------------
-    def assign(self, core: int, lease: Lease | None) -> None:
-        msg = protocol.Assign(lease_id=lease.lease_id if lease else "", token=lease.token if lease else "",
-                              owner_pid=lease.pid if lease else 0)
-        if self.supervisor.slots[core].ready:
-            transport.send(self.workers_sock, protocol.encode(msg), identity=b"core-%d" % core)
-
-    def end_lease(self, lease: Lease, why: str) -> None:
-        self.leases.remove(lease.lease_id)
-        self.journal.forget(lease.lease_id)
-        freed = self.alloc.release(lease.lease_id)
-        for core in freed:
-            self.assign(core, None)
-        self.reclaimed[lease.lease_id] = why
-        self.counters.lease_ended(why)
-        if len(self.reclaimed) > RECENTLY_RECLAIMED_KEPT:
-            self.reclaimed.pop(next(iter(self.reclaimed)))
-        if why != "released":
-            removed = shm.unlink_for_pid(lease.pid) if not process_alive(lease.pid, lease.create_time) else 0
-            log.warning("reclaimed %s from pid %d (%s): %s%s", format_cores(freed), lease.pid, lease.cmd[:60], why,
-                        f"; removed {removed} shared-memory segments" if removed else "")
-        else:
-            log.info("pid %d released %s", lease.pid, format_cores(freed))
-        self.serve_pending()
-
-    def serve_pending(self) -> None:
-        now = time.monotonic()
-        still = []
-        for p in self.pending:
-            if not process_alive(p.msg.pid, p.msg.create_time):
-                continue
-            reply = self.try_grant(p.msg, p.request)
-            if isinstance(reply, protocol.Granted):
-                self.reply(p.identity, p.req_id, reply)
-            elif now >= p.deadline:
-                self.reply_error(p.identity, p.req_id, NeuronCoreUnavailableError(
-                    self.conflict_message(p.request, reply) + f" (waited {now - p.since:.1f}s)"))
-            else:
-                still.append(p)
-        self.pending = still
-
-    def tick(self, now: float) -> None:
-        for lease, why in self.leases.dead(now, process_alive, process_cpu_seconds):
-            self.end_lease(lease, why)
-        for slot in self.supervisor.reap(now):
-            self.worker_stats.pop(slot.core, None)
-            if slot.failed:
-                self.alloc.mark_failed(slot.core)
-        if not self.stopping:  # a group-wide SIGTERM kills the workers too: no restarts on the way out
-            self.supervisor.restart_due(now)
-        if self.pending:
-            self.serve_pending()
-        if self.metrics is not None:
-            self.metrics.publish_if_wanted(self.status_doc)
-
-    # -- status ----------------------------------------------------------------------------------------------
-    def status_doc(self) -> dict:
-        now = time.monotonic()
-        cores = []
-        for c in range(self.alloc.n_cores):
-            slot = self.supervisor.slots[c]
-            lease = self.leases.get(self.alloc.owner_of(c) or "")
-            stats = self.worker_stats.get(c)
-            state = "failed" if c in self.alloc.failed else ("owned" if lease else "free")
-            cores.append({
-                "core": c,
-                "state": state,
-                **self.backend.placement(c),
-                "worker": {"pid": slot.pid, "ready": slot.ready, "rss": stats.rss if stats else 0,
-                           "device_memory": stats.device_memory if stats else 0,
-                           "device_util": stats.device_util if stats else None,
-                           "busy": stats.busy if stats else False, "restarts": len(slot.crashes),
-                           "last_exit": slot.last_exit},
-                "owner": None if lease is None else {"pid": lease.pid, "cmd": lease.cmd, "lease_id": lease.lease_id,
-                                                     "age_s": round(lease.age_s(now), 3)},
-                "models": stats.models if stats else [],
-                "requests": stats.requests if stats else 0,
-                "errors": stats.errors if stats else 0,
-                "perf": perf_doc(stats),
-            })
-        leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
-                   "age_s": round(lease.age_s(now), 3), "last_seen_s": round(now - lease.last_seen, 3)}
-                  for lease in self.leases.leases.values()]
-        pending = [{"pid": p.msg.pid, "cmd": p.msg.cmd, "requested": p.request.describe(),
-                    "waited_s": round(now - p.since, 3)} for p in self.pending]
-        return {"schema": 1,
-                "broker": {"pid": os.getpid(), "backend": self.backend.name, "cores": self.alloc.n_cores,
-                           "address": self.address, "uptime_s": round(now - self.started, 3),
-                           "lease_timeout_s": self.leases.timeout_s, "draining": self.draining,
-                           "metrics": self.metrics_url, **self.counters.doc()},
-                "cores": cores, "leases": leases, "pending": pending}
-
-    # -- socket loop -----------------------------------------------------------------------------------------
-    def reply(self, ident: bytes, rid: int, msg) -> None:
-        transport.send(self.clients_sock, protocol.encode(msg, rid), identity=ident)
-
-    def reply_error(self, ident: bytes, rid: int, exc: BaseException) -> None:
-        text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
-        transport.send(self.clients_sock, protocol.encode_error(code_of(exc), text, rid), identity=ident)
-
-    def on_remote_frames(self, parts) -> None:
-        """A request over the authenticated TCP socket: read-only operations only."""
-        if len(parts) < 2:
-            return
-        ident, frames = parts[0], parts[1:]
-        rid = protocol.peek_req_id(frames)
+    # -- events in, effects out ----------------------------------------------------------------------------------
+    def dispatch(self, event) -> None:
         try:
-            env = protocol.decode(frames)
-            handler = self.handlers.get(env.op) if env.op in REMOTE_OPS else None
-            if handler is None:
-                raise ProtocolError(f"over TCP the broker answers {', '.join(REMOTE_OPS)} only; {env.op!r} needs the "
-                                    "host's ipc socket (run the command on the host)")
-            reply = handler(ident, env.req_id, env.msg)
-            transport.send(self.remote_sock, protocol.encode(reply, env.req_id), identity=ident)
-        except Exception as exc:
-            text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
-            transport.send(self.remote_sock, protocol.encode_error(code_of(exc), text, rid), identity=ident)
+            effects = self.state.handle(event, time.monotonic())
+        except Exception:
+            log.exception("internal error deciding %s", type(event).__name__)
+            return
+        self.execute(effects)
 
-    def on_client_frames(self, parts) -> None:
+    def execute(self, effects) -> None:
+        for eff in effects:
+            try:
+                self.apply(eff)
+            except Exception:
+                log.exception("internal error carrying out %s", type(eff).__name__)
+        if self.state.ended_counts:
+            for why in self.state.ended_counts:
+                self.counters.lease_ended(why)
+            self.state.ended_counts = []
+        self.counters.granted = self.state.granted
+
+    def apply(self, eff) -> None:
+        kind = type(eff)
+        if kind is st.Reply:
+            self.send_reply(eff.to, eff.req_id, eff.msg)
+        elif kind is st.ToWorker:
+            transport.send(self.workers_sock, protocol.encode(eff.msg), identity=b"core-%d" % eff.core)
+        elif kind is st.JournalRecord:
+            try:
+                self.journal.record(eff.lease)
+                error = ""
+            except JournalError as exc:
+                error = str(exc)
+                log.error("%s", error)
+            self.dispatch(st.JournalWritten(eff.lease.lease_id, error))
+        elif kind is st.JournalForget:
+            self.journal.forget(eff.lease_id)
+        elif kind is st.CloseLink:
+            self.close_link(eff.link)
+        elif kind is st.WatchPid:
+            self.watch(eff.pid, eff.start_time)
+        elif kind is st.UnwatchPid:
+            self.unwatch(eff.pid)
+        elif kind is st.StartWorker:
+            try:
+                pid, sentinel = self.supervisor.start(eff.core)
+            except Exception as exc:
+                log.exception("core %d: could not start a worker", eff.core)
+                self.dispatch(st.WorkerStartFailed(eff.core, f"{type(exc).__name__}: {exc}"))
+                return
+            self.sentinels[sentinel] = eff.core
+            self.poller.register(sentinel, transport.POLLIN)
+            self.dispatch(st.WorkerStarted(eff.core, pid))
+        elif kind is st.StopWorker:
+            pid = self.supervisor.kill(eff.core)
+            if pid:
+                log.info("core %d: stopping worker pid %d: %s", eff.core, pid, eff.why)
+        elif kind is st.UnlinkSegments:
+            self.segments_of_exiting[eff.pid] = (eff.start_time, time.monotonic() + UNLINK_WATCH_S)
+            self.unlink_segments_of_exited()
+
+    def send_reply(self, to, req_id: int, msg) -> None:
+        kind, where = to
+        if kind == "link":
+            entry = self.links.get(where)
+            if entry is None:
+                return
+            data = (lease_link.pack_error(msg, req_id) if isinstance(msg, BaseException)
+                    else lease_link.pack(msg, req_id))
+            try:
+                sent = entry[0].send(data, socket.MSG_DONTWAIT)
+                if sent != len(data):
+                    raise BlockingIOError("partial send")
+            except OSError as exc:  # the owner does not read its link: it is not served
+                log.warning("lease link %d: cannot send (%s); closing it", where, exc)
+                self.close_link(where)
+                self.dispatch(st.LinkClosed(where))
+            return
+        sock = self.remote_sock if kind == "tcp" else self.clients_sock
+        if isinstance(msg, BaseException):
+            text = str(msg) if isinstance(msg, NeuronRuntimeError) else f"{type(msg).__name__}: {msg}"
+            transport.send(sock, protocol.encode_error(code_of(msg), text, req_id), identity=where)
+        else:
+            transport.send(sock, protocol.encode(msg, req_id), identity=where)
+
+    # -- lease links and owner processes ------------------------------------------------------------------------
+    def on_listener(self) -> None:
+        for _ in range(64):
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the link is not served; the loop goes on
+                log.error("cannot accept a lease link: %s", exc)
+                return
+            try:
+                pid, uid, _ = lease_link.peer_cred(conn)
+            except OSError:
+                conn.close()
+                continue
+            if uid != os.getuid():
+                log.warning("refused a lease link from pid %d of uid %d (this broker serves uid %d only)", pid, uid,
+                            os.getuid())
+                conn.close()
+                continue
+            start_time, cmd = _identity(pid)
+            conn.setblocking(False)
+            fd = conn.fileno()
+            self.links[fd] = (conn, lease_link.FrameReader())
+            self.poller.register(fd, transport.POLLIN)
+            self.dispatch(st.LinkOpened(fd, pid, uid, start_time, cmd))
+
+    def on_link(self, fd: int) -> None:
+        entry = self.links.get(fd)
+        if entry is None:
+            return
+        conn, reader = entry
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close_link(fd)
+            self.dispatch(st.LinkClosed(fd))
+            return
+        try:
+            frames = reader.feed(data)
+        except ProtocolError as exc:
+            self.send_reply(("link", fd), 0, exc)
+            self.close_link(fd)
+            self.dispatch(st.LinkClosed(fd))
+            return
+        for frame in frames:
+            try:
+                env = protocol.decode([frame])
+            except ProtocolError as exc:
+                self.send_reply(("link", fd), protocol.peek_req_id([frame]), exc)
+                continue
+            self.dispatch(st.LinkMessage(fd, env.req_id, env.msg))
+
+    def close_link(self, fd: int) -> None:
+        entry = self.links.pop(fd, None)
+        if entry is None:
+            return
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        entry[0].close()
+
+    def watch(self, pid: int, start_time: float) -> None:
+        if pid in self.pidfds:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = -1
+        if fd < 0 or not process_alive(pid, start_time):  # gone already (or its pid reused)
+            if fd >= 0:
+                os.close(fd)
+            self.dispatch(st.OwnerExited(pid, start_time))
+            return
+        self.pidfds[pid] = (fd, start_time)
+        self.pid_of_fd[fd] = pid
+        self.poller.register(fd, transport.POLLIN)
+
+    def unwatch(self, pid: int) -> None:
+        entry = self.pidfds.pop(pid, None)
+        self.stopped_since.pop(pid, None)
+        if entry is None:
+            return
+        fd = entry[0]
+        self.pid_of_fd.pop(fd, None)
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        os.close(fd)
+
+    def on_pidfd(self, fd: int) -> None:
+        pid = self.pid_of_fd.get(fd)
+        if pid is not None:
+            self.dispatch(st.OwnerExited(pid, self.pidfds[pid][1]))
+            self.unwatch(pid)
+
+    def unlink_segments_of_exited(self) -> None:
+        """Remove the segments of former owners that have exited (a process whose link closed may be exiting)."""
+        now = time.monotonic()
+        for pid, (start_time, until) in list(self.segments_of_exiting.items()):
+            if not process_alive(pid, start_time):
+                del self.segments_of_exiting[pid]
+                removed = shm.unlink_for_pid(pid)
+                if removed:
+                    log.info("removed %d shared-memory segments of pid %d, which exited", removed, pid)
+            elif now > until:  # it lives on: its segments are its own
+                del self.segments_of_exiting[pid]
+
+    def check_stopped_owners(self, now: float) -> None:
+        """The opt-in policy: report owners stopped by a signal (never a runnable process, however starved)."""
+        for lease in list(self.state.leases.values()):
+            try:
+                stopped = psutil.Process(lease.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+            except psutil.Error:
+                stopped = False
+            if not stopped:
+                self.stopped_since.pop(lease.pid, None)
+                continue
+            since = self.stopped_since.setdefault(lease.pid, now)
+            self.dispatch(st.OwnerStopped(lease.pid, since))
+
+    # -- workers -----------------------------------------------------------------------------------------------
+    def on_worker_frames(self, parts) -> None:
+        try:
+            ident = bytes(parts[0])
+            if not ident.startswith(b"core-"):
+                raise ProtocolError(f"unknown worker identity {ident[:40]!r}")
+            core = int(ident[5:])
+            env = protocol.decode(parts[1:])
+        except (ProtocolError, ValueError) as exc:
+            log.warning("bad message on the workers socket: %s", exc)
+            return
+        msg = env.msg
+        if isinstance(msg, protocol.WorkerStats):
+            if msg.core != core:
+                return
+            slot = self.state.slots.get(core)
+            if slot is not None and slot.ready:
+                self.worker_stats[core] = msg
+        self.dispatch(st.WorkerMessage(core, msg))
+
+    def on_sentinel(self, fd: int) -> None:
+        core = self.sentinels.pop(fd, None)
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        if core is None:
+            return
+        for pid, how in self.supervisor.reap(core):
+            last = self.worker_stats.pop(core, None)
+            if last is not None:
+                self.retired[core] = retired_counters(self.retired.get(core), last)
+            self.dispatch(st.WorkerExited(core, pid, how))
+
+    # -- operator requests (ZeroMQ) --------------------------------------------------------------------------------
+    def on_client_frames(self, parts, remote: bool = False) -> None:
         if len(parts) < 2:
             return
-        ident, frames = parts[0], parts[1:]
-        rid = 0
+        ident, frames = bytes(parts[0]), parts[1:]
+        to = ("tcp" if remote else "zmq", ident)
+        rid = protocol.peek_req_id(frames)
         try:
             size = sum(len(f) for f in frames)
             if size > MAX_CONTROL_MESSAGE_BYTES:
                 raise ProtocolError(f"a control message of {size} bytes exceeds the broker's limit of "
                                     f"{MAX_CONTROL_MESSAGE_BYTES} bytes")
             env = protocol.decode(frames)
-            rid = env.req_id
-            handler = self.handlers.get(env.op)
-            if handler is None:
-                raise ProtocolError(f"the broker does not serve {env.op!r}; it serves {', '.join(self.handlers)}")
-            reply = handler(ident, rid, env.msg)
-            if reply is not None:
-                self.reply(ident, rid, reply)
+            rid, op = env.req_id, env.op
+            if remote and op not in REMOTE_OPS:
+                raise ProtocolError(f"over TCP the broker answers {', '.join(REMOTE_OPS)} only; {op!r} needs the "
+                                    "host's ipc socket (run the command on the host)")
+            if op == "ping":
+                self.send_reply(to, rid, protocol.Pong(pid=os.getpid(), cores=self.state.alloc.n_cores,
+                                                       backend=self.backend.name))
+            elif op == "status":
+                self.send_reply(to, rid, protocol.StatusReply(doc=self.status_doc()))
+            elif op in CONTROL_OPS:
+                self.dispatch(st.Control(to, rid, env.msg))
+            elif op in ("acquire", "release", "reattach"):
+                raise ProtocolError(f"{op!r} is served on the lease link ({self.lease_path}), not on the broker's "
+                                    "ZeroMQ socket: upgrade the client library")
+            else:
+                raise ProtocolError(f"the broker does not serve {op!r}; it serves ping, status, "
+                                    f"{', '.join(CONTROL_OPS)} (and acquire, reattach, release on the lease link)")
         except Exception as exc:
             if not isinstance(exc, NeuronRuntimeError):
                 log.exception("error handling a client request")
-            self.reply_error(ident, rid or protocol.peek_req_id(frames), exc)
+            self.send_reply(to, rid, exc)
 
-    def on_worker_frames(self, parts) -> None:
+    # -- status ----------------------------------------------------------------------------------------------
+    def status_doc(self) -> dict:
+        now = time.monotonic()
+        s = self.state
+        cores = []
+        for c in range(s.alloc.n_cores):
+            slot = s.slots[c]
+            lease = s.leases.get(s.alloc.owner_of(c) or "")
+            current = self.worker_stats.get(c) if slot.ready else None
+            stats = add_counters(self.retired.get(c), current)
+            cores.append({
+                "core": c,
+                "state": s.core_state(c),
+                **self.backend.placement(c),
+                "worker": {"pid": slot.pid, "ready": slot.ready, "state": slot.state.value,
+                           "rss": current.rss if current else 0,
+                           "device_memory": current.device_memory if current else 0,
+                           "device_util": current.device_util if current else None,
+                           "busy": current.busy if current else False, "restarts": slot.restarts,
+                           "last_exit": slot.last_exit},
+                "owner": None if lease is None else {"pid": lease.pid, "cmd": lease.cmd, "lease_id": lease.lease_id,
+                                                     "age_s": round(lease.age_s(now), 3),
+                                                     "state": lease.state.value},
+                "models": current.models if current else [],
+                "requests": stats.requests if stats else 0,
+                "errors": stats.errors if stats else 0,
+                "perf": perf_doc(stats),
+            })
+        leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
+                   "age_s": round(lease.age_s(now), 3), "state": lease.state.value}
+                  for lease in s.leases.values()]
+        pending = [{"pid": s.links[p.link].pid if p.link in s.links else 0, "cmd": p.cmd,
+                    "requested": p.request.describe(), "waited_s": round(now - p.since, 3)} for p in s.pending[:256]]
+        return {"schema": 1,
+                "broker": {"pid": os.getpid(), "backend": self.backend.name, "cores": s.alloc.n_cores,
+                           "address": self.address, "uptime_s": round(now - self.started, 3),
+                           "lease_timeout_s": self.policy.stopped_owner_s, "draining": s.draining,
+                           "recovering_s": round(max(0.0, s.recovering_until - now), 3),
+                           "links": len(s.links), "pending_total": len(s.pending),
+                           "metrics": self.metrics_url, **self.counters.doc()},
+                "cores": cores, "leases": leases, "pending": pending}
+
+    # -- socket loop -----------------------------------------------------------------------------------------
+    def bind_listener(self) -> socket.socket:
         try:
-            env = protocol.decode(parts[1:])
-            handler = self.worker_handlers.get(env.op)
-            if handler is None:
-                raise ProtocolError(f"unexpected {env.op!r} from a worker")
-            handler(env.msg)
-        except ProtocolError as exc:
-            log.warning("bad message on the workers socket: %s", exc)
+            os.unlink(self.lease_path)  # a stale socket of a broker that died (we hold the instance lock)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.lease_path)
+        finally:
+            os.umask(old)
+        sock.listen(1024)
+        return sock
 
     def serve(self) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # every owner holds a link and a pidfd here
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.clients_sock = transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES)
         self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES)
+        self.listener = self.bind_listener()
         self.remote_sock, self.remote_auth = None, None
-        poller = transport.poller(self.clients_sock, self.workers_sock)
+        self.poller = poller = transport.poller(self.clients_sock, self.workers_sock)
+        poller.register(self.listener.fileno(), transport.POLLIN)
         if self.listen:
             self.remote_sock, self.remote_auth = transport.curve_router(self.listen, self.directory,
                                                                         HARD_CONTROL_MESSAGE_BYTES)
             poller.register(self.remote_sock, transport.POLLIN)
             log.info("also listening on %s (CURVE; keys in %s)", self.listen, transport.curve_dir(self.directory))
-        self.supervisor.start_all()
-        log.info("broker pid %d serving %d %s cores at %s", os.getpid(), self.alloc.n_cores, self.backend.name,
-                 self.address)
-        last_check = 0.0
+        restored = []
+        for rec in self.journal.load():
+            rec["alive"] = rec["uid"] == os.getuid() and process_alive(rec["pid"], rec["start_time"])
+            restored.append(rec)
+        if self.recovering:
+            log.warning("the lease journal was lost or unreadable: acquires wait %.0fs so that running owners can "
+                        "re-attach first", self.policy.restart_grace_s)
+        self.execute(self.state.start(time.monotonic(), restored, self.recovering))
+        log.info("broker pid %d serving %d %s cores at %s (lease links at %s)", os.getpid(), self.state.alloc.n_cores,
+                 self.backend.name, self.address, self.lease_path)
+        listener_fd = self.listener.fileno()
+        last_check = last_stopped = 0.0
         try:
             while not self.stopping:
-                events = dict(poller.poll(int(config.BROKER_TICK_S * 1000)))
-                if self.clients_sock in events:
-                    for _ in range(64):
-                        try:
-                            self.on_client_frames(transport.recv(self.clients_sock))
-                        except transport.Again:
-                            break
-                if self.remote_sock is not None and self.remote_sock in events:
-                    for _ in range(64):
-                        try:
-                            self.on_remote_frames(transport.recv(self.remote_sock))
-                        except transport.Again:
-                            break
-                if self.workers_sock in events:
-                    for _ in range(256):
-                        try:
-                            self.on_worker_frames(transport.recv(self.workers_sock))
-                        except transport.Again:
-                            break
+                events = poller.poll(int(config.BROKER_TICK_S * 1000))
+                ready = {}
+                for sock, _ in events:
+                    ready[sock] = True
+                # ends first: an owner that died is gone before anyone asks for its cores
+                for fd in [s for s in ready if isinstance(s, int) and s in self.pid_of_fd]:
+                    self.on_pidfd(fd)
+                for fd in [s for s in ready if isinstance(s, int) and s in self.sentinels]:
+                    self.on_sentinel(fd)
+                for fd in [s for s in ready if isinstance(s, int) and s in self.links]:
+                    self.on_link(fd)
+                if self.workers_sock in ready:
+                    self.drain(self.workers_sock, self.on_worker_frames, 256)
+                if listener_fd in ready:
+                    self.on_listener()
+                if self.clients_sock in ready:
+                    self.drain(self.clients_sock, self.on_client_frames, 64)
+                if self.remote_sock is not None and self.remote_sock in ready:
+                    self.drain(self.remote_sock, lambda parts: self.on_client_frames(parts, remote=True), 64)
                 now = time.monotonic()
                 if now - last_check >= LIVENESS_CHECK_S:
                     last_check = now
-                    self.tick(now)
+                    self.dispatch(st.Tick())
+                    if self.segments_of_exiting:
+                        self.unlink_segments_of_exited()
+                    if self.policy.stopped_owner_s > 0 and now - last_stopped >= STOPPED_CHECK_S:
+                        last_stopped = now
+                        self.check_stopped_owners(now)
+                    if self.metrics is not None:
+                        self.metrics.publish_if_wanted(self.status_doc)
         finally:
             self.shutdown()
 
+    @staticmethod
+    def drain(sock, handler, limit: int) -> None:
+        for _ in range(limit):
+            try:
+                handler(transport.recv(sock))
+            except transport.Again:
+                break
+
     def shutdown(self) -> None:
-        log.info("shutting down: stopping %d workers", len(self.supervisor.slots))
-        for p in self.pending:
-            self.reply_error(p.identity, p.req_id, BrokerDrainingError("the broker stopped while you waited"))
-        for core, slot in self.supervisor.slots.items():
+        log.info("shutting down: stopping %d workers", len(self.state.slots))
+        self.execute(self.state.stop(time.monotonic()))
+        for core, slot in self.state.slots.items():
             if slot.ready:
                 transport.send(self.workers_sock, protocol.encode(protocol.Shutdown()), identity=b"core-%d" % core)
         self.supervisor.stop_all()
         self.journal.close()
+        for fd in list(self.links):
+            self.close_link(fd)
+        for pid in list(self.pidfds):
+            self.unwatch(pid)
+        self.listener.close()
         self.clients_sock.close(linger=0)
         self.workers_sock.close(linger=0)
         if self.remote_sock is not None:
             self.remote_sock.close(linger=0)
             self.remote_auth.stop()
-        for path in (self.address, config.workers_address(self.directory)):
+        for path in (self.address, config.workers_address(self.directory), "ipc://" + self.lease_path):
             if path.startswith("ipc://") and os.path.exists(path[6:]):
                 os.unlink(path[6:])
 

@@ -79,12 +79,32 @@ class Pong:
 
 @message("acquire")
 class Acquire:
-    pid: int
-    create_time: float
+    """Sent on a lease link (:mod:`lease_link`). The owner's pid and uid are the kernel's (``SO_PEERCRED``); the
+    ``pid`` and ``create_time`` fields are informational and never trusted."""
+
     cmd: str
     visible: typing.Optional[list] = None  # exact global core ids
     count: typing.Optional[int] = None  # contiguous count; None with visible None = all cores
     wait_s: float = 0.0  # opt-in queueing (NEURON_RT_ACQUIRE_TIMEOUT)
+    pid: int = 0
+    create_time: float = 0.0
+
+
+@message("reattach")
+class Reattach:
+    """On a new lease link after the broker restarted: take back ``lease_id`` (the broker checks the token against
+    its journal's hash and the link's kernel pid against the lease's)."""
+
+    lease_id: str
+    token: str
+
+
+@message("lease_ended")
+class LeaseEnded:
+    """Pushed on a lease link when the broker ends the lease (an operator released it); the link closes next."""
+
+    lease_id: str
+    reason: str
 
 
 @message("granted")
@@ -93,8 +113,9 @@ class Granted:
     token: str
     cores: list  # global core ids, ascending
     workers: list  # [{"core", "endpoint", "pid", "ready", "failed", "last_exit"}] in core order
-    heartbeat_s: float
-    lease_timeout_s: float
+    heartbeat_s: float  # unused since leases live as long as their owner's lease link; kept for older clients
+    lease_timeout_s: float  # the broker's opt-in stopped-owner policy (0: off)
+    max_message_bytes: int = 0  # the workers' limit for one data message (0: none)
 
 
 @message("heartbeat")
@@ -198,11 +219,20 @@ class WorkerStats:
 
 @message("assign")
 class Assign:
-    """The core now belongs to ``lease_id`` (empty: to nobody; the worker drops the previous owner's models)."""
+    """The core now belongs to ``lease_id``. A worker serves one owner in its life: the broker starts a fresh worker
+    for the next one. ``token_hash`` is the SHA-256 hex digest of the owner's token; the worker answers with
+    :class:`Assigned` before the owner is told its grant."""
 
     lease_id: str
-    token: str
+    token_hash: str
     owner_pid: int
+    owner_uid: int = -1
+
+
+@message("assigned")
+class Assigned:
+    core: int
+    lease_id: str
 
 
 @message("shutdown")

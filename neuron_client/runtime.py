@@ -19,8 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
 
-from . import autostart, config, cores, protocol, shm, transport
-from .errors import (LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError, ProtocolError,
+from . import autostart, config, cores, lease_link, protocol, shm, transport
+from .errors import (BrokerUnavailableError, LeaseLostError, NotOwnerError, NeuronCoreSpecError, NeuronRuntimeError, ProtocolError,
                      RequestTimeoutError, WorkerUnavailableError)
 
 log = logging.getLogger("neuron_client")
@@ -44,7 +44,7 @@ class WorkerChannel:
     def __init__(self, runtime: "Runtime", core: int, endpoint: str):
         self.runtime = runtime
         self.core = core
-        self.channel = transport.Channel(endpoint)
+        self.channel = transport.Channel(endpoint, max_bytes=runtime.max_message_bytes)
         self.request_arena = shm.Arena()
         self.reply_arena = shm.Arena()
         self._reply_segments = _ReplySegments(self.reply_arena)
@@ -67,7 +67,11 @@ class WorkerChannel:
         if need:
             self.request_arena.reset(need)
             sink = protocol.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
-        return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
+        try:
+            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
+        except NotOwnerError:
+            self.runtime.refresh_workers()  # raises LeaseLostError with the broker's reason if the lease ended
+            raise
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
         tensors = list(protocol.walk_tensors(args))
@@ -76,7 +80,10 @@ class WorkerChannel:
         outputs = self.request(msg, timeout_s, tensors).outputs
         big = shm.reserve_bytes(protocol.walk_tensors(outputs), self.threshold)
         if big > self.reply_arena.size:  # next time, large outputs come back through shared memory
-            self.reply_arena.reset(big)
+            try:
+                self.reply_arena.reset(big)
+            except shm.SharedMemoryFullError as exc:  # they keep coming over the socket
+                log.warning("%s", exc)
         return outputs
 
     def close(self) -> None:
@@ -114,19 +121,20 @@ class Runtime:
         self.directory = config.broker_dir()
         self.address = config.broker_address(self.directory)
         autostart.ensure_broker(self.directory)
-        me = psutil.Process()
-        ch = transport.Channel(self.address)
+        link = lease_link.LeaseLink(self.directory, config.BROKER_PING_TIMEOUT_S)
         try:
-            granted = ch.request(protocol.Acquire(
-                pid=self.pid, create_time=me.create_time(), cmd=_command_line(),
-                visible=list(request.visible) if request.visible is not None else None,
-                count=request.count, wait_s=wait_s), config.BROKER_REQUEST_TIMEOUT_S + wait_s).msg
-        finally:
-            ch.close()
+            granted = link.request(protocol.Acquire(
+                cmd=_command_line()[:4096], visible=list(request.visible) if request.visible is not None else None,
+                count=request.count, wait_s=wait_s), config.ACQUIRE_TIMEOUT_S + wait_s)
+        except BaseException:
+            link.close()  # the broker ends whatever it had begun to grant on this link
+            raise
+        self._link = link  # held open for the lease's life: the broker ends the lease when it closes
         self.lease_id: str = granted.lease_id
         self.token: str = granted.token
         self.cores: list[int] = list(granted.cores)
-        self.workers: dict[int, dict] = {w["core"]: w for w in granted.workers}  # refreshed by every heartbeat
+        self.max_message_bytes: int = granted.max_message_bytes
+        self.workers: dict[int, dict] = {w["core"]: w for w in granted.workers}  # pushed by the broker on change
         self.lost: str | None = None
         self.closed = False
         self._local = threading.local()
@@ -137,8 +145,8 @@ class Runtime:
         self._unloads: queue.Queue = queue.Queue()  # (core, model id) of collected models
         self._janitor: threading.Thread | None = None
         self._stop = threading.Event()
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, args=(granted.heartbeat_s,),
-                                           name="neuron-heartbeat", daemon=True)
+        self._detached = False  # the broker went away; the lease thread is re-attaching
+        self._heartbeat = threading.Thread(target=self._lease_loop, name="neuron-lease", daemon=True)
         self._heartbeat.start()
         atexit.register(self.close)
 
@@ -164,30 +172,68 @@ class Runtime:
         if self.closed:
             raise NeuronRuntimeError("the neuron_client runtime was closed")
 
-    def _heartbeat_loop(self, interval_s: float) -> None:
-        ch = transport.Channel(self.address)
-        silent_since = None
+    def _lease_loop(self) -> None:
+        """Read what the broker pushes on the lease link (workers that changed, the lease's end); after the broker
+        went away, re-attach to the one that replaces it."""
+        link = self._link
         try:
-            while not self._stop.wait(interval_s):  # this thread talks to the broker only: nothing delays it
+            while not self._stop.is_set():
                 try:
-                    ack = ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
-                    self._update_workers(ack.workers)
-                    if silent_since is not None:
-                        log.warning("the broker answers again after %.1fs", time.monotonic() - silent_since)
-                        silent_since = None
+                    env = link.recv(0.5)
                 except LeaseLostError as exc:
                     self.lost = str(exc)
-                    log.error("%s", exc)
                     return
-                except RequestTimeoutError:
-                    if silent_since is None:
-                        silent_since = time.monotonic()
-                        log.warning("the broker does not answer heartbeats; retrying (the lease stays ours until "
-                                    "the broker says otherwise)")
-                    ch.close()  # drop queued heartbeats; reconnect afresh
-                    ch = transport.Channel(self.address)
-        finally:
-            ch.close()
+                except BrokerUnavailableError:
+                    if self._stop.is_set():
+                        return
+                    link = self._reattach()
+                    if link is None:
+                        return
+                    continue
+                except NeuronRuntimeError as exc:
+                    log.warning("the broker sent something this client cannot read: %s", exc)
+                    continue
+                if env is None:
+                    continue
+                if isinstance(env.msg, protocol.HeartbeatAck):
+                    self._update_workers(env.msg.workers)
+                elif isinstance(env.msg, protocol.LeaseEnded):
+                    self.lost = f"lease {env.msg.lease_id} ended: {env.msg.reason}"
+                    log.error("this process lost its NeuronCores %s: %s", cores.format_cores(self.cores),
+                              env.msg.reason)
+                    return
+        except Exception:
+            log.exception("the lease thread failed")
+
+    def _reattach(self):
+        """A link to the restarted broker holding this lease again, or None (lost, or closing)."""
+        since = time.monotonic()
+        log.warning("the broker closed the lease link; re-attaching lease %s when it is back", self.lease_id)
+        self._detached = True
+        while not self._stop.wait(config.LEASE_LINK_RETRY_S):
+            try:
+                link = lease_link.LeaseLink(self.directory, config.BROKER_PING_TIMEOUT_S)
+            except BrokerUnavailableError:
+                continue
+            try:
+                granted = link.request(protocol.Reattach(lease_id=self.lease_id, token=self.token),
+                                       config.ACQUIRE_TIMEOUT_S)
+            except LeaseLostError as exc:
+                link.close()
+                self.lost = str(exc)
+                log.error("%s", exc)
+                return None
+            except NeuronRuntimeError as exc:
+                link.close()
+                log.warning("re-attaching lease %s failed (%s); retrying", self.lease_id, exc)
+                continue
+            with self._lock:
+                self._link = link
+            self._detached = False
+            self._update_workers(granted.workers)
+            log.warning("re-attached lease %s after %.1fs", self.lease_id, time.monotonic() - since)
+            return link
+        return None
 
     def _update_workers(self, workers: list[dict]) -> None:
         with self._lock:
@@ -220,6 +266,8 @@ class Runtime:
         while time.monotonic() < deadline:  # the broker reaps it within ~0.1 s and knows how it ended
             try:
                 self.refresh_workers()
+            except LeaseLostError as exc:  # the worker went because the lease ended: say so
+                return exc
             except NeuronRuntimeError:
                 break
             w = self.workers[core]
@@ -299,6 +347,10 @@ class Runtime:
             return
         self.closed = True
         self._stop.set()
+        with self._lock:
+            link = self._link
+        if link is not None:
+            link.shutdown()  # the broker sees the link end (the release) at once; the lease thread wakes
         for thread in (self._heartbeat, self._janitor):  # they own sockets: let them finish first
             if thread is not None and thread is not threading.current_thread():
                 thread.join(config.BROKER_PING_TIMEOUT_S + 1.0)
@@ -308,14 +360,12 @@ class Runtime:
             for ch in self._channels:
                 ch.close()
             self._channels.clear()
-        if not self.lost:
-            ch = transport.Channel(self.address)
-            try:
-                ch.request(protocol.Release(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S)
-            except NeuronRuntimeError:
-                pass
-            finally:
-                ch.close()
+        if self._detached and not self.lost:  # the broker is away: a restarted one must not bring the lease back
+            lease_link.write_tombstone(self.directory, self.lease_id)
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
 
 def _command_line() -> str:
     try:

@@ -99,6 +99,40 @@ def _nbytes(frame) -> int:
     return frame.nbytes if isinstance(frame, memoryview) else len(frame)
 
 
+def frames_nbytes(frames) -> int:
+    """The bytes of a multipart message (bytes, memoryviews, or the protocol's ctypes tensor buffers)."""
+    return sum(f.nbytes if isinstance(f, memoryview) else len(f) for f in frames)
+
+
+HARD_LIMIT_FACTOR = 2  # a worker's socket drops frames above 2x its message limit (it replies an error below that)
+
+
+def hard_limit(max_message_bytes: int) -> int:
+    """The ZMQ_MAXMSGSIZE a worker sets for a message limit of ``max_message_bytes`` (0: none)."""
+    return HARD_LIMIT_FACTOR * max_message_bytes if max_message_bytes else 0
+
+
+class MessageTooLargeError(ProtocolError):
+    """A message larger than its peer accepts: refused before sending (ZeroMQ would drop it without a word)."""
+
+
+def too_large(nbytes: int, limit: int, what: str = "message", peer: str = "") -> MessageTooLargeError:
+    """The error for a ``nbytes`` message over a ``limit`` (for the client's check and for peers that refuse one)."""
+    return MessageTooLargeError(
+        f"{what} of {nbytes} bytes exceeds the limit of {limit} bytes{f' of {peer}' if peer else ''}, and would be "
+        "dropped unread; send large tensors through shared memory (they travel there from "
+        "NEURON_SHM_THRESHOLD_BYTES up, unless /dev/shm is unavailable), split the batch into smaller calls, or "
+        "start the broker with a larger --max-message-mb"
+    )
+
+
+def check_size(frames, limit: int, what: str = "message", peer: str = "") -> int:
+    """The bytes of ``frames``; raises :class:`MessageTooLargeError` above ``limit`` (0: no limit)."""
+    n = frames_nbytes(frames)
+    if limit and n > limit:
+        raise too_large(n, limit, what, peer)
+    return n
+
 
 # -- TCP with CURVE authentication ------------------------------------------------------------------------------
 # The broker listens on TCP only when asked (--listen), and then only with CURVE: its key pair and the authorised
@@ -166,10 +200,13 @@ def _curve_client(sock: zmq.Socket, keys: str) -> None:
 class Channel:
     """One DEALER connection to a broker or worker, used by one thread at a time."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, max_bytes: int = 0):
+        """``max_bytes``: the largest message the peer reads (0: no limit); :meth:`request` refuses a larger one
+        before sending it, instead of waiting out its timeout for a reply that cannot come."""
         from .config import ENV_BROKER_KEYS, LIVENESS_POLL_S, broker_dir
 
         self.endpoint = endpoint
+        self.max_bytes = max_bytes
         if endpoint.startswith("tcp://"):  # always authenticated: keys from NEURON_BROKER_KEYS or <broker dir>/curve
             self.sock = _socket(zmq.DEALER)
             _curve_client(self.sock, os.environ.get(ENV_BROKER_KEYS) or curve_dir(broker_dir()))
@@ -180,20 +217,28 @@ class Channel:
         self._ids = itertools.count(1)
         self.pid = os.getpid()
 
-    def request(self, msg, timeout_s: float, sink=None, source=None, alive=None):
+    def request(self, msg, timeout_s: float, sink=None, source=None, alive=None, max_bytes: int | None = None):
         """Send ``msg`` and return the reply's :class:`protocol.Envelope`.
 
         ``source(frames)`` builds the tensor source for the reply; ``alive()`` is called every
         ``config.LIVENESS_POLL_S`` while waiting and may raise to abandon the wait (a dead worker).
-        An error reply is raised as its named exception.
+        ``max_bytes`` (default: the channel's) refuses, with :class:`MessageTooLargeError` and before sending, a
+        message larger than the peer reads. An error reply is raised as its named exception.
         """
         if self.pid != os.getpid():
             raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
                                "create the runtime in the child instead")
         rid = next(self._ids)
         frames = protocol.encode(msg, rid, sink)
-        # small messages are copied into ZeroMQ (cheaper than wrapping each part); large frames go zero-copy
-        small = len(frames) == 1 or sum(_nbytes(f) for f in frames) < COPY_THRESHOLD_BYTES
+        limit = self.max_bytes if max_bytes is None else max_bytes
+        if len(frames) == 1 and not limit:
+            small = True
+        else:
+            # small messages are copied into ZeroMQ (cheaper than wrapping each part); large frames go zero-copy
+            n = frames_nbytes(frames)
+            if limit and n > limit:
+                raise too_large(n, limit, f"a {msg.op!r} message", self.endpoint)
+            small = len(frames) == 1 or n < COPY_THRESHOLD_BYTES
         try:
             self.sock.send_multipart(frames, copy=small, flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -46,21 +46,13 @@ class App:
 
     def next(self, timeout_s: float = 60.0) -> dict:
         """The next JSON line the app prints."""
-        import selectors
+        from tests.helpers import next_json_line
 
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if sel.select(max(0.0, deadline - time.monotonic())):
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                if line.startswith("{"):
-                    doc = json.loads(line)
-                    self.lines.append(doc)
-                    return doc
-        raise AssertionError(f"app printed nothing more (exit {self.proc.poll()}); stderr:\n{self.stderr()}")
+        doc = next_json_line(self.proc.stdout, timeout_s)
+        if doc is None:
+            raise AssertionError(f"app printed nothing more (exit {self.proc.poll()}); stderr:\n{self.stderr()}")
+        self.lines.append(doc)
+        return doc
 
     def stderr(self) -> str:
         if self.proc.poll() is None:
@@ -159,3 +151,20 @@ def models_dir(tmp_path_factory):
     for name, (module, example) in apps.model_zoo().items():
         torch.jit.save(neuron_client.trace(module, example, strict=False), str(d / f"{name}.pt"))
     return str(d)
+
+
+@pytest.fixture
+def owners():
+    """Start command-driven owner processes (tests.helpers.Owner); all are killed at teardown."""
+    from tests.helpers import Owner
+
+    started: list = []
+
+    def start(broker, env=None) -> Owner:
+        o = Owner(broker.env, env)
+        started.append(o)
+        return o
+
+    yield start
+    for o in started:
+        o.close()

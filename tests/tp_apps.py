@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -221,6 +222,29 @@ def scenario_load(work: str) -> None:
              warnings=[str(w.message) for w in caught])
 
     kill()
+
+    @checked("kill_between")
+    def kill_between():
+        """A rank's worker dies between calls; the very next call (made the moment it is gone) re-forms the group."""
+        from neuron_client.procs import pid_running
+
+        model = models["sep2"]
+        model(*inputs[0])
+        victim = model.cores[0]
+        pid = rt.worker(victim)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        while pid_running(pid):
+            time.sleep(0.001)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out = model(*inputs[0])
+                error, diff = None, max_diff(out, want[0])
+            except Exception as exc:  # noqa: BLE001
+                error, diff = f"{type(exc).__name__}: {exc}", 1.0
+        emit(check="kill_between", error=error, diff=diff, warnings=[str(w.message) for w in caught])
+
+    kill_between()
     emit(check="done")
 
 

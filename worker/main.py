@@ -7,13 +7,17 @@ Two threads, two sockets:
 * the **control** thread talks to the broker: it announces the worker, receives ``assign`` (the core's owner changed)
   and ``shutdown``, sends stats, and exits the process if the broker is gone.
 
-A request must carry the current owner's lease token. When the owner changes, the data thread drops every model and
-mapping of the previous owner before serving anything else.
+A worker serves one owner in its life: the broker assigns it (with a hash of the owner's token and the owner's kernel
+pid and uid) before the owner hears of its grant, and stops it when the lease ends, so nothing of one owner (models,
+memory, mappings, groups) is ever seen by the next. A request must carry the owner's token; any other is refused at
+once. Shared-memory segments are mapped and written only if they belong to the owner (name and file owner).
 """
 from __future__ import annotations
 
 import bisect
 import collections
+import hashlib
+import hmac
 import logging
 import os
 import sys
@@ -35,7 +39,6 @@ from .store import ModelStore, tune_allocator
 
 log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
-REVOKED_TOKENS_KEPT = 64
 LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
 LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
 MAX_BACKLOG = 32  # requests taken off the socket ahead of the one running (the queue depth the stats report)
@@ -88,12 +91,11 @@ class Worker:
         self.core = cfg.core
         self.store = ModelStore(cfg.core, device, rendezvous_dir=cfg.directory)
         self.segments = SegmentCache()
-        self.lock = threading.Condition()
-        self.owner_token = ""
-        self.owner_lease = ""
-        self.owner_epoch = 0  # bumped on every owner change
-        self.served_epoch = 0  # the epoch whose owner the store holds models for
-        self.revoked: list[str] = []
+        self.lock = threading.Lock()
+        self.owner_lease = ""  # set once, by the broker's assignment
+        self.owner_hash = ""  # SHA-256 hex digest of the owner's token
+        self.owner_pid = 0
+        self.verified_token = None  # the token that matched the hash (so a call hashes nothing)
         self.requests = 0
         self.errors = 0
         self.busy = False
@@ -106,36 +108,33 @@ class Worker:
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
-    def assign(self, lease_id: str, token: str) -> None:
+    def assign(self, msg: protocol.Assign) -> bool:
+        """Take the one owner this worker serves in its life (the broker starts a fresh worker for the next)."""
         with self.lock:
-            if self.owner_token and self.owner_token != token:
-                self.revoked = (self.revoked + [self.owner_token])[-REVOKED_TOKENS_KEPT:]
-            self.owner_lease, self.owner_token = lease_id, token
-            self.owner_epoch += 1
-            self.lock.notify_all()
+            if self.owner_lease and self.owner_lease != msg.lease_id:
+                log.error("core %d: asked to serve lease %s while serving %s; refused (a worker serves one owner)",
+                          self.core, msg.lease_id, self.owner_lease)
+                return False
+            if not msg.lease_id or len(msg.token_hash) != 64:
+                log.error("core %d: an assignment without a lease or token hash; refused", self.core)
+                return False
+            self.segments.set_owner(msg.owner_pid, msg.owner_uid if msg.owner_uid >= 0 else None)
+            self.owner_lease, self.owner_hash, self.owner_pid = msg.lease_id, msg.token_hash, msg.owner_pid
+        return True
 
     def authorize(self, token) -> None:
-        """Return when ``token`` is the owner's; wait a little for the broker's word on a token not yet seen."""
-        deadline = time.monotonic() + config.WORKER_ASSIGN_WAIT_S
-        with self.lock:
-            while token != self.owner_token:
-                left = deadline - time.monotonic()
-                if not token or token in self.revoked or left <= 0:
-                    raise NotOwnerError(
-                        f"core {self.core} is not held by this lease "
-                        f"({'it is free' if not self.owner_token else 'another process owns it'}); "
-                        "acquire it through the broker (the lease may have been reclaimed)"
-                    )
-                self.lock.wait(left)
-
-    def sync_owner(self) -> None:
-        """In the data thread: forget the previous owner's models and mappings after an owner change."""
-        epoch = self.owner_epoch
-        if epoch != self.served_epoch:
-            self.store.clear()
-            self.segments.clear()
-            self.served_epoch = epoch
-            self.stats_dirty.set()
+        """Return if ``token`` is the owner's; refuse at once otherwise (the owner is known before it is told)."""
+        if token is not None and token == self.verified_token:
+            return
+        owner = self.owner_hash
+        if (owner and isinstance(token, str) and token
+                and hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(), owner)):
+            self.verified_token = token
+            return
+        raise NotOwnerError(
+            f"core {self.core} is not held by this lease "
+            f"({'it is free' if not owner else 'another lease owns it'}); acquire it through the broker "
+            "(the lease may have ended)")
 
     # -- data plane ------------------------------------------------------------------------------------------
     def on_load(self, msg: protocol.Load):
@@ -193,7 +192,6 @@ class Worker:
             if handler is None:
                 raise ProtocolError(f"a worker does not serve {env.op!r}; it serves {', '.join(self.handlers)}")
             self.authorize(env.msg.token)
-            self.sync_owner()
             self.busy = True
             try:
                 reply, sink = handler(env.msg)
@@ -228,7 +226,6 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 if not backlog and not sock.poll(DATA_POLL_MS, transport.POLLIN):
-                    self.sync_owner()
                     continue
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
                 while len(backlog) < MAX_BACKLOG and transport.readable(sock):
@@ -276,7 +273,9 @@ class Worker:
                         log.warning("core %d: bad message from broker: %s", self.core, exc)
                         continue
                     if isinstance(env.msg, protocol.Assign):
-                        self.assign(env.msg.lease_id, env.msg.token)
+                        if self.assign(env.msg):
+                            transport.send(ctl, protocol.encode(protocol.Assigned(core=self.core,
+                                                                                  lease_id=env.msg.lease_id)))
                     elif isinstance(env.msg, protocol.Shutdown):
                         self.stopping.set()
                         break

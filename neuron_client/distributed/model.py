@@ -216,7 +216,9 @@ class TensorParallelModel:
             if self._broken is not None:
                 self._reform(self._broken)
             else:
-                replaced = [p.core for p in self._loaded.ranks if rt.worker(p.core)["pid"] != p.worker_pid]
+                # a worker that died between calls: the broker's word may still be on its way, the kernel's is not
+                replaced = [p.core for p in self._loaded.ranks
+                            if rt.worker(p.core)["pid"] != p.worker_pid or not _pid_running(p.worker_pid)]
                 if replaced:
                     self._reform(f"neuroncores {replaced} got fresh workers")
             return self._loaded

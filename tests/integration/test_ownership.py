@@ -98,15 +98,29 @@ def test_kill_9_owner_frees_cores_within_about_a_second(broker, spawn_app, model
     assert out["ok"] and out["owned"] == [6, 7]
 
 
-def test_hung_owner_loses_cores_after_missing_heartbeats(broker, spawn_app):
+def test_stopped_owner_keeps_its_cores_by_default(broker, spawn_app):
+    """A live process keeps its cores however long it is silent (the reference runtime's behaviour)."""
     holder = spawn_app(broker, "hold", env={"NEURON_RT_VISIBLE_CORES": "3"})
     holder.next()
     assert broker.owners()[3] == holder.pid
     os.kill(holder.pid, signal.SIGSTOP)
     try:
+        time.sleep(3.0)
+        assert broker.owners()[3] == holder.pid
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    assert broker.owners()[3] == holder.pid
+
+
+def test_opt_in_policy_reclaims_an_owner_stopped_by_a_signal(fresh_broker, spawn_app):
+    b = fresh_broker(2, extra=["--lease-timeout", "1"])
+    holder = spawn_app(b, "hold", env={"NEURON_RT_VISIBLE_CORES": "1"})
+    holder.next()
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
         stopped_at = time.monotonic()
-        broker.wait_for(lambda d: d["cores"][3]["owner"] is None, 5, "core 3 reclaimed from a hung owner")
-        assert time.monotonic() - stopped_at < 2.5
+        b.wait_for(lambda d: d["cores"][1]["owner"] is None, 10, "core 1 reclaimed from a stopped owner")
+        assert time.monotonic() - stopped_at >= 1.0
     finally:
         os.kill(holder.pid, signal.SIGCONT)
 

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuron_client.cores import (CoreRequest, format_cores, format_visible, parse_num_cores, parse_visible_cores,
-                                 request_from_env)
+from neuron_client.cores import (MAX_CORES, CoreRequest, format_cores, format_visible, parse_num_cores,
+                                 parse_visible_cores, request_from_env)
 from neuron_client.errors import NeuronCoreSpecError
 
 core_sets = st.sets(st.integers(0, 300), min_size=1, max_size=40)
@@ -139,7 +139,7 @@ def test_parse_num_cores_rejects(text):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(0, 10**6))
+@given(st.integers(0, MAX_CORES))
 def test_parse_num_cores_any_count(n):
     assert parse_num_cores(str(n)) == n
 

@@ -167,7 +167,10 @@ def example_messages():
         "worker_ready": protocol.WorkerReady(core=1, pid=77, endpoint="ipc:///tmp/w1"),
         "worker_stats": protocol.WorkerStats(core=1, models=[{"id": 1, "name": "m", "requests": 3, "bytes": 10}],
                                              requests=3, errors=0, rss=1 << 40, busy=True),
-        "assign": protocol.Assign(lease_id="", token="", owner_pid=0),
+        "assign": protocol.Assign(lease_id="ab", token_hash="0" * 64, owner_pid=7, owner_uid=1000),
+        "assigned": protocol.Assigned(core=1, lease_id="ab"),
+        "reattach": protocol.Reattach(lease_id="ab", token="t"),
+        "lease_ended": protocol.LeaseEnded(lease_id="ab", reason="released by an operator"),
         "shutdown": protocol.Shutdown(),
         "load": protocol.Load(token="tok", name="m.pt", data=torch.tensor([1, 2, 3], dtype=torch.uint8)),
         "loaded": protocol.Loaded(model_id=4, load_s=0.25),
@@ -196,7 +199,7 @@ def test_every_message_round_trips(op):
 
 def test_defaults_apply_when_fields_are_absent():
     env = decode(pack_header({"v": 1, "op": "acquire", "id": 3, "body": {"pid": 1, "create_time": 2, "cmd": "c"}}))
-    assert env.msg == protocol.Acquire(pid=1, create_time=2, cmd="c")
+    assert env.msg == protocol.Acquire(pid=1, create_time=2, cmd="c")  # informational fields still decode
     assert env.msg.visible is None and env.msg.count is None and env.msg.wait_s == 0.0
     env = decode(pack_header({"v": 1, "op": "ping"}))  # id and body are optional
     assert env.req_id == 0 and isinstance(env.msg, protocol.Ping)

@@ -1,0 +1,35 @@
+"""Processes: is one alive, and stop some (SIGTERM, a grace period, then SIGKILL). Written once, used everywhere."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+
+def pid_running(pid: int) -> bool:
+    """True if ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError, OverflowError):
+        return False
+
+
+def stop_processes(pids, grace_s: float = 2.0, sig: int = signal.SIGTERM) -> None:
+    """Send ``sig`` to each pid, wait up to ``grace_s`` for them to exit, then SIGKILL the rest."""
+    pids = [p for p in pids if p]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(pid_running(p) for p in pids):
+        time.sleep(0.02)
+    for pid in pids:
+        if pid_running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
