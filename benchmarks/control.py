@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from .harness import (BENCH_LEASE_TIMEOUT_S, CHILDREN, ROOT, BenchError, Plot, SectionResult, Variant, broker_env,
+from .harness import (CHILDREN, ROOT, BenchError, Plot, SectionResult, Variant, broker_env,
                       fmt_ratio, fmt_spread, fmt_us, interleave, md_table, percentile, ratio, round_ratio, verdict)
 
 OPS_ROUNDS = (25, 5)
@@ -62,8 +62,7 @@ def run(ctx) -> SectionResult:
         "hundreds of cycles leave nothing behind.",
         "Owner processes start (and import torch) before the clock starts; the clock runs from the `kill -9` (or from "
         "writing the release command to the owner's stdin) until a `status` reply shows the cores free.",
-        f"The broker reclaims a silent lease after {BENCH_LEASE_TIMEOUT_S:g} s instead of 1 s (see section 1's "
-        "notes); a killed owner is noticed by its death, not by that timeout.",
+        "The broker sees a killed owner's end through its lease link and its pidfd, at once.",
     ]
     return res
 
@@ -72,25 +71,25 @@ def run(ctx) -> SectionResult:
 
 
 def _part_ops(ctx, broker, res: SectionResult) -> None:
-    import psutil
-
     from neuron_client import protocol, transport
     from neuron_client.runtime import Runtime
 
+    from neuron_client import lease_link
+
     ping_ch = transport.Channel(broker.address)
-    proto_ch = transport.Channel(broker.address)
-    me = psutil.Process()
-    create_time = me.create_time()
+    proto_ch = None
     cmd = "scripts/bench (control)"
-    pid = os.getpid()
 
     def ping():
         ping_ch.request(protocol.Ping(), 10.0)
 
     def proto():
-        granted = proto_ch.request(protocol.Acquire(pid=pid, create_time=create_time, cmd=cmd, visible=[1]),
-                                   10.0).msg
-        proto_ch.request(protocol.Release(lease_id=granted.lease_id), 10.0)
+        link = lease_link.LeaseLink(broker.directory, 10.0)
+        try:
+            granted = link.request(protocol.Acquire(cmd=cmd, visible=[1]), 30.0)
+            link.request(protocol.Release(lease_id=granted.lease_id), 10.0)
+        finally:
+            link.close()
 
     def runtime_cycle():
         rt = Runtime(env={"NEURON_RT_VISIBLE_CORES": "1"})
@@ -104,7 +103,6 @@ def _part_ops(ctx, broker, res: SectionResult) -> None:
                        warmup=3, task=task, rng=ctx.rng)
     finally:
         ping_ch.close()
-        proto_ch.close()
     base = m[PING].summary()
     ops = {}
     for name, meas in m.items():
@@ -119,10 +117,9 @@ def _part_ops(ctx, broker, res: SectionResult) -> None:
     res.figures["acquire_release"] = {"rounds": rounds, "calls_per_batch": batch, "variants": ops}
     L = res.lines
     L += ["### Acquire + release per second", "",
-          f"**{PROTO}**: one `Acquire` and one `Release` over a connected `transport.Channel` (two broker round "
-          f"trips). **{RUNTIME}**: the whole client path, `neuron_client.runtime.Runtime()` then `.close()` (it "
-          "pings the broker, acquires on a fresh connection, starts the heartbeat thread, releases on another "
-          f"fresh connection). Baseline: **{PING}**, one `Ping` round trip on a connected channel. "
+          f"**{PROTO}**: a lease link opened, one `Acquire` on it (the grant waits for the core's fresh worker to "
+          f"take its owner), the link closed (the release). **{RUNTIME}**: the whole client path, `neuron_client.runtime.Runtime()` then `.close()` (it "
+          "pings the broker, opens a lease link, acquires, starts the lease thread, closes the link). Baseline: **{PING}**, one `Ping` round trip on a connected channel. "
           "ops/s is 1 / mean time of one operation.", ""]
     L += md_table(["operation", "p50", "p99", "ops/s", "p50 / ping", "mean / ping", "round spread", "n"],
                   [[name, fmt_us(o["p50_us"]), fmt_us(o["p99_us"]), f"{o['ops_per_s']:,.0f}",
@@ -259,7 +256,7 @@ def _part_reclaim(ctx, broker, res: SectionResult) -> None:
           f"A process owning every core (2) is killed with `kill -9`; `status` is polled every "
           f"{STATUS_POLL_S * 1000:g} ms until no core is owned by it. Baseline, interleaved trial by trial: the same "
           "owner told to close its runtime (an orderly `Release`), timed the same way from the moment it is told. "
-          f"The broker checks its owners' liveness every {LIVENESS_CHECK_S:g} s (`broker.server.LIVENESS_CHECK_S`).",
+          "The broker sees the owner's end at once: its lease link closes and its pidfd becomes readable.",
           ""]
     L += md_table(["target", "measured", "goal", "verdict"],
                   [[target["what"], f"{kill_med * 1000:.0f} ms", target["goal"], verdict(target["met"])]])

@@ -40,7 +40,6 @@ CHILD_STOP_GRACE_S = 3.0
 # The brokers the suite starts reclaim a lease after this long without a heartbeat, instead of the default 1 s: on a
 # loaded 2-CPU machine the bench process's heartbeat thread can starve for a second, and a reclaimed lease would end
 # the measurement. Nothing measured depends on it (kill -9 is noticed by the owner's death, not by the timeout).
-BENCH_LEASE_TIMEOUT_S = 30.0
 
 
 
@@ -450,7 +449,7 @@ class Context:
         return self.rounds if self.rounds else (quick if self.quick else full)
 
     def start_broker(self, name: str, cores: int, worker_shm_threshold: int | None = None,
-                     lease_timeout_s: float | None = BENCH_LEASE_TIMEOUT_S, extra=()) -> Broker:
+                     lease_timeout_s: float | None = None, extra=()) -> Broker:
         info = "" if worker_shm_threshold is None else f", workers' shm threshold {worker_shm_threshold} B"
         info += "" if lease_timeout_s is None else f", lease timeout {lease_timeout_s:g}s"
         info += f", {' '.join(extra)}" if extra else ""

@@ -274,6 +274,7 @@ def main(argv=None) -> int:
         print("neuron-broker: --cores must be positive", file=sys.stderr)
         return 2
     try:
+        config.ensure_private_dir(args.dir)  # a squatted directory's pid file or socket is never believed
         return args.func(args)
     except NeuronRuntimeError as exc:
         print(f"neuron-broker {args.command}: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ import os
 import sys
 
 from neuron_client import config
+from neuron_client.errors import NeuronRuntimeError
 from neuron_client.cores import format_visible
 
 from .status import _age, _bytes, _cut, short_command, table
@@ -113,6 +114,7 @@ def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) ->
     from neuron_client import protocol, transport
     from neuron_client.errors import RequestTimeoutError
 
+    config.ensure_private_dir(directory)  # never talk to whatever another user planted there
     address = config.broker_address(directory)
     if transport.ping(address, min(timeout_s, config.BROKER_PING_TIMEOUT_S)) is None:
         return None
@@ -146,7 +148,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print a stable JSON document instead of a table")
     p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
     args = p.parse_args(argv)
-    return run(os.path.abspath(args.dir or config.broker_dir()), args.json)
+    try:
+        return run(os.path.abspath(args.dir or config.broker_dir()), args.json)
+    except NeuronRuntimeError as exc:  # a squatted directory
+        print(f"neuron-ls: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones g
 HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
 CONTROL_OPS = ("force_release", "drain", "stop", "heartbeat")  # decisions: handed to the state
 STOPPED_CHECK_S = 0.5
+RETIRE_GRACE_S = 0.5  # a retiring worker is SIGKILLed if it has not exited this long after being told
+FINAL_STATS_WAIT_S = 1.0  # a retired worker's last stats may arrive just after its exit is seen
 UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end  # the opt-in stopped-owner policy looks this often
 
 
@@ -127,7 +129,8 @@ class Broker:
         lost_journal = os.path.exists(self.lease_path) and not os.path.exists(journal_path)
         self.journal = Journal(journal_path)
         self.recovering = self.journal.recovering or lost_journal
-        self.worker_stats: dict[int, protocol.WorkerStats] = {}
+        self.stats_by_pid: dict[int, protocol.WorkerStats] = {}  # the last stats of each worker (live or just gone)
+        self.gone: dict[int, tuple[int, float]] = {}  # worker pid -> (core, when its stats are folded into retired)
         self.counters = Counters()
         self.metrics: Snapshots | None = None  # set when metrics are served (run_foreground --metrics-port)
         self.metrics_url = ""
@@ -203,7 +206,10 @@ class Broker:
             self.poller.register(sentinel, transport.POLLIN)
             self.dispatch(st.WorkerStarted(eff.core, pid))
         elif kind is st.StopWorker:
-            pid = self.supervisor.kill(eff.core)
+            if eff.graceful:
+                transport.send(self.workers_sock, protocol.encode(protocol.Shutdown()),
+                               identity=b"core-%d" % eff.core)
+            pid = self.supervisor.kill(eff.core, RETIRE_GRACE_S if eff.graceful else 0.0)
             if pid:
                 log.info("core %d: stopping worker pid %d: %s", eff.core, pid, eff.why)
         elif kind is st.UnlinkSegments:
@@ -261,28 +267,37 @@ class Broker:
             self.poller.register(fd, transport.POLLIN)
             self.dispatch(st.LinkOpened(fd, pid, uid, start_time, cmd))
 
-    def on_link(self, fd: int) -> None:
-        entry = self.links.get(fd)
-        if entry is None:
-            return
-        conn, reader = entry
-        try:
-            data = conn.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+    def on_links(self, fds: list[int]) -> None:
+        """Read every ready link; the links that ended are dispatched before any request, so that the cores of an
+        owner that has gone are free for whoever asks in the same round."""
+        ended, received = [], []
+        for fd in fds:
+            entry = self.links.get(fd)
+            if entry is None:
+                continue
+            conn, reader = entry
+            try:
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                ended.append(fd)
+                continue
+            try:
+                received.append((fd, reader.feed(data)))
+            except ProtocolError as exc:
+                self.send_reply(("link", fd), 0, exc)
+                ended.append(fd)
+        for fd in ended:
             self.close_link(fd)
             self.dispatch(st.LinkClosed(fd))
-            return
-        try:
-            frames = reader.feed(data)
-        except ProtocolError as exc:
-            self.send_reply(("link", fd), 0, exc)
-            self.close_link(fd)
-            self.dispatch(st.LinkClosed(fd))
-            return
+        for fd, frames in received:
+            if fd in self.links:
+                self.on_frames(fd, frames)
+
+    def on_frames(self, fd: int, frames: list[bytes]) -> None:
         for frame in frames:
             try:
                 env = protocol.decode([frame])
@@ -377,8 +392,9 @@ class Broker:
             if msg.core != core:
                 return
             slot = self.state.slots.get(core)
-            if slot is not None and slot.ready:
-                self.worker_stats[core] = msg
+            pid = msg.pid or (slot.pid if slot is not None else 0)
+            if slot is not None and (pid == slot.pid or pid in self.gone):  # a gone worker's last word still counts
+                self.stats_by_pid[pid] = msg
         self.dispatch(st.WorkerMessage(core, msg))
 
     def on_sentinel(self, fd: int) -> None:
@@ -390,10 +406,18 @@ class Broker:
         if core is None:
             return
         for pid, how in self.supervisor.reap(core):
-            last = self.worker_stats.pop(core, None)
-            if last is not None:
-                self.retired[core] = retired_counters(self.retired.get(core), last)
+            self.gone[pid] = (core, time.monotonic() + FINAL_STATS_WAIT_S)
             self.dispatch(st.WorkerExited(core, pid, how))
+
+    def fold_gone_workers(self) -> None:
+        """A gone worker's counters join its core's running totals once its last stats had time to arrive."""
+        now = time.monotonic()
+        for pid, (core, when) in list(self.gone.items()):
+            if now >= when:
+                del self.gone[pid]
+                last = self.stats_by_pid.pop(pid, None)
+                if last is not None:
+                    self.retired[core] = retired_counters(self.retired.get(core), last)
 
     # -- operator requests (ZeroMQ) --------------------------------------------------------------------------------
     def on_client_frames(self, parts, remote: bool = False) -> None:
@@ -438,8 +462,12 @@ class Broker:
         for c in range(s.alloc.n_cores):
             slot = s.slots[c]
             lease = s.leases.get(s.alloc.owner_of(c) or "")
-            current = self.worker_stats.get(c) if slot.ready else None
-            stats = add_counters(self.retired.get(c), current)
+            current = self.stats_by_pid.get(slot.pid) if slot.ready else None
+            stats = self.retired.get(c)
+            for pid, (core, _) in self.gone.items():
+                if core == c:
+                    stats = retired_counters(stats, self.stats_by_pid[pid]) if pid in self.stats_by_pid else stats
+            stats = add_counters(stats, current)
             cores.append({
                 "core": c,
                 "state": s.core_state(c),
@@ -492,7 +520,8 @@ class Broker:
         if soft < hard:  # every owner holds a link and a pidfd here
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         self.clients_sock = transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES)
-        self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES)
+        self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES,
+                                             handover=True)
         self.listener = self.bind_listener()
         self.remote_sock, self.remote_auth = None, None
         self.poller = poller = transport.poller(self.clients_sock, self.workers_sock)
@@ -525,8 +554,7 @@ class Broker:
                     self.on_pidfd(fd)
                 for fd in [s for s in ready if isinstance(s, int) and s in self.sentinels]:
                     self.on_sentinel(fd)
-                for fd in [s for s in ready if isinstance(s, int) and s in self.links]:
-                    self.on_link(fd)
+                self.on_links([s for s in ready if isinstance(s, int) and s in self.links])
                 if self.workers_sock in ready:
                     self.drain(self.workers_sock, self.on_worker_frames, 256)
                 if listener_fd in ready:
@@ -539,6 +567,9 @@ class Broker:
                 if now - last_check >= LIVENESS_CHECK_S:
                     last_check = now
                     self.dispatch(st.Tick())
+                    self.supervisor.kill_overdue()
+                    if self.gone:
+                        self.fold_gone_workers()
                     if self.segments_of_exiting:
                         self.unlink_segments_of_exited()
                     if self.policy.stopped_owner_s > 0 and now - last_stopped >= STOPPED_CHECK_S:

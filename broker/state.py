@@ -192,8 +192,12 @@ class StartWorker:
 
 @dataclass
 class StopWorker:
+    """Stop the core's worker: SIGKILL now, or (``graceful``) ask it to send its last stats and exit, with a
+    SIGKILL after a short grace period."""
+
     core: int
     why: str
+    graceful: bool = False
 
 
 @dataclass
@@ -605,7 +609,7 @@ class BrokerState:
         if slot.state in (SlotState.FRESH, SlotState.STARTING):  # never told of this owner
             return
         slot.state, slot.since = SlotState.RETIRING, now
-        self.emit(StopWorker(slot.core, "its owner's lease ended"))
+        self.emit(StopWorker(slot.core, "its owner's lease ended", graceful=True))
 
     # -- waiting acquires ------------------------------------------------------------------------------------------
     def _serve_pending(self, now: float) -> None:
@@ -648,6 +652,9 @@ class BrokerState:
         if slot is None:
             return
         msg = ev.msg
+        if isinstance(msg, protocol.WorkerStats) and slot.state == SlotState.STARTING and msg.pid and (
+                msg.pid == slot.pid):
+            msg = protocol.WorkerReady(core=slot.core, pid=msg.pid, endpoint="")  # its first word was lost
         if isinstance(msg, protocol.WorkerReady):
             if slot.state != SlotState.STARTING or (slot.pid and msg.pid != slot.pid):
                 return  # a late word from a worker already replaced

@@ -51,6 +51,7 @@ class Supervisor:
         self.ctx.set_forkserver_preload(["worker.main"])
         self.procs: dict[int, mp.process.BaseProcess] = {}  # core -> its current process
         self.stopping: list[mp.process.BaseProcess] = []  # killed, not reaped yet
+        self.kill_at: dict[int, float] = {}  # pid -> when a worker told to exit is killed
 
     def start(self, core: int) -> tuple[int, int]:
         """Start a worker for ``core``; (pid, sentinel fd that becomes readable when it exits)."""
@@ -68,16 +69,34 @@ class Supervisor:
         self.procs[core] = proc
         return proc.pid, proc.sentinel
 
-    def kill(self, core: int) -> int:
-        """SIGKILL the core's worker now (nothing of its owner may run on after this); its pid, or 0."""
+    def kill(self, core: int, grace_s: float = 0.0) -> int:
+        """SIGKILL the core's worker now, or after ``grace_s`` if it has not exited by then; its pid, or 0."""
         proc = self.procs.get(core)
         if proc is None or proc.exitcode is not None:
             return 0
+        if grace_s > 0:
+            self.kill_at[proc.pid] = time.monotonic() + grace_s
+            return proc.pid
         try:
             os.kill(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         return proc.pid
+
+    def kill_overdue(self) -> None:
+        """SIGKILL the workers told to exit that have not (their pid is still their own: we have not reaped it)."""
+        now = time.monotonic()
+        live = {p.pid for p in self.procs.values() if p.exitcode is None}
+        for pid, when in list(self.kill_at.items()):
+            if pid not in live:
+                del self.kill_at[pid]
+            elif now >= when:
+                del self.kill_at[pid]
+                log.warning("worker pid %d did not exit when told; killing it", pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def reap(self, core: int) -> list[tuple[int, str]]:
         """(pid, how it ended) of the core's worker if it exited; forgets it."""

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from neuron_client import config
+from neuron_client.errors import NeuronRuntimeError
 
 from .ls import fetch, not_running
 from .status import _age, _bytes, _cut, short_command
@@ -277,6 +278,11 @@ def main(argv=None) -> int:
     if args.interval <= 0:
         p.error(f"--interval must be > 0 seconds, got {args.interval}")
     directory = os.path.abspath(args.dir or config.broker_dir())
+    try:
+        config.ensure_private_dir(directory)
+    except NeuronRuntimeError as exc:  # a squatted directory: show nothing planted there
+        print(f"neuron-top: {exc}", file=sys.stderr)
+        return 2
     return run_once(directory, args.interval) if args.once else run_live(directory, args.interval)
 
 

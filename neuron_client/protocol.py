@@ -215,6 +215,7 @@ class WorkerStats:
     # Accelerator backends (cuda): the worker's device memory in use and the driver's utilisation (percent, or None).
     device_memory: int = 0
     device_util: typing.Optional[float] = None
+    pid: int = 0  # the worker's; stats from a worker the broker has not heard register it (a lost worker_ready)
 
 
 @message("assign")

@@ -48,9 +48,13 @@ def dealer(endpoint: str, identity: bytes | None = None) -> zmq.Socket:
     return s
 
 
-def router(endpoint: str, max_message_bytes: int = 0) -> zmq.Socket:
+def router(endpoint: str, max_message_bytes: int = 0, handover: bool = False) -> zmq.Socket:
+    """A bound ROUTER. ``handover``: a peer connecting with an identity already in use takes it over (a fresh
+    worker registering as ``core-N`` before ZeroMQ has noticed that the one it replaces has gone)."""
     s = _socket(zmq.ROUTER)
     s.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises instead of vanishing silently
+    if handover:
+        s.setsockopt(zmq.ROUTER_HANDOVER, 1)
     if max_message_bytes:
         s.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)  # ZeroMQ drops a peer that sends a larger frame
     if endpoint.startswith("ipc://"):

@@ -41,6 +41,7 @@ log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
 LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
 LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
+FINAL_STATS_LINGER_S = 0.05  # a retiring worker gives its last stats this long to leave before it exits
 MAX_BACKLOG = 32  # requests taken off the socket ahead of the one running (the queue depth the stats report)
 
 
@@ -255,7 +256,7 @@ class Worker:
                                     errors=self.errors, rss=rss, busy=self.busy, busy_s=times.busy_s,
                                     latency_p50_s=p50, latency_p99_s=p99, latency_window=window,
                                     latency_sum_s=times.sum_s, latency_buckets=list(times.buckets),
-                                    queue=self.queued, loads=self.loads, load_s=self.load_s,
+                                    queue=self.queued, loads=self.loads, load_s=self.load_s, pid=os.getpid(),
                                     **backends.device_stats(self.store.device))
 
     def control_loop(self) -> None:
@@ -276,9 +277,11 @@ class Worker:
                         if self.assign(env.msg):
                             transport.send(ctl, protocol.encode(protocol.Assigned(core=self.core,
                                                                                   lease_id=env.msg.lease_id)))
-                    elif isinstance(env.msg, protocol.Shutdown):
-                        self.stopping.set()
-                        break
+                    elif isinstance(env.msg, protocol.Shutdown):  # its owner left (or the broker stops)
+                        self.stopping.set()  # the data thread takes no further request
+                        transport.send(ctl, protocol.encode(self.stats()))  # the last word on its counters
+                        time.sleep(FINAL_STATS_LINGER_S)  # ZeroMQ's I/O thread sends it; _exit does not wait
+                        os._exit(0)  # whatever of the owner still runs, ends here
                 now = time.monotonic()
                 if self.stats_dirty.is_set() or now - last_stats > config.WORKER_STATS_INTERVAL_S:
                     if now - last_stats > 0.05:

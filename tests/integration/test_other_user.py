@@ -235,3 +235,86 @@ def test_autostart_from_a_planted_working_directory_starts_the_real_broker(tmp_p
         assert os.readlink(f"/proc/{pid}/cwd") == directory  # not the caller's working directory
     finally:
         stop_broker(directory)
+
+
+# -- the lease link checks the uid at both ends (SO_PEERCRED) ---------------------------------------------------------
+
+# the attacker cannot run the test's interpreter (it may live under /root): a system one, standard library only
+PLAIN_PYTHON = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.exists(p)), None)
+
+
+def plain_python():
+    if PLAIN_PYTHON is None:
+        pytest.skip("needs a system python3 that another user can run")
+    return PLAIN_PYTHON
+
+
+@pytest.mark.timeout(60)
+def test_client_sends_nothing_to_a_lease_socket_of_another_user(attacker, shared):
+    """Even inside a directory of ours, a lease socket bound by another user gets nothing from the client."""
+    from neuron_client import lease_link
+    from neuron_client.errors import BrokerUnavailableError
+
+    import pathlib
+
+    d = pathlib.Path(shared) / "victim"
+    d.mkdir(mode=0o700)
+    got = pathlib.Path(shared) / "got"
+    os.chmod(d, 0o777)  # only so that the attacker can bind there; 0700 again before the victim connects
+    got.write_bytes(b"")
+    os.chmod(got, 0o666)
+    listener = subprocess.Popen(
+        [plain_python(), "-c",
+         "import socket, sys\n"
+         "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4); print('up', flush=True)\n"
+         "c, _ = s.accept(); c.settimeout(3)\n"
+         "data = b''\n"
+         "try:\n"
+         "    while True:\n"
+         "        chunk = c.recv(4096)\n"
+         "        if not chunk: break\n"
+         "        data += chunk\n"
+         "except OSError: pass\n"
+         "open(sys.argv[2], 'ab').write(b'connected:' + data)\n",
+         lease_link.lease_socket_path(str(d)), str(got)],
+        user=attacker.uid, group=attacker.gid, extra_groups=[], stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "up"
+        os.chmod(d, 0o700)
+        with pytest.raises(BrokerUnavailableError, match=f"runs as uid {attacker.uid}"):
+            lease_link.LeaseLink(str(d), 5.0)
+        listener.wait(10)
+        assert got.read_bytes() == b"connected:"  # it saw a connection and not one byte
+    finally:
+        listener.kill()
+        listener.wait(5)
+
+
+@pytest.mark.timeout(120)
+def test_broker_refuses_a_lease_link_from_another_user(attacker, shared):
+    """A lease link from another uid is closed before it is read: no grant, nothing in status."""
+    from tests.conftest import BrokerProc
+
+    b = BrokerProc(os.path.join(shared, "b"), 1)
+    try:
+        os.chmod(b.directory, 0o711)  # let the attacker reach the socket (the broker checked the mode at start)
+        sock_path = os.path.join(b.directory, "lease.sock")
+        os.chmod(sock_path, 0o777)
+        from neuron_client import lease_link, protocol
+
+        frame = lease_link.pack(protocol.Acquire(cmd="x"), 1).hex()
+        script = ("import socket, sys\n"
+                  "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
+                  "try:\n"
+                  "    s.sendall(bytes.fromhex(sys.argv[2]))\n"
+                  "    print(repr(s.recv(65536)))\n"
+                  "except OSError as exc:\n"
+                  "    print('closed', exc)\n")
+        out = subprocess.run([plain_python(), "-c", script, sock_path, frame], user=attacker.uid, group=attacker.gid,
+                             extra_groups=[], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() in ("b''",) or out.stdout.startswith("closed"), out
+        doc = b.status()
+        assert doc["cores"][0]["owner"] is None and doc["leases"] == []
+        assert f"uid {attacker.uid}" in b.read_log()
+    finally:
+        b.stop()

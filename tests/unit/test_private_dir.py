@@ -4,6 +4,7 @@ before it reads a pid file there or talks to a socket there."""
 from __future__ import annotations
 
 import os
+import time
 import stat
 
 import pytest
@@ -158,3 +159,27 @@ def test_the_client_checks_the_directory_before_it_trusts_anything_there(tmp_pat
         with pytest.raises(NeuronRuntimeError, match=f"refusing broker directory {directory}"):
             call()
     assert talked == [] and sorted(os.listdir(directory)) == ["broker.pid"]
+
+
+@pytest.mark.timeout(60)
+def test_operator_commands_refuse_a_squatted_directory_and_kill_nothing(tmp_path):
+    """`neuron-broker stop` reads the pid file: in a directory others can write it must believe nothing there."""
+    import subprocess
+    import sys
+
+    planted = tmp_path / "squatted"
+    planted.mkdir()
+    os.chmod(planted, 0o777)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (planted / "broker.pid").write_text(str(bystander.pid))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, NEURON_BROKER_DIR=str(planted), PYTHONPATH=root)
+        for argv in (["-m", "broker", "stop"], ["-m", "broker", "status"], ["-m", "broker.ls"]):
+            out = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=30)
+            assert out.returncode != 0 and str(planted) in out.stderr and "Traceback" not in out.stderr, out
+        time.sleep(0.2)
+        assert bystander.poll() is None  # nobody was signalled
+    finally:
+        bystander.kill()
+        bystander.wait(5)

@@ -400,3 +400,14 @@ def test_journal_rows_the_broker_cannot_hold_are_dropped():
     loop = Loop(2, restored=[restored_record(cores=(5,)), restored_record("b" * 16, cores=(0, 1))])
     assert loop.owners() == ["b" * 16, "b" * 16]
     assert any(isinstance(e, st.JournalForget) and e.lease_id == "a" * 16 for e in loop.effects)
+
+
+def test_stats_from_a_starting_worker_register_it_when_its_first_word_was_lost():
+    loop = Loop(1, auto_workers=False)
+    loop.feed(st.WorkerStarted(0, 42))
+    loop.feed(st.WorkerMessage(0, protocol.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
+                                                       pid=41)))
+    assert loop.s.slots[0].state == st.SlotState.STARTING  # not the worker it started
+    loop.feed(st.WorkerMessage(0, protocol.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
+                                                       pid=42)))
+    assert loop.s.slots[0].state == st.SlotState.FRESH
