@@ -28,6 +28,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -474,15 +475,19 @@ class BrokerState:
             return
         raise NeuronCoreUnavailableError(self.conflict_message(request, denied))
 
-    def _try_grant(self, link: Link, req_id: int, request: CoreRequest, now: float) -> Denied | None:
-        """Reserve cores and start the grant (journal, then workers); a :class:`Denied` if they are taken."""
-        lease_id, token = secrets.token_hex(8), secrets.token_urlsafe(32)
+    def _try_grant(self, link: Link, req_id: int, request: CoreRequest, now: float, lease_id: str = "",
+                   token: str = "") -> Denied | None:
+        """Reserve cores and start the grant (journal, then workers); a :class:`Denied` if they are taken. With
+        ``lease_id`` and ``token``: a lease claimed back after the journal was lost."""
+        reclaimed = bool(lease_id)
+        if not reclaimed:
+            lease_id, token = secrets.token_hex(8), secrets.token_urlsafe(32)
         picked = self.alloc.grant(request, lease_id)
         if isinstance(picked, Denied):
             return picked
         lease = Lease(lease_id=lease_id, token_hash=token_hash(token), pid=link.pid, uid=link.uid,
                       start_time=link.start_time, cmd=link.cmd, cores=picked, granted_at=now, link=link.link,
-                      req_id=req_id, token=token, state=LeaseState.JOURNALING)
+                      req_id=req_id, token=token, state=LeaseState.JOURNALING, reattach=reclaimed)
         self.leases[lease_id] = lease
         link.lease_id = lease_id
         self.emit(JournalRecord(lease))
@@ -540,6 +545,9 @@ class BrokerState:
 
     def _reattach(self, link: Link, req_id: int, msg: protocol.Reattach, now: float) -> None:
         lease = self.leases.get(msg.lease_id)
+        if lease is None and now < self.recovering_until and msg.cores:
+            self._reclaim_unjournalled(link, req_id, msg, now)
+            return
         if (lease is None or lease.state != LeaseState.ORPHANED or lease.pid != link.pid
                 or lease.start_time != link.start_time
                 or not hmac.compare_digest(lease.token_hash, token_hash(msg.token))):
@@ -550,6 +558,19 @@ class BrokerState:
         lease.link, lease.req_id, lease.token, lease.reattach = link.link, req_id, msg.token, True
         link.lease_id = lease.lease_id
         self._begin_assign(lease, now)
+
+    def _reclaim_unjournalled(self, link: Link, req_id: int, msg: protocol.Reattach, now: float) -> None:
+        """The journal was lost: a live process of the broker's user that says it held ``msg.cores`` gets them back
+        while the recovery window lasts (the first to claim a core wins; new acquires wait for the window to end)."""
+        if link.lease_id or not re.fullmatch(r"[0-9a-f]{16}", msg.lease_id) or len(msg.token) < 32:
+            raise LeaseLostError(f"lease {msg.lease_id} cannot be re-attached: not a lease of this runtime")
+        request = self._request_of(protocol.Acquire(cmd="", visible=list(msg.cores)))
+        denied = self._try_grant(link, req_id, request, now, lease_id=msg.lease_id, token=msg.token)
+        if denied is not None:
+            raise LeaseLostError(f"lease {msg.lease_id} cannot be re-attached: "
+                                 f"{self.conflict_message(request, denied)}")
+        log.warning("journal lost: pid %d re-attached lease %s on %s on its word", link.pid, msg.lease_id,
+                    format_cores(msg.cores))
 
     def conflict_message(self, request: CoreRequest, denied: Denied) -> str:
         free = self.alloc.free_cores()

@@ -97,6 +97,7 @@ class Reattach:
 
     lease_id: str
     token: str
+    cores: typing.Optional[list] = None  # the cores it holds: claimed back if the broker lost its journal
 
 
 @message("lease_ended")

@@ -71,7 +71,13 @@ class WorkerChannel:
             return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
         except NotOwnerError:
             self.runtime.refresh_workers()  # raises LeaseLostError with the broker's reason if the lease ended
-            raise
+            # the lease lives: the request reached a fresh worker before the broker gave it its owner; once it has
+            # one (or another), ask again, once
+            w = self.runtime.await_worker(self.core, not_pid=0)
+            if w["pid"] == self._worker_pid and self._worker_pid:
+                raise
+            self._worker_pid = w["pid"]
+            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
         tensors = list(protocol.walk_tensors(args))
@@ -216,7 +222,7 @@ class Runtime:
             except BrokerUnavailableError:
                 continue
             try:
-                granted = link.request(protocol.Reattach(lease_id=self.lease_id, token=self.token),
+                granted = link.request(protocol.Reattach(lease_id=self.lease_id, token=self.token, cores=list(self.cores)),
                                        config.ACQUIRE_TIMEOUT_S)
             except LeaseLostError as exc:
                 link.close()

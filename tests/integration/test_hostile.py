@@ -355,3 +355,29 @@ def test_full_disk_refuses_grants_cleanly_and_the_broker_carries_on(tiny_disk, o
         assert d.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})["cores"] == [1]
     finally:
         b.stop()
+
+
+def test_deleted_journal_gives_no_live_owners_core_away(tmp_path, owners):
+    """#15: with the journal gone, a restarted broker lets running owners claim their cores back before it grants
+    anything; a process asking for such a core meanwhile waits, then is told who holds it."""
+    directory = str(tmp_path / "b")
+    first = BrokerProc(directory, 2)
+    second = None
+    try:
+        keeper = owners(first)
+        keeper.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(os.path.join(directory, "leases.db" + suffix)):
+                os.unlink(os.path.join(directory, "leases.db" + suffix))
+        second = BrokerProc(directory, 2)
+        taker = owners(second)
+        got = taker.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
+        assert got.get("error") == "NeuronCoreUnavailableError" and f"pid {keeper.pid}" in got["message"], got
+        assert second.status()["cores"][0]["owner"]["pid"] == keeper.pid
+        assert "journal" in second.read_log()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -411,3 +411,22 @@ def test_stats_from_a_starting_worker_register_it_when_its_first_word_was_lost()
     loop.feed(st.WorkerMessage(0, protocol.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
                                                        pid=42)))
     assert loop.s.slots[0].state == st.SlotState.FRESH
+
+
+def test_after_a_lost_journal_a_live_owner_claims_its_cores_back_first():
+    loop = Loop(2, recovering=True)
+    loop.open(1, 500)  # the owner re-attaching on its word
+    loop.effects = []
+    loop.feed(st.LinkMessage(1, 1, protocol.Reattach(lease_id="c" * 16, token="t" * 43, cores=[1])))
+    g = granted(loop.replies(1))
+    assert g.lease_id == "c" * 16 and g.cores == [1] and "c" * 16 in loop.journal
+    loop.open(2, 600)
+    loop.effects = []
+    loop.feed(st.LinkMessage(2, 1, protocol.Reattach(lease_id="d" * 16, token="u" * 43, cores=[1])))
+    assert isinstance(loop.replies(2)[0], LeaseLostError)  # a core is claimed once
+    assert loop.ask(2, req_id=2, visible=[0]) == []  # a new acquire waits out the window
+    loop.now = st.RESTART_GRACE_S + 0.1
+    loop.workers_report()
+    loop.effects = []
+    loop.feed(st.Tick())
+    assert granted(loop.replies(2)).cores == [0]
