@@ -33,6 +33,7 @@ class Journal:
         self.path = path
         self.directory = os.path.dirname(path)
         self.recovering = False  # the previous journal was lost or unreadable
+        self.unforgotten: set[str] = set()  # rows whose removal failed, retried
         self.db = None
         try:
             self._open()
@@ -95,12 +96,22 @@ class Journal:
             raise JournalError(f"writing {self.path} failed: {exc}") from None
 
     def forget(self, lease_id: str) -> None:
+        """Remove a lease's row; if that fails (a locked journal, a full disk) it is retried by :meth:`retry`."""
         if self.db is None:
+            self.unforgotten.add(lease_id)
             return
         try:
             self.db.execute("DELETE FROM leases_v2 WHERE lease_id = ?", (lease_id,))
-        except sqlite3.Error as exc:  # a stale row only delays a restart's re-attach window; never fatal
-            log.warning("could not remove lease %s from the journal: %s", lease_id, exc)
+            self.unforgotten.discard(lease_id)
+        except sqlite3.Error as exc:  # never fatal: a stale row loses to a newer one of its core at a restart
+            if lease_id not in self.unforgotten:
+                log.warning("could not remove lease %s from the journal (%s); retrying", lease_id, exc)
+            self.unforgotten.add(lease_id)
+
+    def retry(self) -> None:
+        """Remove the rows whose removal failed before."""
+        for lease_id in list(self.unforgotten):
+            self.forget(lease_id)
 
     def load(self) -> list[dict]:
         """The journalled leases, less those released while the broker was down (their tombstones are removed)."""

@@ -126,9 +126,9 @@ class Broker:
         self.supervisor = Supervisor(directory, backend, shm_threshold, max_message_bytes)
         self.lease_path = lease_link.lease_socket_path(directory)
         journal_path = os.path.join(directory, "leases.db")
-        lost_journal = os.path.exists(self.lease_path) and not os.path.exists(journal_path)
+        unclean = os.path.exists(self.lease_path)  # the previous broker died without removing its socket
         self.journal = Journal(journal_path)
-        self.recovering = self.journal.recovering or lost_journal
+        self.recovering = self.journal.recovering or unclean
         self.stats_by_pid: dict[int, protocol.WorkerStats] = {}  # the last stats of each worker (live or just gone)
         self.gone: dict[int, tuple[int, float]] = {}  # worker pid -> (core, when its stats are folded into retired)
         self.counters = Counters()
@@ -535,10 +535,11 @@ class Broker:
         for rec in self.journal.load():
             rec["alive"] = rec["uid"] == os.getuid() and process_alive(rec["pid"], rec["start_time"])
             restored.append(rec)
+        self.execute(self.state.start_workers(time.monotonic()))
         if self.recovering:
-            log.warning("the lease journal was lost or unreadable: acquires wait %.0fs so that running owners can "
-                        "re-attach first", self.policy.restart_grace_s)
-        self.execute(self.state.start(time.monotonic(), restored, self.recovering))
+            log.warning("the previous broker did not stop cleanly or its lease journal was lost: acquires wait %.0fs "
+                        "so that running owners re-attach first", self.policy.restart_grace_s)
+        self.execute(self.state.restore(time.monotonic(), restored, self.recovering))  # the grace runs from here
         log.info("broker pid %d serving %d %s cores at %s (lease links at %s)", os.getpid(), self.state.alloc.n_cores,
                  self.backend.name, self.address, self.lease_path)
         listener_fd = self.listener.fileno()
@@ -568,6 +569,8 @@ class Broker:
                     last_check = now
                     self.dispatch(st.Tick())
                     self.supervisor.kill_overdue()
+                    if self.journal.unforgotten:
+                        self.journal.retry()
                     if self.gone:
                         self.fold_gone_workers()
                     if self.segments_of_exiting:

@@ -334,12 +334,24 @@ class BrokerState:
         self.out.extend(effects)
 
     def start(self, now: float, restored: list[dict] = (), recovering: bool = False) -> list:
-        """Initial effects: start every worker; take back the journal's leases whose owners may still run (each
-        record: lease_id, token_hash, pid, uid, start_time, cmd, cores, granted_wall, alive)."""
+        """:meth:`start_workers` and :meth:`restore` at once."""
+        return self.start_workers(now) + self.restore(now, restored, recovering)
+
+    def start_workers(self, now: float) -> list:
         self.out = []
         for slot in self.slots.values():
             self._start_worker(slot, now)
-        for rec in restored:
+        out, self.out = self.out, []
+        return out
+
+    def restore(self, now: float, restored: list[dict] = (), recovering: bool = False) -> list:
+        """Take back the journal's leases whose owners may still run (each record: lease_id, token_hash, pid, uid,
+        start_time, cmd, cores, granted_wall, alive); they have the grace period from ``now`` (when the broker serves
+        lease links) to re-attach. ``recovering``: the journal may have lost rows (it was unreadable, or the broker
+        did not stop cleanly), so acquires wait out the grace period while owners claim their cores back.
+        The newest row of a core wins: an older one can only be a release whose removal failed."""
+        self.out = []
+        for rec in sorted(restored, key=lambda r: -(r.get("granted_wall") or 0.0)):
             if not rec.get("alive"):
                 self.emit(JournalForget(rec["lease_id"]), UnlinkSegments(rec["pid"], rec["start_time"]))
                 continue

@@ -430,3 +430,11 @@ def test_after_a_lost_journal_a_live_owner_claims_its_cores_back_first():
     loop.effects = []
     loop.feed(st.Tick())
     assert granted(loop.replies(2)).cores == [0]
+
+
+def test_the_newest_journal_row_of_a_core_wins():
+    stale = dict(restored_record("a" * 16, pid=500, cores=(0,)), granted_wall=100.0)
+    live = dict(restored_record("b" * 16, pid=500, cores=(0,), token="tok2"), granted_wall=200.0)
+    loop = Loop(1, restored=[stale, live])
+    assert loop.owners() == ["b" * 16]
+    assert any(isinstance(e, st.JournalForget) and e.lease_id == "a" * 16 for e in loop.effects)
