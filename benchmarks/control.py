@@ -1,9 +1,9 @@
 """Section 2, control: the broker's side of a process's life.
 
 1. Acquire+release per second, interleaved with the baseline, a bare ping round trip to the broker over a
-   connected channel: the raw protocol (``Acquire`` then ``Release`` over one ``transport.Channel``) and the whole
-   client path (``neuron_client.runtime.Runtime()`` then ``.close()``: broker check, acquire on a fresh connection,
-   heartbeat thread, release).
+   connected channel: the raw protocol (a lease link opened, ``Acquire`` and ``Release`` on it) and the whole
+   client path (``neuron_client.runtime.Runtime()`` then ``.close()``: broker check, lease link, acquire, lease
+   thread, release). Each grant includes a fresh worker taking its owner.
 2. Reclaiming a killed owner's cores: a process owning every core is killed with ``kill -9`` and ``status`` is
    polled until its cores are free. The baseline, interleaved trial by trial, is an orderly release (the owner is
    told to close its runtime) timed the same way.

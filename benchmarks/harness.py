@@ -37,9 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BROKER_READY_TIMEOUT_S = 90.0
 BROKER_STOP_GRACE_S = 5.0
 CHILD_STOP_GRACE_S = 3.0
-# The brokers the suite starts reclaim a lease after this long without a heartbeat, instead of the default 1 s: on a
-# loaded 2-CPU machine the bench process's heartbeat thread can starve for a second, and a reclaimed lease would end
-# the measurement. Nothing measured depends on it (kill -9 is noticed by the owner's death, not by the timeout).
 
 
 

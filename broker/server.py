@@ -487,7 +487,8 @@ class Broker:
                 "perf": perf_doc(stats),
             })
         leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
-                   "age_s": round(lease.age_s(now), 3), "state": lease.state.value}
+                   "age_s": round(lease.age_s(now), 3), "state": lease.state.value,
+                   "last_seen_s": 0.0}  # kept for schema 1: a lease lives as long as its link, nothing is "seen"
                   for lease in s.leases.values()]
         pending = [{"pid": s.links[p.link].pid if p.link in s.links else 0, "cmd": p.cmd,
                     "requested": p.request.describe(), "waited_s": round(now - p.since, 3)} for p in s.pending[:256]]

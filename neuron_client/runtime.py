@@ -62,6 +62,8 @@ class WorkerChannel:
 
     def request(self, msg, timeout_s: float, tensors=()):
         self._worker_pid = self.runtime.workers[self.core]["pid"]
+        if not self._worker_pid:  # being replaced: wait (bounded) for the fresh one rather than send into nothing
+            self._worker_pid = self.runtime.await_worker(self.core, not_pid=0)["pid"]
         need = shm.reserve_bytes(tensors, self.threshold) if tensors else 0
         sink = None
         if need:
@@ -292,8 +294,10 @@ class Runtime:
             w = self.workers[core]
             if w.get("failed"):
                 raise WorkerUnavailableError(
-                    f"neuroncore {core} failed: its worker kept dying (last: {w.get('last_exit') or 'unknown'}); "
-                    "the broker no longer restarts it. Use other cores, or restart the broker after fixing the cause")
+                    f"neuroncore {core} failed for this process: its worker kept dying under this lease (last: "
+                    f"{w.get('last_exit') or 'unknown'}), which points at a model it ran. The broker restarts it no "
+                    "more for this lease; the core returns to service with a fresh worker once this process releases "
+                    "its cores")
             if w["pid"] and w["pid"] != not_pid and w.get("ready", True) and _pid_running(w["pid"]):
                 return w
             if time.monotonic() > deadline:
