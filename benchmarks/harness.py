@@ -451,7 +451,8 @@ class Context:
         info += "" if lease_timeout_s is None else f", lease timeout {lease_timeout_s:g}s"
         info += f", {' '.join(extra)}" if extra else ""
         self.progress.note(f"starting broker '{name}' ({cores} core{'s' if cores > 1 else ''}{info})")
-        return Broker(str(self.tmp / name), cores, worker_shm_threshold, lease_timeout_s, extra)
+        # a directory of its own (private, 0700), apart from the section's work files
+        return Broker(str(self.tmp / f"broker-{name}"), cores, worker_shm_threshold, lease_timeout_s, extra)
 
 
 def machine_meta() -> dict:
