@@ -35,7 +35,7 @@ def endpoint(broker, core):
 
 def test_kill_9_owner_then_immediate_acquire_is_never_refused(broker, owners):
     """#3: the moment an owner is reaped its cores are free: an acquire made right after is granted."""
-    for _ in range(3):
+    for _ in range(2):
         a = owners(broker)
         assert a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "2-3"})["cores"] == [2, 3]
         b = owners(broker)  # started (torch imported) before the kill, so it asks right after the reap
@@ -90,13 +90,11 @@ def test_free_core_serves_nobody_and_unknown_tokens_are_refused_at_once(broker, 
     a = owners(broker)
     a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "6"})
     m = a.do("load", path=os.path.join(models_dir, "affine.pt"))["model"]
-    t0 = time.monotonic()
     for _ in range(10):  # each would have held the worker 2 s before
         with pytest.raises(NotOwnerError, match="another lease owns it"):
             worker_request(endpoint(broker, 6), protocol.Call(token=os.urandom(16).hex(), model_id=1,
                                                               args=(torch.ones(2, 4),)), 1.0)
-    assert a.do("call", model=m, shape=[2, 4])["sum"] == 24.0
-    assert time.monotonic() - t0 < 10.0  # 10 refusals at 1 s of request timeout each would fail above first
+    assert a.do("call", model=m, shape=[2, 4])["sum"] == 24.0  # a refusal held for 2 s would time out above
 
 
 def test_journal_holds_no_token(broker, owners):
@@ -224,10 +222,8 @@ def test_oversized_message_is_refused_before_sending(fresh_broker, owners, model
     a.do("acquire")
     big = a.do("load", path=os.path.join(models_dir, "big.pt"))["model"]
     small = a.do("load", path=os.path.join(models_dir, "affine.pt"))["model"]
-    t0 = time.monotonic()
-    got = a.do("call", model=big, shape=[1024, 1024])  # 4 MiB against a 1 MiB limit
+    got = a.do("call", model=big, shape=[1024, 1024])  # 4 MiB against a 1 MiB limit; not a 600 s wait
     assert got.get("error") == "MessageTooLargeError" and "limit" in got["message"], got
-    assert time.monotonic() - t0 < 20
     assert a.do("call", model=small, shape=[2, 4])["sum"] == 24.0
 
 
@@ -242,7 +238,7 @@ def test_lease_link_refuses_garbage_and_huge_frames(broker):
         data = s.recv(65536)
         assert data, "no error reply"
         s.close()
-    assert broker.status()["broker"]["links"] == 0 or True
+    broker.wait_for(lambda d: d["broker"]["links"] == 0, 10, "the broker closed both garbage links")
     link = lease_link.LeaseLink(broker.directory, 5.0)
     try:
         assert link.request(protocol.Acquire(cmd="after garbage", visible=[0]), 30).cores == [0]
@@ -381,3 +377,24 @@ def test_deleted_journal_gives_no_live_owners_core_away(tmp_path, owners):
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_lease_links_per_process_are_bounded(broker):
+    """#19: one process cannot pile up links (each would hold a waiting acquire): past the limit it is told why."""
+    from broker.state import MAX_LINKS_PER_PID
+    from neuron_client.errors import NeuronCoreUnavailableError
+
+    links = []
+    try:
+        for _ in range(MAX_LINKS_PER_PID):
+            links.append(lease_link.LeaseLink(broker.directory, 5.0))
+        broker.wait_for(lambda d: d["broker"]["links"] >= MAX_LINKS_PER_PID, 10, "the links counted")
+        extra = lease_link.LeaseLink(broker.directory, 5.0)
+        links.append(extra)
+        with pytest.raises(NeuronCoreUnavailableError, match="per process"):
+            extra.request(protocol.Acquire(cmd="one too many", visible=[0]), 10)
+        assert broker.status()["broker"]["links"] == MAX_LINKS_PER_PID
+    finally:
+        for link in links:
+            link.close()
+    broker.wait_for(lambda d: d["broker"]["links"] == 0, 10, "links closed")
