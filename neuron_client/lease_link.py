@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import struct
+import time
 
 from . import protocol
 from .errors import BrokerUnavailableError, NeuronRuntimeError, ProtocolError, RequestTimeoutError
@@ -150,8 +151,6 @@ class LeaseLink:
     def request(self, msg, timeout_s: float):
         """Send ``msg`` and return the reply's message; :class:`RequestTimeoutError` after ``timeout_s``."""
         rid = self.send(msg)
-        import time
-
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()

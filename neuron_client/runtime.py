@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import psutil
 
 from . import autostart, config, cores, lease_link, protocol, shm, transport
+from .procs import pid_running
 from .errors import (BrokerUnavailableError, LeaseLostError, NotOwnerError, NeuronCoreSpecError, NeuronRuntimeError, ProtocolError,
                      RequestTimeoutError, WorkerUnavailableError)
 
@@ -100,11 +101,7 @@ class WorkerChannel:
         self.reply_arena.release()
 
 
-def _pid_running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+_pid_running = pid_running  # the one liveness check (neuron_client.procs)
 
 
 def acquire_timeout_s(env) -> float:

@@ -262,15 +262,25 @@ def test_locked_journal_refuses_the_grant_cleanly_and_leaks_nothing(broker, owne
     assert a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "4"})["cores"] == [4]
 
 
-def test_broker_restart_does_not_revive_a_lease_released_while_it_was_down(tmp_path, owners):
-    """#4: an owner that released while the broker was down leaves a tombstone: the restarted broker frees the
-    cores at once; an owner that kept its lease re-attaches and keeps it."""
+def broker_with_keeper(tmp_path, owners):
+    """A 2-core broker in its own directory and an owner of its core 0: (directory, broker, keeper)."""
     directory = str(tmp_path / "b")
     first = BrokerProc(directory, 2)
-    second = None
     try:
         keeper = owners(first)
         keeper.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
+    except BaseException:
+        first.stop()
+        raise
+    return directory, first, keeper
+
+
+def test_broker_restart_does_not_revive_a_lease_released_while_it_was_down(tmp_path, owners):
+    """#4: an owner that released while the broker was down leaves a tombstone: the restarted broker frees the
+    cores at once; an owner that kept its lease re-attaches and keeps it."""
+    directory, first, keeper = broker_with_keeper(tmp_path, owners)
+    second = None
+    try:
         leaver = owners(first)
         leaver.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
         os.killpg(first.proc.pid, signal.SIGKILL)
@@ -356,12 +366,9 @@ def test_full_disk_refuses_grants_cleanly_and_the_broker_carries_on(tiny_disk, o
 def test_deleted_journal_gives_no_live_owners_core_away(tmp_path, owners):
     """#15: with the journal gone, a restarted broker lets running owners claim their cores back before it grants
     anything; a process asking for such a core meanwhile waits, then is told who holds it."""
-    directory = str(tmp_path / "b")
-    first = BrokerProc(directory, 2)
+    directory, first, keeper = broker_with_keeper(tmp_path, owners)
     second = None
     try:
-        keeper = owners(first)
-        keeper.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
         os.killpg(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
         for suffix in ("", "-wal", "-shm"):
