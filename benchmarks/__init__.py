@@ -25,6 +25,9 @@ SECTIONS = {
     "control": ("benchmarks.control",
                 "acquire+release per second vs a bare ping to the broker; time from kill -9 of an owner to its "
                 "cores being free"),
+    "coldstart": ("benchmarks.coldstart",
+                  "cold start of neuron-ls, neuron-broker status, --help vs python -c pass; peak RSS; what the broker "
+                  "process imports"),
     "loading": ("benchmarks.loading",
                 "tensor-parallel MiniLM (TP=2): weights separated from the graphs vs inlined: bytes on disk, load "
                 "time"),
