@@ -19,8 +19,8 @@ import subprocess
 import sys
 import time
 
-from .harness import (CHILDREN, ROOT, BenchError, Plot, SectionResult, Variant, broker_env,
-                      fmt_ratio, fmt_spread, fmt_us, interleave, md_table, percentile, ratio, round_ratio, verdict)
+from .harness import (CHILDREN, ROOT, BenchError, Plot, SectionResult, Variant, broker_env, fmt_ratio, fmt_spread,
+                      fmt_us, interleave, md_table, percentile, ratio, round_ratio, verdict)
 
 OPS_ROUNDS = (25, 5)
 OPS_BATCH = (25, 8)
@@ -71,23 +71,21 @@ def run(ctx) -> SectionResult:
 
 
 def _part_ops(ctx, broker, res: SectionResult) -> None:
-    from neuron_client import protocol, transport
-    from neuron_client.runtime import Runtime
-
-    from neuron_client import lease_link
+    from neuron_client.runtime.lease import Runtime
+    from neuron_client.wire import comm as transport, lease_link, messages
 
     ping_ch = transport.Channel(broker.address)
     proto_ch = None
     cmd = "scripts/bench (control)"
 
     def ping():
-        ping_ch.request(protocol.Ping(), 10.0)
+        ping_ch.request(messages.Ping(), 10.0)
 
     def proto():
         link = lease_link.LeaseLink(broker.directory, 10.0)
         try:
-            granted = link.request(protocol.Acquire(cmd=cmd, visible=[1]), 30.0)
-            link.request(protocol.Release(lease_id=granted.lease_id), 10.0)
+            granted = link.request(messages.Acquire(cmd=cmd, visible=[1]), 30.0)
+            link.request(messages.Release(lease_id=granted.lease_id), 10.0)
         finally:
             link.close()
 
@@ -180,11 +178,11 @@ def _start_owner(ctx, log) -> subprocess.Popen:
 
 def _free_time(ch, pid: int, t0: float) -> float:
     """Seconds from ``t0`` until ``status`` shows no core owned by ``pid``."""
-    from neuron_client import protocol
+    from neuron_client.wire import messages
 
     deadline = t0 + RECLAIM_TIMEOUT_S
     while True:
-        doc = ch.request(protocol.Status(), 10.0).msg.doc
+        doc = ch.request(messages.Status(), 10.0).msg.doc
         now = time.perf_counter()
         if all(not c["owner"] or c["owner"]["pid"] != pid for c in doc["cores"]):
             return now - t0
@@ -194,7 +192,7 @@ def _free_time(ch, pid: int, t0: float) -> float:
 
 
 def _trial(ctx, broker, kind: str, log) -> dict:
-    from neuron_client import transport
+    from neuron_client.wire import comm as transport
 
     proc = _start_owner(ctx, log)
     ch = transport.Channel(broker.address)

@@ -21,8 +21,8 @@ import importlib.util
 import os
 
 from . import echo
-from .harness import (patched_environ, CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of,
-                      fmt_bytes, fmt_ratio, fmt_spread, fmt_us, interleave, md_table, ratio, round_ratio, verdict)
+from .harness import (CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_bytes, fmt_ratio, fmt_spread,
+                      fmt_us, interleave, md_table, patched_environ, ratio, round_ratio, verdict)
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = [1 * KIB, 1 * MIB, 16 * MIB]
@@ -78,9 +78,9 @@ def _save_identity(directory: str, nbytes: int):
 
 
 def _payload(x) -> bytes:
-    from neuron_client import protocol
+    from neuron_client.wire import tensors
 
-    return bytes(memoryview(protocol.tensor_buffer(x)))
+    return bytes(memoryview(tensors.tensor_buffer(x)))
 
 
 def _ray_echo():
@@ -111,17 +111,17 @@ def _ray_echo():
 
 
 def _codec_roundtrip(zc, x):
-    """Bare pyzmq carrying what neuron_client puts on the wire: a ``Call`` encoded with ``protocol.encode`` goes to the
-    echo, and what comes back is decoded with ``protocol.decode`` (the tensor copied out, as a client does). Against
+    """Bare pyzmq carrying what neuron_client puts on the wire: a ``Call`` encoded with ``codec.encode`` goes to the
+    echo, and what comes back is decoded with ``codec.decode`` (the tensor copied out, as a client does). Against
     it, neuron_client's extra time is the worker's side and the client's bookkeeping, not the wire format."""
-    from neuron_client import protocol
+    from neuron_client.wire import codec, messages
 
-    msg = protocol.Call(token="0" * 32, model_id=1, args=(x,), reply_shm=None, reply_shm_size=0)
+    msg = messages.Call(token="0" * 32, model_id=1, args=(x,), reply_shm=None, reply_shm_size=0)
     ids = iter(range(1, 1 << 62))
 
     def call():
-        zc.sock.send_multipart(protocol.encode(msg, next(ids)), copy=False)
-        env = protocol.decode(zc.sock.recv_multipart(copy=False))
+        zc.sock.send_multipart(codec.encode(msg, next(ids)), copy=False)
+        env = codec.decode(zc.sock.recv_multipart(copy=False))
         return env.msg.args
 
     if not __import__("torch").equal(call()[0], x):
@@ -132,7 +132,7 @@ def _codec_roundtrip(zc, x):
 def _channel_in_this_thread(rt, core: int, threshold: int):
     """Create this thread's channel to ``core`` with shared-memory threshold ``threshold``
     (``NEURON_SHM_THRESHOLD_BYTES``, which a channel reads when it is created)."""
-    from neuron_client import config
+    from neuron_client.wire import config
 
     with patched_environ(**{config.ENV_SHM_THRESHOLD: threshold}):
         ch = rt.channel(core)
@@ -180,7 +180,7 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
     import torch
 
     import neuron_client
-    from neuron_client import config
+    from neuron_client.wire import config
 
     p = ctx.progress
     models_dir = ctx.tmp / "dispatch-models"
@@ -401,7 +401,7 @@ def _part_sweep(ctx, stack: contextlib.ExitStack, res: SectionResult) -> None:
     import torch
 
     import neuron_client
-    from neuron_client import config
+    from neuron_client.wire import config
 
     p = ctx.progress
     sizes = SWEEP_QUICK if ctx.quick else SWEEP_FULL

@@ -236,7 +236,7 @@ def run(ctx) -> SectionResult:
     with contextlib.ExitStack() as stack:
         stack.callback(torch.set_num_threads, prev_threads)
         torch.set_num_threads(1)
-        from worker.backends import cpus_for_core
+        from broker.backends import cpus_for_core
 
         host_cpus = sorted(os.sched_getaffinity(0))
         ceiling_cpus = [cpus_for_core(c, BROKER_CORES, host_cpus)[0] for c in range(BROKER_CORES)]
@@ -277,8 +277,8 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
     import torch
 
     import neuron_client
-    from neuron_client import batching
     from neuron_client.experimental import neuron_cores_context
+    from neuron_client.models import batching
     p = ctx.progress
     work = ctx.tmp / "scaling"
     work.mkdir(exist_ok=True)

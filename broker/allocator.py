@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from neuron_client.cores import CoreRequest, format_cores
-from neuron_client.errors import NeuronCoreSpecError
+from neuron_client.wire.cores import CoreRequest, format_cores
+from neuron_client.wire.errors import NeuronCoreSpecError
 
 
 @dataclass

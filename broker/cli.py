@@ -19,8 +19,9 @@ import os
 import sys
 import time
 
-from neuron_client import autostart, config, protocol, transport
-from neuron_client.errors import NeuronRuntimeError
+from neuron_client.runtime import autostart
+from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire.errors import NeuronRuntimeError
 
 from .status import render
 
@@ -45,11 +46,11 @@ def _running(directory: str) -> bool:
 
 
 def cmd_start(args) -> int:
-    from worker.backends import BACKENDS
+    from .backends import BACKENDS
 
     cores = args.cores or os.cpu_count() or 1
     try:
-        from worker.backends import Threads
+        from .backends import Threads
 
         backend = BACKENDS[args.backend].create(cores, args.cores_per_gpu,
                                                 Threads(args.intra_op_threads, args.inter_op_threads))
@@ -95,7 +96,7 @@ def cmd_stop(args) -> int:
         print(f"neuron-broker: not running in {args.dir}")
         return 0
     try:
-        _request(args.dir, protocol.Stop(), 5.0)
+        _request(args.dir, messages.Stop(), 5.0)
     except NeuronRuntimeError:
         pass
     deadline = time.monotonic() + STOP_WAIT_S
@@ -113,7 +114,7 @@ def cmd_stop(args) -> int:
 
 
 def fetch_status(directory: str) -> dict:
-    return _request(directory, protocol.Status()).doc
+    return _request(directory, messages.Status()).doc
 
 
 def cmd_status(args) -> int:
@@ -125,7 +126,7 @@ def cmd_status(args) -> int:
 
 
 def _owners(doc: dict) -> str:
-    from neuron_client.cores import format_cores
+    from neuron_client.wire.cores import format_cores
 
     from .status import short_command
 
@@ -142,7 +143,8 @@ def cmd_ls(args) -> int:
 def cmd_release(args) -> int:
     """Take every core of process --pid back now: its models are dropped and its next call fails with
     LeaseLostError. The process itself keeps running (stop it yourself if it should not retry)."""
-    from neuron_client.cores import format_cores
+    from neuron_client.wire import messages
+    from neuron_client.wire.cores import format_cores
 
     from .status import short_command
 
@@ -152,7 +154,7 @@ def cmd_release(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     before = fetch_status(args.dir)
-    reply = _request(args.dir, protocol.ForceRelease(pid=args.pid))
+    reply = _request(args.dir, messages.ForceRelease(pid=args.pid))
     if not reply.cores:
         print(f"neuron-broker: pid {args.pid} holds no cores; owners now: {_owners(before)} "
               "(see neuron-ls)", file=sys.stderr)
@@ -170,10 +172,10 @@ def cmd_drain(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     if args.cancel:
-        _request(args.dir, protocol.Drain(resume=True))
+        _request(args.dir, messages.Drain(resume=True))
         print("neuron-broker: resumed: new leases are granted again")
         return 0
-    _request(args.dir, protocol.Drain())
+    _request(args.dir, messages.Drain())
     doc = fetch_status(args.dir)
     print(f"neuron-broker: draining: no new leases are granted; {len(doc['leases'])} owner(s) hold cores"
           + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc["leases"] else ""),

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from neuron_client import protocol, transport
+from neuron_client.wire import comm as transport, messages
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -52,7 +52,7 @@ class EmbeddedBroker:
     def status(self) -> dict:
         ch = transport.Channel(self.address)
         try:
-            return ch.request(protocol.Status(), 10.0).msg.doc
+            return ch.request(messages.Status(), 10.0).msg.doc
         finally:
             ch.close()
 

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import time
 
-from neuron_client.lease_link import tombstone_dir
+from neuron_client.wire.lease_link import tombstone_dir
 
 log = logging.getLogger("neuron.broker")
 BUSY_TIMEOUT_S = 0.25  # a journal locked by someone else fails the write quickly instead of stalling the loop

@@ -17,9 +17,9 @@ import json
 import os
 import sys
 
-from neuron_client import config
-from neuron_client.errors import NeuronRuntimeError
-from neuron_client.cores import format_visible
+from neuron_client.wire import config
+from neuron_client.wire.cores import format_visible
+from neuron_client.wire.errors import NeuronRuntimeError
 
 from .status import _age, _bytes, _cut, short_command, table
 
@@ -111,8 +111,8 @@ def render(ls: dict) -> str:
 
 def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) -> dict | None:
     """The broker's status document, or None when no broker answers within the timeouts (never starts one)."""
-    from neuron_client import protocol, transport
-    from neuron_client.errors import RequestTimeoutError
+    from neuron_client.wire import comm as transport, messages
+    from neuron_client.wire.errors import RequestTimeoutError
 
     config.ensure_private_dir(directory)  # never talk to whatever another user planted there
     address = config.broker_address(directory)
@@ -120,7 +120,7 @@ def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) ->
         return None
     ch = transport.Channel(address)
     try:
-        return ch.request(protocol.Status(), timeout_s).msg.doc
+        return ch.request(messages.Status(), timeout_s).msg.doc
     except RequestTimeoutError:
         return None
     finally:

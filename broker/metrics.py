@@ -123,7 +123,7 @@ def families(doc: dict, show_cmdline: bool = False):
     """Prometheus metric families of a broker status document (``cmd`` labels: see :func:`command_label`)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    from neuron_client.protocol import LATENCY_BUCKETS_S
+    from neuron_client.wire.messages import LATENCY_BUCKETS_S
 
     b = doc["broker"]
     g = GaugeMetricFamily("neuron_broker_cores", "Cores the broker manages", labels=["backend"])

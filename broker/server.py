@@ -20,8 +20,8 @@ import time
 
 import psutil
 
-from neuron_client import config, lease_link, protocol, shm, transport
-from neuron_client.errors import NeuronRuntimeError, ProtocolError, code_of
+from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm
+from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError, code_of
 
 from . import state as st
 from .journal import Journal, JournalError
@@ -82,12 +82,12 @@ def _identity(pid: int) -> tuple[float, str]:
 COUNTER_FIELDS = ("requests", "errors", "busy_s", "latency_sum_s", "loads", "load_s")
 
 
-def add_counters(total: protocol.WorkerStats | None, stats: protocol.WorkerStats | None):
+def add_counters(total: messages.WorkerStats | None, stats: messages.WorkerStats | None):
     """``stats`` with the counters of ``total`` (earlier workers of the same core) added: a core's counters run on
     across the fresh workers that each new owner gets, as counters must."""
     if total is None or stats is None:
         return stats if stats is not None else total
-    merged = protocol.WorkerStats(**{f: getattr(stats, f) for f in protocol.WorkerStats.__dataclass_fields__})
+    merged = messages.WorkerStats(**{f: getattr(stats, f) for f in messages.WorkerStats.__dataclass_fields__})
     for f in COUNTER_FIELDS:
         setattr(merged, f, getattr(total, f) + getattr(stats, f))
     a, b = list(total.latency_buckets or []), list(stats.latency_buckets or [])
@@ -96,10 +96,10 @@ def add_counters(total: protocol.WorkerStats | None, stats: protocol.WorkerStats
     return merged
 
 
-def retired_counters(total: protocol.WorkerStats | None, last: protocol.WorkerStats) -> protocol.WorkerStats:
+def retired_counters(total: messages.WorkerStats | None, last: messages.WorkerStats) -> messages.WorkerStats:
     """The running counters of a core after its worker ``last`` went; no gauges (models, queue, latency window)."""
     merged = add_counters(total, last)
-    return protocol.WorkerStats(core=last.core, models=[], requests=merged.requests, errors=merged.errors, rss=0,
+    return messages.WorkerStats(core=last.core, models=[], requests=merged.requests, errors=merged.errors, rss=0,
                                 busy=False, busy_s=merged.busy_s, latency_sum_s=merged.latency_sum_s,
                                 latency_buckets=merged.latency_buckets, loads=merged.loads, load_s=merged.load_s)
 
@@ -129,7 +129,7 @@ class Broker:
         unclean = os.path.exists(self.lease_path)  # the previous broker died without removing its socket
         self.journal = Journal(journal_path)
         self.recovering = self.journal.recovering or unclean
-        self.stats_by_pid: dict[int, protocol.WorkerStats] = {}  # the last stats of each worker (live or just gone)
+        self.stats_by_pid: dict[int, messages.WorkerStats] = {}  # the last stats of each worker (live or just gone)
         self.gone: dict[int, tuple[int, float]] = {}  # worker pid -> (core, when its stats are folded into retired)
         self.counters = Counters()
         self.metrics: Snapshots | None = None  # set when metrics are served (run_foreground --metrics-port)
@@ -140,7 +140,7 @@ class Broker:
         self.pid_of_fd: dict[int, int] = {}
         self.stopped_since: dict[int, float] = {}
         self.sentinels: dict[int, int] = {}  # worker sentinel fd -> core
-        self.retired: dict[int, protocol.WorkerStats] = {}  # per core: counters of its workers that have gone
+        self.retired: dict[int, messages.WorkerStats] = {}  # per core: counters of its workers that have gone
         self.segments_of_exiting: dict[int, tuple[float, float]] = {}  # pid -> (start time, watch until)
         self.poller = None
 
@@ -178,7 +178,7 @@ class Broker:
         if kind is st.Reply:
             self.send_reply(eff.to, eff.req_id, eff.msg)
         elif kind is st.ToWorker:
-            transport.send(self.workers_sock, protocol.encode(eff.msg), identity=b"core-%d" % eff.core)
+            transport.send(self.workers_sock, codec.encode(eff.msg), identity=b"core-%d" % eff.core)
         elif kind is st.JournalRecord:
             try:
                 self.journal.record(eff.lease)
@@ -207,7 +207,7 @@ class Broker:
             self.dispatch(st.WorkerStarted(eff.core, pid))
         elif kind is st.StopWorker:
             if eff.graceful:
-                transport.send(self.workers_sock, protocol.encode(protocol.Shutdown()),
+                transport.send(self.workers_sock, codec.encode(messages.Shutdown()),
                                identity=b"core-%d" % eff.core)
             pid = self.supervisor.kill(eff.core, RETIRE_GRACE_S if eff.graceful else 0.0)
             if pid:
@@ -236,9 +236,9 @@ class Broker:
         sock = self.remote_sock if kind == "tcp" else self.clients_sock
         if isinstance(msg, BaseException):
             text = str(msg) if isinstance(msg, NeuronRuntimeError) else f"{type(msg).__name__}: {msg}"
-            transport.send(sock, protocol.encode_error(code_of(msg), text, req_id), identity=where)
+            transport.send(sock, codec.encode_error(code_of(msg), text, req_id), identity=where)
         else:
-            transport.send(sock, protocol.encode(msg, req_id), identity=where)
+            transport.send(sock, codec.encode(msg, req_id), identity=where)
 
     # -- lease links and owner processes ------------------------------------------------------------------------
     def on_listener(self) -> None:
@@ -300,9 +300,9 @@ class Broker:
     def on_frames(self, fd: int, frames: list[bytes]) -> None:
         for frame in frames:
             try:
-                env = protocol.decode([frame])
+                env = codec.decode([frame])
             except ProtocolError as exc:
-                self.send_reply(("link", fd), protocol.peek_req_id([frame]), exc)
+                self.send_reply(("link", fd), codec.peek_req_id([frame]), exc)
                 continue
             self.dispatch(st.LinkMessage(fd, env.req_id, env.msg))
 
@@ -383,12 +383,12 @@ class Broker:
             if not ident.startswith(b"core-"):
                 raise ProtocolError(f"unknown worker identity {ident[:40]!r}")
             core = int(ident[5:])
-            env = protocol.decode(parts[1:])
+            env = codec.decode(parts[1:])
         except (ProtocolError, ValueError) as exc:
             log.warning("bad message on the workers socket: %s", exc)
             return
         msg = env.msg
-        if isinstance(msg, protocol.WorkerStats):
+        if isinstance(msg, messages.WorkerStats):
             if msg.core != core:
                 return
             slot = self.state.slots.get(core)
@@ -425,22 +425,22 @@ class Broker:
             return
         ident, frames = bytes(parts[0]), parts[1:]
         to = ("tcp" if remote else "zmq", ident)
-        rid = protocol.peek_req_id(frames)
+        rid = codec.peek_req_id(frames)
         try:
             size = sum(len(f) for f in frames)
             if size > MAX_CONTROL_MESSAGE_BYTES:
                 raise ProtocolError(f"a control message of {size} bytes exceeds the broker's limit of "
                                     f"{MAX_CONTROL_MESSAGE_BYTES} bytes")
-            env = protocol.decode(frames)
+            env = codec.decode(frames)
             rid, op = env.req_id, env.op
             if remote and op not in REMOTE_OPS:
                 raise ProtocolError(f"over TCP the broker answers {', '.join(REMOTE_OPS)} only; {op!r} needs the "
                                     "host's ipc socket (run the command on the host)")
             if op == "ping":
-                self.send_reply(to, rid, protocol.Pong(pid=os.getpid(), cores=self.state.alloc.n_cores,
+                self.send_reply(to, rid, messages.Pong(pid=os.getpid(), cores=self.state.alloc.n_cores,
                                                        backend=self.backend.name))
             elif op == "status":
-                self.send_reply(to, rid, protocol.StatusReply(doc=self.status_doc()))
+                self.send_reply(to, rid, messages.StatusReply(doc=self.status_doc()))
             elif op in CONTROL_OPS:
                 self.dispatch(st.Control(to, rid, env.msg))
             elif op in ("acquire", "release", "reattach"):
@@ -597,7 +597,7 @@ class Broker:
         self.execute(self.state.stop(time.monotonic()))
         for core, slot in self.state.slots.items():
             if slot.ready:
-                transport.send(self.workers_sock, protocol.encode(protocol.Shutdown()), identity=b"core-%d" % core)
+                transport.send(self.workers_sock, codec.encode(messages.Shutdown()), identity=b"core-%d" % core)
         self.supervisor.stop_all()
         self.journal.close()
         for fd in list(self.links):

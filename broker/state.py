@@ -33,10 +33,10 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from neuron_client import config, protocol
-from neuron_client.cores import CoreRequest, format_cores
-from neuron_client.errors import (BrokerDrainingError, LeaseLostError, NeuronCoreSpecError,
-                                  NeuronCoreUnavailableError, NeuronRuntimeError, ProtocolError)
+from neuron_client.wire import config, messages
+from neuron_client.wire.cores import CoreRequest, format_cores
+from neuron_client.wire.errors import (BrokerDrainingError, LeaseLostError, NeuronCoreSpecError,
+                                       NeuronCoreUnavailableError, NeuronRuntimeError, ProtocolError)
 
 from .allocator import CoreAllocator, Denied
 
@@ -397,15 +397,15 @@ class BrokerState:
         to = ("link", ev.link)
         msg = ev.msg
         try:
-            if isinstance(msg, protocol.Acquire):
+            if isinstance(msg, messages.Acquire):
                 self._acquire(link, ev.req_id, msg, now)
-            elif isinstance(msg, protocol.Reattach):
+            elif isinstance(msg, messages.Reattach):
                 self._reattach(link, ev.req_id, msg, now)
-            elif isinstance(msg, protocol.Release):
+            elif isinstance(msg, messages.Release):
                 lease = self.leases.get(link.lease_id)
                 if lease is not None and lease.lease_id == msg.lease_id:
                     self._end_lease(lease, "released", now)
-                self.emit(Reply(to, ev.req_id, protocol.Ok()))
+                self.emit(Reply(to, ev.req_id, messages.Ok()))
             else:
                 raise ProtocolError(f"the lease link carries acquire, reattach and release, not {msg.op!r}")
         except NeuronRuntimeError as exc:
@@ -446,7 +446,7 @@ class BrokerState:
             self.emit(UnwatchPid(pid))
 
     # -- acquire -------------------------------------------------------------------------------------------------
-    def _request_of(self, msg: protocol.Acquire) -> CoreRequest:
+    def _request_of(self, msg: messages.Acquire) -> CoreRequest:
         n = self.alloc.n_cores
         if msg.visible is not None:
             if len(msg.visible) > n or not all(type(c) is int for c in msg.visible):
@@ -461,7 +461,7 @@ class BrokerState:
         self.alloc.validate(request)
         return request
 
-    def _acquire(self, link: Link, req_id: int, msg: protocol.Acquire, now: float) -> None:
+    def _acquire(self, link: Link, req_id: int, msg: messages.Acquire, now: float) -> None:
         if link.lease_id or link.pending:
             raise ProtocolError("this lease link already holds (or waits for) a lease; open another link")
         if self.stopping:
@@ -534,7 +534,7 @@ class BrokerState:
         """Give a fresh worker its owner (a worker that is not fresh is dealt with when it becomes so)."""
         if slot.state == SlotState.FRESH:
             slot.state, slot.lease_id, slot.since = SlotState.ASSIGNING, lease.lease_id, now
-            self.emit(ToWorker(slot.core, protocol.Assign(lease_id=lease.lease_id, token_hash=lease.token_hash,
+            self.emit(ToWorker(slot.core, messages.Assign(lease_id=lease.lease_id, token_hash=lease.token_hash,
                                                           owner_pid=lease.pid, owner_uid=lease.uid)))
 
     def _maybe_granted(self, lease: Lease, now: float) -> None:
@@ -546,7 +546,7 @@ class BrokerState:
         lease.state = LeaseState.ACTIVE
         if not lease.reattach:
             self.granted += 1
-        reply = protocol.Granted(lease_id=lease.lease_id, token=lease.token, cores=list(lease.cores),
+        reply = messages.Granted(lease_id=lease.lease_id, token=lease.token, cores=list(lease.cores),
                                  workers=self.workers_of(lease), heartbeat_s=config.HEARTBEAT_INTERVAL_S,
                                  lease_timeout_s=self.policy.stopped_owner_s,
                                  max_message_bytes=self.policy.max_message_bytes)
@@ -555,7 +555,7 @@ class BrokerState:
         log.info("%s %s to pid %d (%s) as lease %s", "re-attached" if lease.reattach else "granted",
                  format_cores(lease.cores), lease.pid, lease.cmd[:60], lease.lease_id)
 
-    def _reattach(self, link: Link, req_id: int, msg: protocol.Reattach, now: float) -> None:
+    def _reattach(self, link: Link, req_id: int, msg: messages.Reattach, now: float) -> None:
         lease = self.leases.get(msg.lease_id)
         if lease is None and now < self.recovering_until and msg.cores:
             self._reclaim_unjournalled(link, req_id, msg, now)
@@ -571,12 +571,12 @@ class BrokerState:
         link.lease_id = lease.lease_id
         self._begin_assign(lease, now)
 
-    def _reclaim_unjournalled(self, link: Link, req_id: int, msg: protocol.Reattach, now: float) -> None:
+    def _reclaim_unjournalled(self, link: Link, req_id: int, msg: messages.Reattach, now: float) -> None:
         """The journal was lost: a live process of the broker's user that says it held ``msg.cores`` gets them back
         while the recovery window lasts (the first to claim a core wins; new acquires wait for the window to end)."""
         if link.lease_id or not re.fullmatch(r"[0-9a-f]{16}", msg.lease_id) or len(msg.token) < 32:
             raise LeaseLostError(f"lease {msg.lease_id} cannot be re-attached: not a lease of this runtime")
-        request = self._request_of(protocol.Acquire(cmd="", visible=list(msg.cores)))
+        request = self._request_of(messages.Acquire(cmd="", visible=list(msg.cores)))
         denied = self._try_grant(link, req_id, request, now, lease_id=msg.lease_id, token=msg.token)
         if denied is not None:
             raise LeaseLostError(f"lease {msg.lease_id} cannot be re-attached: "
@@ -614,7 +614,7 @@ class BrokerState:
             link.lease_id = ""
             if not closed and why != "released":
                 if lease.state == LeaseState.ACTIVE:
-                    self.emit(Reply(("link", link.link), 0, protocol.LeaseEnded(lease_id=lease.lease_id, reason=why)))
+                    self.emit(Reply(("link", link.link), 0, messages.LeaseEnded(lease_id=lease.lease_id, reason=why)))
                 else:
                     self.emit(Reply(("link", link.link), lease.req_id, NeuronCoreUnavailableError(
                         f"the grant of {format_cores(lease.cores)} was abandoned: {why}")))
@@ -685,10 +685,10 @@ class BrokerState:
         if slot is None:
             return
         msg = ev.msg
-        if isinstance(msg, protocol.WorkerStats) and slot.state == SlotState.STARTING and msg.pid and (
+        if isinstance(msg, messages.WorkerStats) and slot.state == SlotState.STARTING and msg.pid and (
                 msg.pid == slot.pid):
-            msg = protocol.WorkerReady(core=slot.core, pid=msg.pid, endpoint="")  # its first word was lost
-        if isinstance(msg, protocol.WorkerReady):
+            msg = messages.WorkerReady(core=slot.core, pid=msg.pid, endpoint="")  # its first word was lost
+        if isinstance(msg, messages.WorkerReady):
             if slot.state != SlotState.STARTING or (slot.pid and msg.pid != slot.pid):
                 return  # a late word from a worker already replaced
             slot.pid, slot.heard = msg.pid, now
@@ -702,7 +702,7 @@ class BrokerState:
         if slot.state in (SlotState.DOWN, SlotState.STARTING, SlotState.RETIRING):
             return
         slot.heard = now
-        if isinstance(msg, protocol.Assigned):
+        if isinstance(msg, messages.Assigned):
             if slot.state == SlotState.ASSIGNING and msg.lease_id == slot.lease_id:
                 slot.state, slot.since = SlotState.SERVING, now
                 lease = self.leases.get(slot.lease_id)
@@ -772,28 +772,28 @@ class BrokerState:
     def on_Control(self, ev: Control, now: float) -> None:
         msg = ev.msg
         try:
-            if isinstance(msg, protocol.ForceRelease):
+            if isinstance(msg, messages.ForceRelease):
                 leases = [le for le in self.leases.values() if le.pid == msg.pid]
                 cores = sorted(c for le in leases for c in le.cores)
                 for le in leases:
                     self._end_lease(le, f"released by an operator (neuron-broker release --pid {msg.pid})", now)
-                self.emit(Reply(ev.to, ev.req_id, protocol.ForceReleased(
+                self.emit(Reply(ev.to, ev.req_id, messages.ForceReleased(
                     pid=msg.pid, cores=cores, leases=[le.lease_id for le in leases])))
-            elif isinstance(msg, protocol.Drain):
+            elif isinstance(msg, messages.Drain):
                 self.draining = not msg.resume
                 log.warning("%s", "draining: no new leases are granted" if self.draining else "resumed granting")
                 self._serve_pending(now)
-                self.emit(Reply(ev.to, ev.req_id, protocol.Ok()))
-            elif isinstance(msg, protocol.Stop):
+                self.emit(Reply(ev.to, ev.req_id, messages.Ok()))
+            elif isinstance(msg, messages.Stop):
                 log.info("stop requested")
                 self.stopping = True
-                self.emit(Reply(ev.to, ev.req_id, protocol.Ok()))
-            elif isinstance(msg, protocol.Heartbeat):  # lease info: its workers now (no bearing on liveness)
+                self.emit(Reply(ev.to, ev.req_id, messages.Ok()))
+            elif isinstance(msg, messages.Heartbeat):  # lease info: its workers now (no bearing on liveness)
                 lease = self.leases.get(msg.lease_id)
                 if lease is None:
                     why = self.ended.get(msg.lease_id, "it is unknown to this broker (was the broker restarted?)")
                     raise LeaseLostError(f"lease {msg.lease_id} is gone: {why}")
-                self.emit(Reply(ev.to, ev.req_id, protocol.HeartbeatAck(workers=self.workers_of(lease))))
+                self.emit(Reply(ev.to, ev.req_id, messages.HeartbeatAck(workers=self.workers_of(lease))))
             else:
                 raise ProtocolError(f"the broker's socket does not serve {msg.op!r}")
         except NeuronRuntimeError as exc:
@@ -812,7 +812,7 @@ class BrokerState:
     def _notify(self, lease: Lease) -> None:
         """Push the lease's workers to its owner (a worker died, failed, or a fresh one serves it)."""
         if lease.link is not None and lease.link in self.links:
-            self.emit(Reply(("link", lease.link), 0, protocol.HeartbeatAck(workers=self.workers_of(lease))))
+            self.emit(Reply(("link", lease.link), 0, messages.HeartbeatAck(workers=self.workers_of(lease))))
 
     # -- queries ---------------------------------------------------------------------------------------------------
     def workers_of(self, lease: Lease) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from neuron_client.cores import format_visible
+from neuron_client.wire.cores import format_visible
 
 
 def _age(seconds: float) -> str:
@@ -28,7 +28,7 @@ def _cut(text: str, width: int) -> str:
 
 def perf_doc(stats) -> dict:
     """The ``perf`` part of a core in the status document, from its worker's last stats (zeros before any)."""
-    from neuron_client.protocol import LATENCY_BUCKETS_S
+    from neuron_client.wire.messages import LATENCY_BUCKETS_S
 
     if stats is None:
         return {"busy_s": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "window": 0, "queue": 0, "loads": 0, "load_s": 0.0,

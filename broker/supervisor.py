@@ -1,12 +1,14 @@
 """Worker processes: start one for a core, stop it, and tell how it ended. The decisions (when to start, restart,
 retire or give up) are :mod:`broker.state`'s; this module only does what it is told.
 
-Workers are started from a ``forkserver`` that has already imported torch and the worker module: each worker is a
-fresh, single-threaded fork of that server (spawn-safe), so a fresh worker for each new owner costs a fork, not a
-torch import.
+Workers are started by entry point (:data:`WORKER_ENTRY`, a ``module:function`` name) from a ``forkserver`` that has
+already imported that module (and torch with it): each worker is a fresh, single-threaded fork of that server
+(spawn-safe), so a fresh worker for each new owner costs a fork, not a torch import. The broker process itself never
+imports the worker, nor torch.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing as mp
 import os
@@ -14,11 +16,18 @@ import signal
 import time
 from dataclasses import dataclass
 
-from neuron_client.procs import stop_processes
+from neuron_client.wire.procs import stop_processes
 
 log = logging.getLogger("neuron.broker")
 
 STOP_GRACE_S = 2.0
+WORKER_ENTRY = "worker.main:run"  # called with the worker's settings as keyword arguments
+
+
+def run_entry(entry: str, settings: dict) -> None:
+    """The target of a worker process (in the forkserver's child): import ``entry``'s module and call it."""
+    module, _, name = entry.partition(":")
+    getattr(importlib.import_module(module), name)(**settings)
 
 
 @dataclass(frozen=True)
@@ -48,23 +57,21 @@ class Supervisor:
         self.shm_threshold = shm_threshold
         self.max_message_bytes = max_message_bytes
         self.ctx = mp.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["worker.main"])
+        self.ctx.set_forkserver_preload([WORKER_ENTRY.partition(":")[0]])
         self.procs: dict[int, mp.process.BaseProcess] = {}  # core -> its current process
         self.stopping: list[mp.process.BaseProcess] = []  # killed, not reaped yet
         self.kill_at: dict[int, float] = {}  # pid -> when a worker told to exit is killed
 
     def start(self, core: int) -> tuple[int, int]:
         """Start a worker for ``core``; (pid, sentinel fd that becomes readable when it exits)."""
-        from worker.main import WorkerConfig, run  # the forkserver imports it; the broker only names it
-
-        cfg = WorkerConfig(core=core, directory=self.directory, backend=self.backend.name,
-                           placement=self.backend.placement(core), broker_pid=os.getpid(),
-                           shm_threshold=self.shm_threshold, max_message_bytes=self.max_message_bytes)
+        settings = dict(core=core, directory=self.directory, backend=self.backend.name,
+                        placement=self.backend.placement(core), broker_pid=os.getpid(),
+                        shm_threshold=self.shm_threshold, max_message_bytes=self.max_message_bytes)
         old = self.procs.get(core)
         if old is not None and old.is_alive():
             old.kill()
             self.stopping.append(old)
-        proc = self.ctx.Process(target=run, args=(cfg,), name=f"neuron-worker-nc{core}", daemon=False)
+        proc = self.ctx.Process(target=run_entry, args=(WORKER_ENTRY, settings), name=f"neuron-worker-nc{core}", daemon=False)
         proc.start()
         self.procs[core] = proc
         return proc.pid, proc.sentinel

@@ -20,8 +20,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-from neuron_client import config
-from neuron_client.errors import NeuronRuntimeError
+from neuron_client.wire import config
+from neuron_client.wire.errors import NeuronRuntimeError
 
 from .ls import fetch, not_running
 from .status import _age, _bytes, _cut, short_command
@@ -116,7 +116,7 @@ def frame(prev: Sample | None, cur: Sample, width: int = 160, problem: str = "")
     from rich.console import Group
     from rich.text import Text
 
-    from neuron_client.cores import format_cores
+    from neuron_client.wire.cores import format_cores
 
     doc = cur.doc
     b = doc["broker"]

@@ -1,8 +1,9 @@
 """Explicit core placement, as ``torch_neuronx.experimental`` names it (indices relative to the process's cores)."""
 from __future__ import annotations
 
-from .model import NeuronModel
-from .placement import ALL, Placement, multicore_context, neuron_cores_context, validate_count, validate_start
+from neuron_client.models.neuron_model import NeuronModel
+from neuron_client.runtime.placement import (ALL, Placement, multicore_context, neuron_cores_context, validate_count,
+                                             validate_start)
 
 
 def set_neuron_cores(model: NeuronModel, start_nc: int = -1, nc_count: int = -1) -> None:

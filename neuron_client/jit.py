@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 
-from . import placement, tracing
-from .errors import ModelLoadError
-from .model import NeuronModel
+from neuron_client.models.neuron_model import NeuronModel
+from neuron_client.runtime import placement
+from neuron_client.tracing import meta as trace_meta
+from neuron_client.wire.errors import ModelLoadError
 
 
 def _read(f) -> tuple[str, bytes]:
@@ -31,7 +32,7 @@ def load(f, map_location=None, _extra_files=None) -> NeuronModel:
     saved after ``async_load`` starts loading now in the background and its first call waits.
     """
     name, data = _read(f)
-    meta = tracing.read_meta(data)
+    meta = trace_meta.read_meta(data)
     model = NeuronModel(str(name), data, meta, placement.current())
     if meta.get("lazy_load"):
         model.state = "lazy"

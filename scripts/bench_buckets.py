@@ -13,7 +13,7 @@ Sections:
 * **KV cache** (the tests' tiny GPT-2: 4 blocks, 128 wide, vocabulary 1024, cache of 320 positions, 1.3 MB of keys
   and values): greedy decoding in tokens per second with the cache resident on the core (``io_aliases``; a step
   sends the token and gets the logits back) and with the cache carried by the client (sent and returned every step);
-  bytes per step from ``neuron_client.state.TrafficMeter``;
+  bytes per step from ``neuron_client.tracing.io_aliases.TrafficMeter``;
 * **speculative** (that GPT-2 as target on core 0, its first two blocks as the draft on core 1): tokens per second
   and target calls of plain greedy decoding against speculative decoding for several k, with the acceptance rate;
   the outputs are checked to be equal. The tiny target costs about as much per call as its draft (a call is mostly
@@ -44,9 +44,9 @@ def median_ms(xs) -> float:
 
 def bench_bucketing(work: str, calls: int) -> dict:
     import torch
+    from bucket_apps import get_bucket_kernel
 
     import neuron_client
-    from bucket_apps import get_bucket_kernel
     from neuron_client.distributed.examples import minilm
 
     tok = minilm.tokenizer()
@@ -101,7 +101,7 @@ def bench_bucketing(work: str, calls: int) -> dict:
 def gpt2_models(work: str, large: bool = False) -> dict:
     import torch
 
-    from neuron_client import decoder
+    from neuron_client.generation import decoder
 
     if large:  # 8 blocks, 512 wide (25 M parameters); the draft is its first block
         hf = decoder.example_gpt2(seed=0, d=512, layers=8, heads=8, damp_upper=0.05, damp_from=1)
@@ -127,7 +127,8 @@ def prompts(n: int):
 
 def bench_kv(paths: dict, tokens: int, n_prompts: int, rounds: int = 3) -> dict:
     import neuron_client
-    from neuron_client import generation, state
+    from neuron_client.generation import generate as generation
+    from neuron_client.tracing import io_aliases as state
 
     resident = neuron_client.jit.load(paths["target"])
     carried = neuron_client.jit.load(paths["carried"])
@@ -178,8 +179,8 @@ def bench_speculative(paths: dict, tokens: int, n_prompts: int, ks=(2, 4, 6), ro
     import torch
 
     import neuron_client
-    from neuron_client import generation
     from neuron_client.experimental import neuron_cores_context
+    from neuron_client.generation import generate as generation
 
     with neuron_cores_context(start_nc=0, nc_count=1):
         target = neuron_client.jit.load(paths["target"])

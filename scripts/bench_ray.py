@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     import ray
     from ray.cluster_utils import Cluster
 
-    from neuron_client import autostart
-    from neuron_client import ray as nray
+    from neuron_client.integrations import ray as nray
+    from neuron_client.runtime import autostart
     from tests import ray_apps
 
     base = tempfile.mkdtemp(prefix="nray-bench-")
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
             f.write(data)
         neuron_run = os.path.join(os.path.dirname(sys.executable), "neuron-run")
         cmd = [neuron_run] if os.path.exists(neuron_run) else [
-            sys.executable, "-c", "import sys; from neuron_client.launch import main; sys.exit(main())"]
+            sys.executable, "-c", "import sys; from neuron_client.tools.launch import main; sys.exit(main())"]
         env = dict(os.environ, NEURON_BROKER_DIR=dir_a, NEURON_BROKER_AUTOSTART="0", PYTHONWARNINGS="ignore",
                    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         out = subprocess.run(cmd + ["--nproc", str(n), "--", sys.executable, os.path.abspath(__file__), "--seconds",

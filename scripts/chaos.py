@@ -92,10 +92,9 @@ def client_main(cfg: dict) -> None:
     import torch
 
     import neuron_client
-    from neuron_client import runtime as runtime_mod
-    from neuron_client.errors import (LeaseLostError, NeuronCoreUnavailableError, NeuronRuntimeError,
-                                      NotOwnerError)
-    from neuron_client.runtime import Runtime
+    from neuron_client.runtime import lease as runtime_mod
+    from neuron_client.runtime.lease import Runtime
+    from neuron_client.wire.errors import LeaseLostError, NeuronCoreUnavailableError, NeuronRuntimeError, NotOwnerError
 
     torch.set_num_threads(1)
     warnings.simplefilter("always", RuntimeWarning)
@@ -234,11 +233,11 @@ def fuzzer_main(cfg: dict) -> None:
     import msgpack
     import zmq
 
-    from neuron_client import protocol, transport
+    from neuron_client.wire import codec, comm as transport, messages
 
     directory, work, n_cores = cfg["directory"], cfg["work"], cfg["cores"]
     rng = random.Random(cfg["seed"])
-    V = protocol.PROTOCOL_VERSION
+    V = messages.PROTOCOL_VERSION
     ext = msgpack.ExtType
     lease_path = os.path.join(directory, "lease.sock")
     down_marker = os.path.join(work, "broker-down")
@@ -276,13 +275,13 @@ def fuzzer_main(cfg: dict) -> None:
         return msgpack.packb({"v": v, "op": op, "id": rid, "body": body})
 
     def tref(index, dtype, shape):
-        return ext(protocol.EXT_TENSOR, msgpack.packb([index, dtype, shape]))
+        return ext(codec.EXT_TENSOR, msgpack.packb([index, dtype, shape]))
 
     def sref(name, offset, dtype, shape):
-        return ext(protocol.EXT_SHM_TENSOR, msgpack.packb([name, offset, dtype, shape]))
+        return ext(codec.EXT_SHM_TENSOR, msgpack.packb([name, offset, dtype, shape]))
 
     def tup(items):
-        return ext(protocol.EXT_TUPLE, msgpack.packb(items))
+        return ext(codec.EXT_TUPLE, msgpack.packb(items))
 
     def randbytes(lo, hi) -> bytes:
         b = bytearray(rng.randbytes(rng.randint(lo, hi)))
@@ -342,7 +341,7 @@ def fuzzer_main(cfg: dict) -> None:
                      else f"{detail}")
         if label:
             count(f"sent: {label}")
-        return (kind, frames, protocol.peek_req_id([frames[0]]) if frames and frames[0] else 0, detail)
+        return (kind, frames, codec.peek_req_id([frames[0]]) if frames and frames[0] else 0, detail)
 
     def worker_request(core: int, token, rid: int):
         op = rng.choice(("call", "call", "load", "unload"))
@@ -861,8 +860,8 @@ class Run:
 
         self.ctx = mp.get_context("forkserver")
         # the forkserver imports torch and the runtime once; every client and the fuzzer is a fork of it
-        self.ctx.set_forkserver_preload(["__main__", "torch", "neuron_client", "neuron_client.runtime",
-                                         "neuron_client.model", "zmq", "msgpack"])
+        self.ctx.set_forkserver_preload(["__main__", "torch", "neuron_client", "neuron_client.runtime.lease",
+                                         "neuron_client.models.neuron_model", "zmq", "msgpack"])
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def track(self, pid: int, what: str) -> None:
@@ -895,11 +894,11 @@ class Run:
                 self.violations.append(f"{kind}: {text}")
 
     def status(self, timeout_s: float = 2.0) -> dict:
-        from neuron_client import protocol, transport
+        from neuron_client.wire import comm as transport, messages
 
         ch = transport.Channel(self.address)
         try:
-            return ch.request(protocol.Status(), timeout_s).msg.doc
+            return ch.request(messages.Status(), timeout_s).msg.doc
         finally:
             ch.close()
 
@@ -1282,12 +1281,13 @@ class Run:
         import torch
 
         import neuron_client
-        from neuron_client.runtime import Runtime
+        from neuron_client.runtime import lease as runtime_mod
+        from neuron_client.runtime.lease import Runtime
 
         path = os.path.join(self.work, "wide.pt")
         torch.jit.save(neuron_client.trace(torch.nn.Linear(2048, 2048), torch.rand(1, 2048)), path)
         rt = Runtime(env={"NEURON_RT_VISIBLE_CORES": "0"})
-        neuron_client.runtime._runtime = rt
+        runtime_mod._runtime = rt
         try:
             def rss():
                 time.sleep(0.7)
@@ -1306,7 +1306,7 @@ class Run:
             return before, rss()
         finally:
             rt.close()
-            neuron_client.runtime._runtime = None
+            runtime_mod._runtime = None
 
     def lease_end_delays(self) -> list[float]:
         """Seconds from each owner's kill -9 to the broker's first log line after it ending a lease of that pid
@@ -1389,7 +1389,7 @@ class Run:
         except Exception:
             pass
         try:  # segments of clients killed here, whose broker is gone too (the run was interrupted)
-            from neuron_client import shm
+            from neuron_client.wire import shm
 
             for pid, (_, what) in list(self.procs.items()):
                 if what in ("client", "fuzzer") and not self.alive(pid):
@@ -1401,7 +1401,7 @@ class Run:
         import torch
 
         import neuron_client
-        from neuron_client import shm
+        from neuron_client.wire import shm
 
         class Model(torch.nn.Module):
             def forward(self, x):

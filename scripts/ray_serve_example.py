@@ -5,7 +5,7 @@
     python scripts/ray_serve_example.py --address auto       # an existing cluster whose nodes advertise neuron_cores
     python scripts/ray_serve_example.py --http               # also serve POST /neuron {"x": [[...4 floats...]]}
 
-Each replica is a ``neuron_client.ray.NeuronActor``: Ray gives it ``neuron_cores`` ids, the replica acquires exactly
+Each replica is a ``neuron_client.integrations.ray.NeuronActor``: Ray gives it ``neuron_cores`` ids, the replica acquires exactly
 those from its node's broker (started by ``ensure_brokers`` with ``--cores`` = the node's ``neuron_cores``), loads the
 model with one replica per owned core and serves calls. After each scaling step the script prints the brokers' view
 (core -> owner pid) and checks that exactly the live replicas hold cores: scaled-down replicas' cores come back.
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import neuron_client  # noqa: E402
-from neuron_client import ray as nray  # noqa: E402
+from neuron_client.integrations import ray as nray
 
 APP = "neuron"
 SCALE_TIMEOUT_S = 120.0

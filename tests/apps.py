@@ -92,7 +92,7 @@ def scenario_acquire_error() -> None:
 def scenario_roundtrip(models: str) -> None:
     """Nested inputs and outputs, a large tensor through shared memory, and a model raising inside the worker."""
     import neuron_client
-    from neuron_client import shm
+    from neuron_client.wire import shm
 
     nested = neuron_client.jit.load(os.path.join(models, "nested.pt"))
     x, a = torch.rand(3), torch.rand(3)
@@ -146,11 +146,11 @@ def save(module, example, path, lazy=False, asynchronous=False) -> str:
 
 
 def broker_status() -> dict:
-    from neuron_client import config, protocol, transport
+    from neuron_client.wire import comm as transport, config, messages
 
     ch = transport.Channel(config.broker_address())
     try:
-        return ch.request(protocol.Status(), 10.0).msg.doc
+        return ch.request(messages.Status(), 10.0).msg.doc
     finally:
         ch.close()
 

@@ -5,7 +5,7 @@ WORK``. Each prints one JSON line per check, ``{"check": name, ...}``; a check t
   loaded with ``neuron_client.jit.load``, called without pre-padding at lengths 1 ... 513 against the CPU model; the
   file size with one and two buckets; a kernel that is not TorchScript.
 * ``state``: a model with a 4 MB state buffer (``input_output_aliases``) against the same model with the state sent
-  each call, bytes counted with ``neuron_client.state.TrafficMeter``; values checked over several calls.
+  each call, bytes counted with ``neuron_client.tracing.io_aliases.TrafficMeter``; values checked over several calls.
 * ``generate``: a tiny GPT-2 (built from a config with a fixed seed) and its 2-block draft, traced with their KV
   caches resident, on two cores: logits against Hugging Face's model, greedy decoding against the eager model,
   speculative decoding against greedy over many prompts and several k, bytes per step resident vs carried.
@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import neuron_client  # noqa: E402
-from neuron_client import decoder, generation, state  # noqa: E402
+from neuron_client.generation import decoder, generate as generation
+from neuron_client.tracing import io_aliases as state
 
 LENGTHS = (1, 127, 128, 129, 511, 512)
 

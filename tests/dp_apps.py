@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import neuron_client  # noqa: E402
+from neuron_client.wire import tensors  # noqa: E402
 
 
 class ConvNet(torch.nn.Module):
@@ -84,7 +85,7 @@ def record(model: neuron_client.NeuronModel) -> list:
 
     def recording_run(args, replica=None):
         calls.append([replica.nc if replica else None,
-                      [list(t.shape) for t in neuron_client.protocol.walk_tensors(args)]])
+                      [list(t.shape) for t in tensors.walk_tensors(args)]])
         return run(args, replica=replica)
 
     model.run = recording_run

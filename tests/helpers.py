@@ -77,7 +77,7 @@ class Owner:
 
 def worker_request(endpoint: str, msg, timeout_s: float = 5.0):
     """One request to a worker's socket; the reply's message (error replies raise their exception)."""
-    from neuron_client import transport
+    from neuron_client.wire import comm as transport
 
     ch = transport.Channel(endpoint)
     try:

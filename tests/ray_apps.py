@@ -14,7 +14,7 @@ import time
 import ray
 import torch
 
-from neuron_client import ray as nray
+from neuron_client.integrations import ray as nray
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,14 +35,14 @@ def affine_bytes() -> bytes:
 
 def local_status(directory: str) -> dict | None:
     """A broker's status document read from this machine (None when none answers)."""
-    from neuron_client import config, protocol, transport
+    from neuron_client.wire import comm as transport, config, messages
 
     address = config.broker_address(directory)
     if transport.ping(address, 1.0) is None:
         return None
     ch = transport.Channel(address)
     try:
-        return ch.request(protocol.Status(), 10.0).msg.doc
+        return ch.request(messages.Status(), 10.0).msg.doc
     finally:
         ch.close()
 

@@ -109,7 +109,7 @@ def scenario_trace(work: str) -> None:
     @checked("state")
     def state():
         """io_aliases from get_model: each rank's state stays on its core, updated in place, never sent."""
-        from neuron_client.state import TrafficMeter
+        from neuron_client.tracing.io_aliases import TrafficMeter
 
         class Stateful(torch.nn.Module):
             def __init__(self):
@@ -226,7 +226,7 @@ def scenario_load(work: str) -> None:
     @checked("kill_between")
     def kill_between():
         """A rank's worker dies between calls; the very next call (made the moment it is gone) re-forms the group."""
-        from neuron_client.procs import pid_running
+        from neuron_client.wire.procs import pid_running
 
         model = models["sep2"]
         model(*inputs[0])

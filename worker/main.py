@@ -27,14 +27,12 @@ from dataclasses import dataclass
 
 import psutil
 
-from neuron_client import config, protocol, transport
-from neuron_client.errors import (ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError,
-                                  code_of)
-from neuron_client.shm import SegmentCache, SegmentWriter
-
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
+from neuron_client.wire import codec, comm as transport, config, messages, tensors
+from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError, code_of
+from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
-from . import backends
+from . import devices
 from .store import ModelStore, tune_allocator
 
 log = logging.getLogger("neuron.worker")
@@ -55,13 +53,13 @@ class CallTimes:
     def __init__(self):
         self.busy_s = 0.0
         self.sum_s = 0.0
-        self.buckets = [0] * (len(protocol.LATENCY_BUCKETS_S) + 1)
+        self.buckets = [0] * (len(messages.LATENCY_BUCKETS_S) + 1)
         self.ring: list = [None] * LATENCY_WINDOW  # (monotonic end time, seconds)
         self.n = 0
 
     def record(self, seconds: float, end: float) -> None:
         self.sum_s += seconds
-        self.buckets[bisect.bisect_left(protocol.LATENCY_BUCKETS_S, seconds)] += 1
+        self.buckets[bisect.bisect_left(messages.LATENCY_BUCKETS_S, seconds)] += 1
         self.ring[self.n % LATENCY_WINDOW] = (end, seconds)
         self.n += 1
 
@@ -109,7 +107,7 @@ class Worker:
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
-    def assign(self, msg: protocol.Assign) -> bool:
+    def assign(self, msg: messages.Assign) -> bool:
         """Take the one owner this worker serves in its life (the broker starts a fresh worker for the next)."""
         with self.lock:
             if self.owner_lease and self.owner_lease != msg.lease_id:
@@ -138,28 +136,28 @@ class Worker:
             "(the lease may have ended)")
 
     # -- data plane ------------------------------------------------------------------------------------------
-    def on_load(self, msg: protocol.Load):
+    def on_load(self, msg: messages.Load):
         data = msg.data
         if not hasattr(data, "dtype") or data.dim() != 1:
             raise ProtocolError("load: 'data' must be a 1-d uint8 tensor of the model file's bytes")
-        blob = bytes(memoryview(protocol.tensor_buffer(data)))
+        blob = bytes(memoryview(tensors.tensor_buffer(data)))
         model_id, load_s = self.store.load(msg.name, blob, weights=msg.weights, group=msg.group)
         self.loads += 1
         self.load_s += load_s
         self.stats_dirty.set()
-        return protocol.Loaded(model_id=model_id, load_s=load_s), None
+        return messages.Loaded(model_id=model_id, load_s=load_s), None
 
-    def on_unload(self, msg: protocol.Unload):
+    def on_unload(self, msg: messages.Unload):
         self.store.unload(msg.model_id)
         self.stats_dirty.set()
-        return protocol.Ok(), None
+        return messages.Ok(), None
 
-    def on_call(self, msg: protocol.Call):
+    def on_call(self, msg: messages.Call):
         entry = self.store.get(msg.model_id)
         args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
         if self.store.device != "cpu":  # inputs arrive on the host; the model lives on the core's device
             device = self.store.device
-            args = protocol.map_tensors(args, lambda t: t.to(device, non_blocking=True))
+            args = tensors.map_tensors(args, lambda t: t.to(device, non_blocking=True))
         t0 = time.perf_counter()
         try:
             with collectives.active(entry.group):  # grad mode is off for this whole thread (see serve)
@@ -176,8 +174,8 @@ class Worker:
         sink = None
         if msg.reply_shm:
             seg = self.segments.get(msg.reply_shm)
-            sink = protocol.TensorSink(shm=SegmentWriter(seg), shm_threshold=self.cfg.shm_threshold)
-        return protocol.Result(outputs=outputs), sink
+            sink = tensors.TensorSink(shm=SegmentWriter(seg), shm_threshold=self.cfg.shm_threshold)
+        return messages.Result(outputs=outputs), sink
 
     def handle(self, frames, received: float = 0.0) -> list:
         """The reply to one request; ``received`` (perf_counter) is when it came off the socket."""
@@ -187,7 +185,7 @@ class Worker:
             if self.cfg.max_message_bytes and size > self.cfg.max_message_bytes:
                 raise ProtocolError(f"a message of {size} bytes exceeds core {self.core}'s limit of "
                                     f"{self.cfg.max_message_bytes} bytes; send large tensors through shared memory")
-            env = protocol.decode(frames, protocol.TensorSource(frames, shm=self.segments, copy_shm=False))
+            env = codec.decode(frames, tensors.TensorSource(frames, shm=self.segments, copy_shm=False))
             rid = env.req_id
             handler = self.handlers.get(env.op)
             if handler is None:
@@ -200,18 +198,18 @@ class Worker:
                 self.busy = False
             if env.op == "call":
                 self.requests += 1
-            out = protocol.encode(reply, rid, sink)
+            out = codec.encode(reply, rid, sink)
             if env.op == "call" and received:
                 self.times.record(time.perf_counter() - received, time.monotonic())
             return out
         except Exception as exc:
             self.errors += 1
             if rid == 0:
-                rid = protocol.peek_req_id(frames)
+                rid = codec.peek_req_id(frames)
             if not isinstance(exc, NeuronRuntimeError):
                 log.exception("core %d: unexpected error", self.core)
                 exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
-            return protocol.encode_error(code_of(exc), str(exc), rid)
+            return codec.encode_error(code_of(exc), str(exc), rid)
         finally:
             self.stats_dirty.set()
 
@@ -245,41 +243,41 @@ class Worker:
             sock.close(linger=0)
 
     # -- control plane ---------------------------------------------------------------------------------------
-    def stats(self) -> protocol.WorkerStats:
+    def stats(self) -> messages.WorkerStats:
         try:
             rss = psutil.Process().memory_info().rss
         except psutil.Error:
             rss = 0
         times = self.times
         p50, p99, window = times.percentiles(time.monotonic())
-        return protocol.WorkerStats(core=self.core, models=self.store.info(), requests=self.requests,
+        return messages.WorkerStats(core=self.core, models=self.store.info(), requests=self.requests,
                                     errors=self.errors, rss=rss, busy=self.busy, busy_s=times.busy_s,
                                     latency_p50_s=p50, latency_p99_s=p99, latency_window=window,
                                     latency_sum_s=times.sum_s, latency_buckets=list(times.buckets),
                                     queue=self.queued, loads=self.loads, load_s=self.load_s, pid=os.getpid(),
-                                    **backends.device_stats(self.store.device))
+                                    **devices.device_stats(self.store.device))
 
     def control_loop(self) -> None:
         ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)
         endpoint = config.worker_address(self.cfg.directory, self.core)
-        transport.send(ctl, protocol.encode(protocol.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint)))
+        transport.send(ctl, codec.encode(messages.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint)))
         last_stats = 0.0
         try:
             while not self.stopping.is_set():
                 if ctl.poll(100, transport.POLLIN):
                     frames = transport.recv(ctl)
                     try:
-                        env = protocol.decode(frames)
+                        env = codec.decode(frames)
                     except ProtocolError as exc:
                         log.warning("core %d: bad message from broker: %s", self.core, exc)
                         continue
-                    if isinstance(env.msg, protocol.Assign):
+                    if isinstance(env.msg, messages.Assign):
                         if self.assign(env.msg):
-                            transport.send(ctl, protocol.encode(protocol.Assigned(core=self.core,
+                            transport.send(ctl, codec.encode(messages.Assigned(core=self.core,
                                                                                   lease_id=env.msg.lease_id)))
-                    elif isinstance(env.msg, protocol.Shutdown):  # its owner left (or the broker stops)
+                    elif isinstance(env.msg, messages.Shutdown):  # its owner left (or the broker stops)
                         self.stopping.set()  # the data thread takes no further request
-                        transport.send(ctl, protocol.encode(self.stats()))  # the last word on its counters
+                        transport.send(ctl, codec.encode(self.stats()))  # the last word on its counters
                         time.sleep(FINAL_STATS_LINGER_S)  # ZeroMQ's I/O thread sends it; _exit does not wait
                         os._exit(0)  # whatever of the owner still runs, ends here
                 now = time.monotonic()
@@ -287,7 +285,7 @@ class Worker:
                     if now - last_stats > 0.05:
                         self.stats_dirty.clear()
                         last_stats = now
-                        transport.send(ctl, protocol.encode(self.stats()))
+                        transport.send(ctl, codec.encode(self.stats()))
                 if not psutil.pid_exists(self.cfg.broker_pid):
                     log.warning("core %d: broker (pid %d) is gone; exiting", self.core, self.cfg.broker_pid)
                     os._exit(0)
@@ -295,11 +293,13 @@ class Worker:
             ctl.close(linger=0)
 
 
-def run(cfg: WorkerConfig) -> None:
-    """Entry point of a worker process (started by the broker's supervisor)."""
+def run(**settings) -> None:
+    """Entry point of a worker process (:data:`broker.supervisor.WORKER_ENTRY`): ``settings`` are
+    :class:`WorkerConfig`'s fields."""
+    cfg = WorkerConfig(**settings)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s worker nc{cfg.core} %(levelname)s %(message)s")
     tune_allocator()
-    device = backends.setup_worker(cfg.backend, cfg.placement)
+    device = devices.setup_worker(cfg.backend, cfg.placement)
     collectives.require_groups()  # a TP graph loaded without its group fails instead of computing a stand-in
     Worker(cfg, device).serve()

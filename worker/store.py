@@ -13,8 +13,11 @@ from typing import Any
 
 import torch
 
-from neuron_client.distributed import collectives, weights as weight_sep
-from neuron_client.errors import ModelLoadError, ProtocolError, UnknownModelError
+from neuron_client.distributed import collectives
+from neuron_client.wire.errors import ModelLoadError, ProtocolError, UnknownModelError
+
+from . import groups
+from .weights import restore as restore_weights
 
 GROUP_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_GROUP_SIZE = 1024
@@ -83,7 +86,7 @@ class ModelStore:
         nbytes = len(data)
         if weights is not None:
             try:
-                nbytes += weight_sep.restore(module, weights, self.device)
+                nbytes += restore_weights(module, weights, self.device)
             except ValueError as exc:
                 raise ModelLoadError(f"core {self.core} could not load {name!r}: {exc}") from None
         module.eval()
@@ -108,7 +111,7 @@ class ModelStore:
             raise ModelLoadError(f"core {self.core} has no rendezvous directory for tensor-parallel groups")
         path = os.path.join(self.rendezvous_dir, f"tp-{name}.store")  # named by the worker, never by the client
         try:
-            group = collectives.form_group(name, rank, size, path, self.device)
+            group = groups.form_group(name, rank, size, path, self.device)
         except Exception as exc:
             raise ModelLoadError(
                 f"core {self.core} could not join process group {name} as rank {rank} of {size} for {model!r} "

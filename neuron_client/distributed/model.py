@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import config, placement, protocol
-from ..errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, RequestTimeoutError,
-                      WorkerUnavailableError)
-from ..runtime import Runtime, _pid_running, get_runtime
+from neuron_client.runtime import placement
+from neuron_client.runtime.lease import Runtime, _pid_running, get_runtime
+from neuron_client.wire import config, messages, tensors
+from neuron_client.wire.errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, RequestTimeoutError,
+                                       WorkerUnavailableError)
+
 from . import collectives
 
 # An unload may queue behind a rank still waiting in a collective of a failed call (at most the collective timeout).
@@ -146,10 +148,10 @@ class TensorParallelModel:
         pid = rt.worker(core)["pid"]
         spec = {"name": group, "rank": shard.rank, "size": self.tp_degree} if self.tp_degree > 1 else None
         weights = dict(shard.weights) if shard.weights is not None else None
-        tensors = [shard.data, *(weights.values() if weights else ())]
+        carried = [shard.data, *(weights.values() if weights else ())]
         reply = rt.channel(core).request(
-            protocol.Load(token=rt.token, name=f"{self.name}[tp{shard.rank}/{self.tp_degree}]", data=shard.data,
-                          group=spec, weights=weights), config.LOAD_TIMEOUT_S, tensors)
+            messages.Load(token=rt.token, name=f"{self.name}[tp{shard.rank}/{self.tp_degree}]", data=shard.data,
+                          group=spec, weights=weights), config.LOAD_TIMEOUT_S, carried)
         return _Placed(core=core, nc=nc, model_id=reply.model_id, worker_pid=pid)
 
     @staticmethod
@@ -228,7 +230,7 @@ class TensorParallelModel:
         specs = self.input_specs
         if specs is None:
             return
-        given = [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in protocol.walk_tensors(args)]
+        given = [{"shape": list(t.shape), "dtype": tensors.dtype_name(t.dtype)} for t in tensors.walk_tensors(args)]
         if given != specs:
             def fmt(ss):
                 return ", ".join(f"{s['dtype']}{s['shape']}" for s in ss) or "none"
@@ -296,7 +298,7 @@ def _unload_one(rt: Runtime, p: _Placed) -> None:
     if rt.closed or rt.worker(p.core)["pid"] != p.worker_pid:
         return  # a fresh worker holds nothing of ours
     try:
-        rt.channel(p.core).request(protocol.Unload(token=rt.token, model_id=p.model_id), UNLOAD_TIMEOUT_S)
+        rt.channel(p.core).request(messages.Unload(token=rt.token, model_id=p.model_id), UNLOAD_TIMEOUT_S)
     except NeuronRuntimeError:
         pass
 

@@ -25,8 +25,10 @@ import uuid
 
 import torch
 
-from .. import bucketing, placement, tracing
-from ..errors import ModelLoadError
+from neuron_client.runtime import placement
+from neuron_client.tracing import bucketing, meta as trace_meta, trace as tracing
+from neuron_client.wire.errors import ModelLoadError
+
 from . import weights as wsep
 from .model import RankShard, TensorParallelModel
 from .parallel_layers import parallel_state
@@ -89,12 +91,12 @@ def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weight
     for rank in range(tp_degree):
         with parallel_state.rank_context(rank, tp_degree):
             model, io_aliases = _model_of(func(), rank)
-            if bucket_config is None:  # io_aliases: state buffers stay on the rank's core (neuron_client.state)
+            if bucket_config is None:  # io_aliases: state buffers stay on the rank's core (neuron_client.tracing.io_aliases)
                 traced = tracing.trace(model, example, input_output_aliases=io_aliases or None, **trace_kwargs)
             elif io_aliases:
                 raise ValueError("io_aliases with bucket_config: give the state as the BucketModelConfig's "
                                  "shared_state_buffer (sliced per bucket by its preprocessor) instead")
-            else:  # one packaged model per rank: its buckets' graphs and the kernel (neuron_client.bucketing)
+            else:  # one packaged model per rank: its buckets' graphs and the kernel (neuron_client.tracing.bucketing)
                 traced = bucketing.bucket_model_trace(model, [_example_tuple(e) for e in example_inputs],
                                                       bucket_config, **trace_kwargs)
             del model
@@ -106,12 +108,12 @@ def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weight
         tp = {"rank": rank, "degree": tp_degree, "trace_id": trace_id, "inline_weights": inline_weights_to_neff}
         if not inline_weights_to_neff:
             tp["weights"] = wsep.manifest(shared, own[rank])
-        tracing.update_meta(traced, tp=tp)
+        trace_meta.update_meta(traced, tp=tp)
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
         data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
         ws = None if inline_weights_to_neff else {**shared, **own[rank]}
-        shards.append(RankShard(rank=rank, data=data, meta=tracing.get_meta(traced), weights=ws))
+        shards.append(RankShard(rank=rank, data=data, meta=trace_meta.get_meta(traced), weights=ws))
     model = TensorParallelModel(shards, name=getattr(func, "__name__", "tp_model"))
     model.shared_weights = shared
     return model
@@ -182,7 +184,7 @@ def read_parallel_model(directory) -> TensorParallelModel:
     for rank, name in sorted(files.items()):
         with open(os.path.join(directory, name), "rb") as f:
             blobs[rank] = f.read()
-    tp0 = tracing.read_meta(blobs[first]).get("tp")
+    tp0 = trace_meta.read_meta(blobs[first]).get("tp")
     if not isinstance(tp0, dict) or not isinstance(tp0.get("degree"), int):
         _fail(directory, f"{files[first]} is not a rank file of a tensor-parallel model (no tensor-parallel record)")
     degree, trace_id = tp0["degree"], tp0.get("trace_id")
@@ -195,7 +197,7 @@ def read_parallel_model(directory) -> TensorParallelModel:
         _fail(directory, f"missing rank file {', '.join(missing)} of a tp_degree {degree} model")
     shards = {}
     for rank, name in sorted(files.items()):
-        meta = tracing.read_meta(blobs[rank])
+        meta = trace_meta.read_meta(blobs[rank])
         tp = meta.get("tp")
         if not isinstance(tp, dict) or tp.get("rank") != rank:
             _fail(directory, f"{name} is not rank {rank} of a tensor-parallel model "

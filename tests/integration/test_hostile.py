@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from neuron_client import lease_link, protocol, shm
-from neuron_client.errors import NotOwnerError, ProtocolError
+from neuron_client.wire import lease_link, messages, shm
+from neuron_client.wire.errors import NotOwnerError, ProtocolError
 from tests.conftest import ROOT, BrokerProc
 from tests.helpers import worker_request
 
@@ -72,7 +72,7 @@ def test_pid_comes_from_the_kernel_not_the_message(broker):
     """#8: an acquire claiming another pid and start time is recorded under the sender's real pid."""
     link = lease_link.LeaseLink(broker.directory, 5.0)
     try:
-        granted = link.request(protocol.Acquire(cmd="spoof", pid=1, create_time=0.0, visible=[5]), 30)
+        granted = link.request(messages.Acquire(cmd="spoof", pid=1, create_time=0.0, visible=[5]), 30)
         assert granted.cores == [5]
         owner = broker.status()["cores"][5]["owner"]
         assert owner["pid"] == os.getpid()
@@ -86,13 +86,13 @@ def test_free_core_serves_nobody_and_unknown_tokens_are_refused_at_once(broker, 
     data = torch.frombuffer(bytearray(open(os.path.join(models_dir, "affine.pt"), "rb").read()), dtype=torch.uint8)
     for token in ("", "x", os.urandom(16).hex()):
         with pytest.raises(NotOwnerError, match="it is free"):
-            worker_request(endpoint(broker, 6), protocol.Load(token=token, name="m", data=data), 2.0)
+            worker_request(endpoint(broker, 6), messages.Load(token=token, name="m", data=data), 2.0)
     a = owners(broker)
     a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "6"})
     m = a.do("load", path=os.path.join(models_dir, "affine.pt"))["model"]
     for _ in range(10):  # each would have held the worker 2 s before
         with pytest.raises(NotOwnerError, match="another lease owns it"):
-            worker_request(endpoint(broker, 6), protocol.Call(token=os.urandom(16).hex(), model_id=1,
+            worker_request(endpoint(broker, 6), messages.Call(token=os.urandom(16).hex(), model_id=1,
                                                               args=(torch.ones(2, 4),)), 1.0)
     assert a.do("call", model=m, shape=[2, 4])["sum"] == 24.0  # a refusal held for 2 s would time out above
 
@@ -120,11 +120,11 @@ def test_stolen_token_is_useless_after_its_lease_and_on_other_cores(broker, owne
     b = owners(broker)
     b.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
     with pytest.raises(NotOwnerError):
-        worker_request(endpoint(broker, 1), protocol.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
+        worker_request(endpoint(broker, 1), messages.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
     a.do("release")
     broker.wait_for(lambda d: d["cores"][0]["worker"]["state"] == "fresh", 10, "core 0 has a fresh worker")
     with pytest.raises(NotOwnerError, match="it is free"):
-        worker_request(endpoint(broker, 0), protocol.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
+        worker_request(endpoint(broker, 0), messages.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
 
 
 def test_worker_writes_only_into_its_owners_segments(broker, owners, models_dir):
@@ -138,7 +138,7 @@ def test_worker_writes_only_into_its_owners_segments(broker, owners, models_dir)
         m = a.do("load", path=os.path.join(models_dir, "big.pt"))["model"]
         big = torch.ones(1024, 1024)
         with pytest.raises(ProtocolError, match="nrt-"):
-            worker_request(endpoint(broker, 1), protocol.Call(
+            worker_request(endpoint(broker, 1), messages.Call(
                 token=secrets["token"], model_id=m + 1, args=(big,), reply_shm=victim_seg.name,
                 reply_shm_size=1 << 20), 10.0)
         assert bytes(victim_seg.view(0, 16)) == b"V" * 16
@@ -163,7 +163,7 @@ def test_next_owner_gets_a_fresh_worker(broker, owners, models_dir):
 
 
 def psutil_running(pid):
-    from neuron_client.procs import pid_running
+    from neuron_client.wire.procs import pid_running
 
     return pid_running(pid)
 
@@ -241,7 +241,7 @@ def test_lease_link_refuses_garbage_and_huge_frames(broker):
     broker.wait_for(lambda d: d["broker"]["links"] == 0, 10, "the broker closed both garbage links")
     link = lease_link.LeaseLink(broker.directory, 5.0)
     try:
-        assert link.request(protocol.Acquire(cmd="after garbage", visible=[0]), 30).cores == [0]
+        assert link.request(messages.Acquire(cmd="after garbage", visible=[0]), 30).cores == [0]
     finally:
         link.close()
 
@@ -389,7 +389,8 @@ def test_deleted_journal_gives_no_live_owners_core_away(tmp_path, owners):
 def test_lease_links_per_process_are_bounded(broker):
     """#19: one process cannot pile up links (each would hold a waiting acquire): past the limit it is told why."""
     from broker.state import MAX_LINKS_PER_PID
-    from neuron_client.errors import NeuronCoreUnavailableError
+    from neuron_client.wire import messages
+    from neuron_client.wire.errors import NeuronCoreUnavailableError
 
     links = []
     try:
@@ -399,7 +400,7 @@ def test_lease_links_per_process_are_bounded(broker):
         extra = lease_link.LeaseLink(broker.directory, 5.0)
         links.append(extra)
         with pytest.raises(NeuronCoreUnavailableError, match="per process"):
-            extra.request(protocol.Acquire(cmd="one too many", visible=[0]), 10)
+            extra.request(messages.Acquire(cmd="one too many", visible=[0]), 10)
         assert broker.status()["broker"]["links"] == MAX_LINKS_PER_PID
     finally:
         for link in links:

@@ -20,7 +20,7 @@ def test_roundtrip_shm_and_model_errors(broker, spawn_app, models_dir):
 
 
 def test_client_segments_removed_after_kill(broker, spawn_app, models_dir):
-    from neuron_client import shm
+    from neuron_client.wire import shm
 
     app = spawn_app(broker, "hold", models_dir, "1", env={"NEURON_RT_VISIBLE_CORES": "0"})
     app.next()
@@ -100,7 +100,7 @@ def test_autostart_once_under_a_race_and_opt_out(tmp_path, spawn_app, models_dir
         assert len(set(owned)) == n  # n processes started together, n distinct cores, one broker
         with open(os.path.join(directory, "broker.log")) as f:
             assert f.read().count("serving") == 1
-        from neuron_client import transport
+        from neuron_client.wire import comm as transport
 
         pong = transport.ping(f"ipc://{directory}/broker.sock", 5)
         assert pong.cores == os.cpu_count()

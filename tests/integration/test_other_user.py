@@ -23,8 +23,9 @@ import time
 
 import pytest
 
-from neuron_client import autostart, config
-from neuron_client.errors import NeuronRuntimeError
+from neuron_client.runtime import autostart
+from neuron_client.wire import config
+from neuron_client.wire.errors import NeuronRuntimeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMAND_TIMEOUT_S = 30
@@ -252,10 +253,10 @@ def plain_python():
 @pytest.mark.timeout(60)
 def test_client_sends_nothing_to_a_lease_socket_of_another_user(attacker, shared):
     """Even inside a directory of ours, a lease socket bound by another user gets nothing from the client."""
-    from neuron_client import lease_link
-    from neuron_client.errors import BrokerUnavailableError
-
     import pathlib
+
+    from neuron_client.wire import lease_link
+    from neuron_client.wire.errors import BrokerUnavailableError
 
     d = pathlib.Path(shared) / "victim"
     d.mkdir(mode=0o700)
@@ -300,9 +301,9 @@ def test_broker_refuses_a_lease_link_from_another_user(attacker, shared):
         os.chmod(b.directory, 0o711)  # let the attacker reach the socket (the broker checked the mode at start)
         sock_path = os.path.join(b.directory, "lease.sock")
         os.chmod(sock_path, 0o777)
-        from neuron_client import lease_link, protocol
+        from neuron_client.wire import lease_link, messages
 
-        frame = lease_link.pack(protocol.Acquire(cmd="x"), 1).hex()
+        frame = lease_link.pack(messages.Acquire(cmd="x"), 1).hex()
         script = ("import socket, sys\n"
                   "s = socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1])\n"
                   "try:\n"

@@ -17,7 +17,7 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (scripts/setup does it)")
 
-from neuron_client import ray as nray  # noqa: E402
+from neuron_client.integrations import ray as nray
 from tests import ray_apps  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,7 +54,7 @@ class RayCluster:
 
     def broker_pids(self) -> set[int]:
         """Every broker started under the base directory (also those actors started by themselves)."""
-        from neuron_client import autostart
+        from neuron_client.runtime import autostart
 
         pids = set()
         for root, _dirs, files in os.walk(self.base):

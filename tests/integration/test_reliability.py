@@ -12,7 +12,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from neuron_client import protocol, transport
+from neuron_client.wire import codec, comm as transport, messages
 from tests.conftest import ROOT, BrokerProc
 
 
@@ -88,11 +88,11 @@ def _exchange(endpoint: str, frames, timeout_s: float = 5.0):
 
 
 def _is_error_reply(reply) -> bool:
-    env = protocol.decode(reply)
-    return isinstance(env.msg, protocol.Error)
+    env = codec.decode(reply)
+    return isinstance(env.msg, messages.Error)
 
 
-HEADER = {"v": protocol.PROTOCOL_VERSION, "op": "status", "id": 7, "body": {}}
+HEADER = {"v": messages.PROTOCOL_VERSION, "op": "status", "id": 7, "body": {}}
 CASES = {
     "random bytes": [os.urandom(64)],
     "empty frame": [b""],
@@ -115,9 +115,9 @@ def test_broker_answers_bad_messages_with_errors(broker, case):
 
 
 def _call_frames(tensor_ref, data: bytes, **body):
-    header = {"v": protocol.PROTOCOL_VERSION, "op": "call", "id": 3,
-              "body": {"token": "x", "model_id": 1, "args": msgpack.ExtType(protocol.EXT_TUPLE, msgpack.packb([
-                  msgpack.ExtType(protocol.EXT_TENSOR, msgpack.packb(tensor_ref))])), **body}}
+    header = {"v": messages.PROTOCOL_VERSION, "op": "call", "id": 3,
+              "body": {"token": "x", "model_id": 1, "args": msgpack.ExtType(codec.EXT_TUPLE, msgpack.packb([
+                  msgpack.ExtType(codec.EXT_TENSOR, msgpack.packb(tensor_ref))])), **body}}
     return [msgpack.packb(header), data]
 
 
@@ -127,7 +127,7 @@ WORKER_CASES = {
     "negative shape": _call_frames([1, "float32", [-1]], b""),
     "missing frame": _call_frames([2, "float32", [1]], b"\0" * 4),
     "hostile shm name": [msgpack.packb({"v": 1, "op": "call", "id": 4, "body": {
-        "token": "x", "model_id": 1, "args": msgpack.ExtType(protocol.EXT_SHM_TENSOR,
+        "token": "x", "model_id": 1, "args": msgpack.ExtType(codec.EXT_SHM_TENSOR,
                                                              msgpack.packb(["../../etc/passwd", 0, "uint8", [4]]))}})],
     "not the owner": _call_frames([1, "float32", [1]], b"\0" * 4),
 }
@@ -138,7 +138,7 @@ def test_worker_answers_bad_messages_with_errors(broker, case):
     endpoint = f"ipc://{broker.directory}/core-7.sock"
     reply = _exchange(endpoint, WORKER_CASES[case])
     assert reply is not None and _is_error_reply(reply), case
-    env = protocol.decode(reply)
+    env = codec.decode(reply)
     assert env.req_id in (3, 4)  # the error echoes the request id
     assert broker.status()["cores"][7]["worker"]["ready"]
 
@@ -205,7 +205,7 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
     ch = transport.Channel(endpoint)
     try:
         with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
-            ch.request(protocol.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
+            ch.request(messages.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
     finally:
         ch.close()
 
@@ -223,7 +223,7 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     try:
-        sock.send_multipart(protocol.encode(protocol.Ping(), 1))
+        sock.send_multipart(codec.encode(messages.Ping(), 1))
         assert not sock.poll(2000)
     finally:
         sock.close()

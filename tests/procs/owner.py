@@ -19,7 +19,7 @@ def main() -> None:
     import torch
 
     import neuron_client
-    from neuron_client.runtime import Runtime
+    from neuron_client.runtime.lease import Runtime
 
     warnings.simplefilter("ignore")
     rt = None
@@ -32,7 +32,7 @@ def main() -> None:
         try:
             if do == "acquire":
                 rt = Runtime(env=cmd.get("env", {}))
-                import neuron_client.runtime as runtime_mod
+                import neuron_client.runtime.lease as runtime_mod
 
                 runtime_mod._runtime = rt  # jit.load places on this runtime
                 answer = {"cores": rt.cores}

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker.allocator import CoreAllocator, Denied
-from neuron_client.cores import CoreRequest
-from neuron_client.errors import NeuronCoreSpecError
+from neuron_client.wire.cores import CoreRequest
+from neuron_client.wire.errors import NeuronCoreSpecError
 
 OWNERS = [f"lease-{i}" for i in range(6)]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from worker.backends import CpuBackend, cpus_for_core, host_cpus
+from broker.backends import CpuBackend, cpus_for_core, host_cpus
 
 cpu_lists = st.sets(st.integers(0, 255), min_size=1, max_size=64).map(sorted)
 
@@ -68,7 +67,7 @@ def test_cpu_backend_placement_uses_the_split():
 
 
 def test_thread_pools_default_to_the_core_cpus_and_can_be_set():
-    from worker.backends import Threads
+    from broker.backends import Threads
 
     b = CpuBackend(n_cores=1, cpus=[0, 1, 2, 3], threads=Threads(intra=1))
     assert b.placement(0)["intra_op_threads"] == 1 and b.placement(0)["inter_op_threads"] == 4

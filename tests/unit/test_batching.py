@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from neuron_client import batching
-from neuron_client.data_parallel import DataParallel, parse_device_id, parse_device_ids
-from neuron_client.errors import InputShapeError
+from neuron_client.models import batching
+from neuron_client.models.data_parallel import DataParallel, parse_device_id, parse_device_ids
+from neuron_client.wire.errors import InputShapeError
 
 Pair = collections.namedtuple("Pair", "left right")
 DTYPES = [torch.float32, torch.int64, torch.bool]

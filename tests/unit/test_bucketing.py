@@ -1,4 +1,4 @@
-"""Unit tests of autobucketing and io_aliases (neuron_client.bucketing, neuron_client.state), in-process, no broker.
+"""Unit tests of autobucketing and io_aliases (neuron_client.tracing.bucketing, neuron_client.tracing.io_aliases), in-process, no broker.
 
 Kernels pad and choose buckets; a packaged model equals the unbucketed model on unpadded inputs, refuses what fits no
 bucket, stores shared weights once, writes aliased outputs into its state (its own buffers or a shared state buffer
@@ -11,12 +11,12 @@ from typing import List
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import neuron_client
-from neuron_client import bucketing, protocol, state, tracing
-from neuron_client.bucketing import BucketModelConfig, bucket_model_trace
+from neuron_client.tracing import bucketing, io_aliases as state, meta as trace_meta
+from neuron_client.tracing.bucketing import BucketModelConfig, bucket_model_trace
+from neuron_client.wire import codec, messages
 
 
 def roundtrip(module):
@@ -168,7 +168,7 @@ def test_run_takes_the_inputs_as_one_list(packaged):
 
 def test_meta_records_the_buckets_and_the_output_structure(packaged):
     _, data = roundtrip(packaged)
-    meta = tracing.read_meta(data)
+    meta = trace_meta.read_meta(data)
     assert meta["bucketed"] is True and meta["outputs"] == ["tuple", ["t", "t"]]
     assert [[s["shape"] for s in b] for b in meta["buckets"]] == [[[1, 4]] * 2, [[1, 8]] * 2, [[1, 16]] * 2]
     out = bucketing.unpack_outputs(packaged(*ids(3)), meta)
@@ -213,7 +213,7 @@ def test_separately_built_models_share_identical_weights(causal):
 
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), func_kwargs=[{"width": 4}, {"width": 8}])
     m = bucket_model_trace(build_model, [ids(4), ids(8)], cfg)
-    assert tracing.get_meta(m)["deduplicated_weight_bytes"] == sum(t.numel() * 4 for t in state_dict.values())
+    assert trace_meta.get_meta(m)["deduplicated_weight_bytes"] == sum(t.numel() * 4 for t in state_dict.values())
     loaded, _ = roundtrip(m)
     assert torch.allclose(loaded(*ids(6))[0], causal(*ids(6))[0], atol=1e-6)
 
@@ -240,7 +240,7 @@ def test_shared_state_buffer_is_sliced_per_bucket_and_updated_in_place():
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), shared_state_buffer=[torch.zeros(1, 8)],
                             func_kwargs=[{"n": 4}, {"n": 8}])
     m, data = roundtrip(bucket_model_trace(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg))
-    meta = tracing.read_meta(data)
+    meta = trace_meta.read_meta(data)
     assert meta["io_aliases"] == {"shared_state[0]": 1} and meta["outputs"] == ["tuple", ["t"]]
     shadow = torch.zeros(1, 8)
     for n in (3, 6, 2, 8, 4):
@@ -313,7 +313,7 @@ def test_trace_with_input_output_aliases_keeps_state_in_the_graph():
     traced = neuron_client.trace(m, torch.ones(3), input_output_aliases={m.total: 1})
     loaded, data = roundtrip(traced)
     assert [float(loaded(torch.ones(3))[0]) for _ in range(3)] == [3.0, 6.0, 9.0]
-    meta = tracing.read_meta(data)
+    meta = trace_meta.read_meta(data)
     assert meta["io_aliases"] == {"model.total": 1} and meta["state_bytes"] == 12
     assert not m.total.any()  # the trace left the module's state as it found it
 
@@ -334,11 +334,11 @@ def test_io_alias_errors():
 
 
 def test_traffic_meter_counts_tensor_bytes_and_restores_the_codec():
-    encode, decode = protocol.encode, protocol.decode
+    encode, decode = codec.encode, codec.decode
     with state.TrafficMeter() as meter:
-        frames = protocol.encode(protocol.Call(token="t", model_id=1, args=(torch.zeros(100),)), 1)
-        protocol.decode(protocol.encode(protocol.Result(outputs=(torch.zeros(10, dtype=torch.float64),)), 1))
+        frames = codec.encode(messages.Call(token="t", model_id=1, args=(torch.zeros(100),)), 1)
+        codec.decode(codec.encode(messages.Result(outputs=(torch.zeros(10, dtype=torch.float64),)), 1))
         with pytest.raises(RuntimeError, match="already active"):
             state.TrafficMeter().__enter__()
-    assert protocol.encode is encode and protocol.decode is decode
+    assert codec.encode is encode and codec.decode is decode
     assert meter.calls == 1 and meter.sent >= 400 + len(frames[0]) - 1 and 80 <= meter.received < 200

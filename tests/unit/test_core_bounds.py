@@ -6,12 +6,11 @@ import contextlib
 import tracemalloc
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from neuron_client.cores import (MAX_CORES, CoreRequest, format_cores, parse_num_cores, parse_visible_cores,
-                                 request_from_env)
-from neuron_client.errors import NeuronCoreSpecError
+from neuron_client.wire.cores import (MAX_CORES, CoreRequest, format_cores, parse_num_cores, parse_visible_cores,
+                                      request_from_env)
+from neuron_client.wire.errors import NeuronCoreSpecError
 
 # Parsing is bounded before anything is expanded: at most MAX_CORES ints (a few hundred KiB). Unbounded,
 # 0-10000000 took 13 s and 1 GB. Memory, unlike time, is measured exactly on a loaded machine.

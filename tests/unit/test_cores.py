@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from neuron_client.cores import (MAX_CORES, CoreRequest, format_cores, format_visible, parse_num_cores,
-                                 parse_visible_cores, request_from_env)
-from neuron_client.errors import NeuronCoreSpecError
+from neuron_client.wire.cores import (MAX_CORES, CoreRequest, format_cores, format_visible, parse_num_cores,
+                                      parse_visible_cores, request_from_env)
+from neuron_client.wire.errors import NeuronCoreSpecError
 
 core_sets = st.sets(st.integers(0, 300), min_size=1, max_size=40)
 spaces = st.sampled_from(["", " ", "  ", "\t"])

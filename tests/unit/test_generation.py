@@ -1,5 +1,5 @@
 """Unit tests of greedy and speculative decoding (neuron_client.generation) and the cached GPT-2 decoder
-(neuron_client.decoder), in-process, no broker.
+(neuron_client.generation.decoder), in-process, no broker.
 
 The acceptance rule is checked exhaustively on small cases; speculative decoding is checked against greedy decoding
 on a fake language model whose cache is honest (a stale entry left by a rejected speculation would change its
@@ -11,12 +11,11 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from neuron_client import decoder, generation
-from neuron_client.generation import GenerationStats, generate, greedy_accept
-
+from neuron_client.generation import decoder, generate as generation
+from neuron_client.generation.generate import GenerationStats, generate, greedy_accept
+from neuron_client.tracing import meta as trace_meta
 
 # -- the acceptance rule --------------------------------------------------------------------------------------------
 
@@ -199,7 +198,7 @@ def test_speculative_equals_greedy_on_the_eager_decoders(gpt2):
 def test_trace_decoder_records_its_limits(gpt2):
     dec = decoder.from_hf_gpt2(gpt2, cache_length=64 + 8)
     packaged = decoder.trace_decoder(dec, buckets=(1, 8))
-    meta = __import__("neuron_client").tracing.get_meta(packaged)["decoder"]
+    meta = trace_meta.get_meta(packaged)["decoder"]
     assert meta["max_length"] == 64 and meta["buckets"] == [1, 8] and meta["resident"]
     (logits,) = packaged(torch.tensor([[1, 2, 3]]), torch.tensor([0]))
     assert logits.shape == (1, 3, 256)

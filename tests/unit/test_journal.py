@@ -8,7 +8,7 @@ import pytest
 
 from broker import state as st
 from broker.journal import Journal, JournalError
-from neuron_client import lease_link
+from neuron_client.wire import lease_link
 
 
 def lease(lease_id="a" * 16, cores=(0,)):

@@ -10,6 +10,7 @@ import torch
 
 from neuron_client.distributed import collectives
 from neuron_client.distributed.parallel_layers import checkpointing, layers, mappings, parallel_state
+from worker import groups
 
 
 def run_ranks(size: int, fn, tmp_path, timeout_s: float = 60.0) -> list:
@@ -20,7 +21,7 @@ def run_ranks(size: int, fn, tmp_path, timeout_s: float = 60.0) -> list:
     def rank_main(rank: int) -> None:
         group = None
         try:
-            group = collectives.form_group(f"test{size}", rank, size, store, timeout_s=timeout_s)
+            group = groups.form_group(f"test{size}", rank, size, store, timeout_s=timeout_s)
             with parallel_state.rank_context(rank, size), collectives.active(group), torch.no_grad():
                 results[rank] = fn(rank)
         except BaseException as exc:  # noqa: BLE001 - reported below
@@ -246,7 +247,7 @@ def run_traced(model, x, tmp_path) -> list:
     """Run every rank of a traced TensorParallelModel in threads (what the workers do), with real collectives."""
     import io
 
-    from neuron_client.distributed import weights as wsep
+    from worker import weights as wsep
 
     def rank_fn(rank):
         shard = model.shards[rank]
@@ -300,7 +301,7 @@ def test_saved_directory_round_trips_and_bad_directories_are_refused(tiny, tmp_p
     import shutil
 
     from neuron_client.distributed import trace
-    from neuron_client.errors import ModelLoadError
+    from neuron_client.wire.errors import ModelLoadError
 
     ref, get_model, x = tiny
     model = trace.parallel_model_trace(get_model, x, tp_degree=2, inline_weights_to_neff=False)
@@ -382,22 +383,22 @@ def test_workers_refuse_collectives_without_a_group():
 
 
 def test_load_message_carries_group_and_weights():
-    from neuron_client import protocol
+    from neuron_client.wire import codec, messages
 
     w = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
-    msg = protocol.Load(token="t", name="m[tp1/2]", data=torch.zeros(5, dtype=torch.uint8),
+    msg = messages.Load(token="t", name="m[tp1/2]", data=torch.zeros(5, dtype=torch.uint8),
                         group={"name": "tp2-abc", "rank": 1, "size": 2}, weights=w)
-    back = protocol.decode(protocol.encode(msg, 7)).msg
+    back = codec.decode(codec.encode(msg, 7)).msg
     assert back.group == {"name": "tp2-abc", "rank": 1, "size": 2}
     assert sorted(back.weights) == ["a.weight", "b"] and torch.equal(back.weights["a.weight"], w["a.weight"])
-    plain = protocol.decode(protocol.encode(protocol.Load(token="t", name="m", data=torch.zeros(1, dtype=torch.uint8))))
+    plain = codec.decode(codec.encode(messages.Load(token="t", name="m", data=torch.zeros(1, dtype=torch.uint8))))
     assert plain.msg.group is None and plain.msg.weights is None  # older clients' loads decode as before
 
 
 def test_model_store_restores_weights_joins_and_drops_groups(tiny, tmp_path):
     """The worker side in-process: a weight-less rank graph plus its weights, a (one-rank) group, unload."""
     from neuron_client.distributed import trace
-    from neuron_client.errors import ModelLoadError, ProtocolError
+    from neuron_client.wire.errors import ModelLoadError, ProtocolError
     from worker.store import ModelStore
 
     ref, get_model, x = tiny

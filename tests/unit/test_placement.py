@@ -4,12 +4,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
-from neuron_client import placement
-from neuron_client.placement import (ALL, Placement, current, multicore_context, neuron_cores_context, resolve,
-                                     validate_count, validate_start)
+from neuron_client.runtime import placement
+from neuron_client.runtime.placement import (ALL, Placement, current, multicore_context, neuron_cores_context, resolve,
+                                             validate_count, validate_start)
 
 loads = st.lists(st.integers(0, 5), min_size=1, max_size=16)
 

@@ -4,13 +4,14 @@ before it reads a pid file there or talks to a socket there."""
 from __future__ import annotations
 
 import os
-import time
 import stat
+import time
 
 import pytest
 
-from neuron_client import autostart, config
-from neuron_client.errors import NeuronRuntimeError
+from neuron_client.runtime import autostart
+from neuron_client.wire import config
+from neuron_client.wire.errors import NeuronRuntimeError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user (chown)")
 NOBODY = 65534

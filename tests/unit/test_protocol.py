@@ -10,13 +10,13 @@ import typing
 import msgpack
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from neuron_client import protocol
-from neuron_client.errors import ProtocolError
-from neuron_client.protocol import (EXT_SHM_TENSOR, EXT_TENSOR, EXT_TUPLE, MESSAGES, PROTOCOL_VERSION, TensorSink,
-                                    TensorSource, decode, encode)
+from neuron_client.wire import codec, messages, tensors
+from neuron_client.wire.codec import EXT_SHM_TENSOR, EXT_TENSOR, EXT_TUPLE, decode, encode
+from neuron_client.wire.errors import ProtocolError
+from neuron_client.wire.messages import MESSAGES, PROTOCOL_VERSION
+from neuron_client.wire.tensors import TensorSink, TensorSource
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -26,7 +26,7 @@ FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
-    return bytes(protocol.tensor_buffer(t.detach()))
+    return bytes(tensors.tensor_buffer(t.detach()))
 
 
 def same(a, b, path="value") -> None:
@@ -79,8 +79,8 @@ def result_with(outputs, frames=()):
 
 
 @st.composite
-def tensors(draw, dtypes=tuple(protocol.DTYPES)):
-    dtype = protocol.DTYPES[draw(st.sampled_from(dtypes))]
+def tensor_values(draw, dtypes=tuple(tensors.DTYPES)):
+    dtype = tensors.DTYPES[draw(st.sampled_from(dtypes))]
     shape = draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))  # [] is a 0-dim tensor
     n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if dtype == torch.bool:
@@ -103,7 +103,7 @@ scalars = st.one_of(
 )
 keys = st.one_of(st.text(max_size=6), st.integers(-5, 5))
 trees = st.recursive(
-    st.one_of(scalars, tensors()),
+    st.one_of(scalars, tensor_values()),
     lambda children: st.one_of(
         st.lists(children, max_size=4),
         st.lists(children, max_size=4).map(tuple),
@@ -145,39 +145,39 @@ class FakeShm:
 def example_messages():
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     return {
-        "ping": protocol.Ping(),
-        "pong": protocol.Pong(pid=12, cores=8, backend="cpu"),
-        "acquire": protocol.Acquire(pid=1, create_time=123.5, cmd="python x.py", visible=[0, 2], count=None,
+        "ping": messages.Ping(),
+        "pong": messages.Pong(pid=12, cores=8, backend="cpu"),
+        "acquire": messages.Acquire(pid=1, create_time=123.5, cmd="python x.py", visible=[0, 2], count=None,
                                     wait_s=2.5),
-        "granted": protocol.Granted(lease_id="ab", token="cd", cores=[2, 3],
+        "granted": messages.Granted(lease_id="ab", token="cd", cores=[2, 3],
                                     workers=[{"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9}],
                                     heartbeat_s=0.5, lease_timeout_s=5.0),
-        "heartbeat": protocol.Heartbeat(lease_id="ab"),
-        "heartbeat_ack": protocol.HeartbeatAck(workers=[{"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9,
+        "heartbeat": messages.Heartbeat(lease_id="ab"),
+        "heartbeat_ack": messages.HeartbeatAck(workers=[{"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9,
                                                          "ready": True, "failed": False, "last_exit": None}]),
-        "release": protocol.Release(lease_id="ab"),
-        "status": protocol.Status(),
-        "status_reply": protocol.StatusReply(doc={"cores": [{"core": 0, "owner": None}], "pid": 3}),
-        "stop": protocol.Stop(),
-        "drain": protocol.Drain(resume=True),
-        "force_release": protocol.ForceRelease(pid=4321),
-        "force_released": protocol.ForceReleased(pid=4321, cores=[0, 1], leases=["ab"]),
-        "ok": protocol.Ok(),
-        "error": protocol.Error(code="PROTOCOL", message="bad"),
-        "worker_ready": protocol.WorkerReady(core=1, pid=77, endpoint="ipc:///tmp/w1"),
-        "worker_stats": protocol.WorkerStats(core=1, models=[{"id": 1, "name": "m", "requests": 3, "bytes": 10}],
+        "release": messages.Release(lease_id="ab"),
+        "status": messages.Status(),
+        "status_reply": messages.StatusReply(doc={"cores": [{"core": 0, "owner": None}], "pid": 3}),
+        "stop": messages.Stop(),
+        "drain": messages.Drain(resume=True),
+        "force_release": messages.ForceRelease(pid=4321),
+        "force_released": messages.ForceReleased(pid=4321, cores=[0, 1], leases=["ab"]),
+        "ok": messages.Ok(),
+        "error": messages.Error(code="PROTOCOL", message="bad"),
+        "worker_ready": messages.WorkerReady(core=1, pid=77, endpoint="ipc:///tmp/w1"),
+        "worker_stats": messages.WorkerStats(core=1, models=[{"id": 1, "name": "m", "requests": 3, "bytes": 10}],
                                              requests=3, errors=0, rss=1 << 40, busy=True),
-        "assign": protocol.Assign(lease_id="ab", token_hash="0" * 64, owner_pid=7, owner_uid=1000),
-        "assigned": protocol.Assigned(core=1, lease_id="ab"),
-        "reattach": protocol.Reattach(lease_id="ab", token="t"),
-        "lease_ended": protocol.LeaseEnded(lease_id="ab", reason="released by an operator"),
-        "shutdown": protocol.Shutdown(),
-        "load": protocol.Load(token="tok", name="m.pt", data=torch.tensor([1, 2, 3], dtype=torch.uint8)),
-        "loaded": protocol.Loaded(model_id=4, load_s=0.25),
-        "unload": protocol.Unload(token="tok", model_id=4),
-        "call": protocol.Call(token="tok", model_id=4, args=(t, [t, None], {"k": (1, 2.0)}), reply_shm="nrt-1-ab-0",
+        "assign": messages.Assign(lease_id="ab", token_hash="0" * 64, owner_pid=7, owner_uid=1000),
+        "assigned": messages.Assigned(core=1, lease_id="ab"),
+        "reattach": messages.Reattach(lease_id="ab", token="t"),
+        "lease_ended": messages.LeaseEnded(lease_id="ab", reason="released by an operator"),
+        "shutdown": messages.Shutdown(),
+        "load": messages.Load(token="tok", name="m.pt", data=torch.tensor([1, 2, 3], dtype=torch.uint8)),
+        "loaded": messages.Loaded(model_id=4, load_s=0.25),
+        "unload": messages.Unload(token="tok", model_id=4),
+        "call": messages.Call(token="tok", model_id=4, args=(t, [t, None], {"k": (1, 2.0)}), reply_shm="nrt-1-ab-0",
                               reply_shm_size=4096),
-        "result": protocol.Result(outputs=(t * 2, {"a": [t]})),
+        "result": messages.Result(outputs=(t * 2, {"a": [t]})),
     }
 
 
@@ -199,26 +199,26 @@ def test_every_message_round_trips(op):
 
 def test_defaults_apply_when_fields_are_absent():
     env = decode(pack_header({"v": 1, "op": "acquire", "id": 3, "body": {"pid": 1, "create_time": 2, "cmd": "c"}}))
-    assert env.msg == protocol.Acquire(pid=1, create_time=2, cmd="c")  # informational fields still decode
+    assert env.msg == messages.Acquire(pid=1, create_time=2, cmd="c")  # informational fields still decode
     assert env.msg.visible is None and env.msg.count is None and env.msg.wait_s == 0.0
     env = decode(pack_header({"v": 1, "op": "ping"}))  # id and body are optional
-    assert env.req_id == 0 and isinstance(env.msg, protocol.Ping)
+    assert env.req_id == 0 and isinstance(env.msg, messages.Ping)
 
 
 def test_error_helper_and_peek():
-    frames = protocol.encode_error("NOT_OWNER", "nope", req_id=17)
+    frames = codec.encode_error("NOT_OWNER", "nope", req_id=17)
     env = decode(frames)
-    assert env.msg == protocol.Error(code="NOT_OWNER", message="nope") and env.req_id == 17
-    assert protocol.peek_req_id(frames) == 17
-    assert protocol.peek_req_id([b"\xc1garbage"]) == 0
-    assert protocol.peek_req_id([msgpack.packb({"id": "x"})]) == 0
-    assert protocol.peek_req_id([msgpack.packb([1, 2])]) == 0
-    assert protocol.peek_req_id([msgpack.packb({"id": 5, "body": {"x": ext(EXT_TENSOR, [9, "x", []])}})]) == 5
+    assert env.msg == messages.Error(code="NOT_OWNER", message="nope") and env.req_id == 17
+    assert codec.peek_req_id(frames) == 17
+    assert codec.peek_req_id([b"\xc1garbage"]) == 0
+    assert codec.peek_req_id([msgpack.packb({"id": "x"})]) == 0
+    assert codec.peek_req_id([msgpack.packb([1, 2])]) == 0
+    assert codec.peek_req_id([msgpack.packb({"id": 5, "body": {"x": ext(EXT_TENSOR, [9, "x", []])}})]) == 5
 
 
 @pytest.mark.parametrize("req_id", [0, 1, 2 ** 31, 2 ** 63 - 1, -1])
 def test_request_ids(req_id):
-    assert decode(encode(protocol.Ping(), req_id)).req_id == req_id
+    assert decode(encode(messages.Ping(), req_id)).req_id == req_id
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,15 +228,15 @@ def test_request_ids(req_id):
 @FUZZ
 @given(tree=trees)
 def test_any_tree_round_trips_in_frames(tree):
-    got, frames = round_trip(protocol.Result(outputs=tree))
+    got, frames = round_trip(messages.Result(outputs=tree))
     same(tree, got.outputs)
-    assert len(frames) == 1 + len(list(protocol.walk_tensors(tree)))
+    assert len(frames) == 1 + len(list(tensors.walk_tensors(tree)))
 
 
 @FUZZ
 @given(args=st.lists(trees, max_size=3).map(tuple))
 def test_call_args_stay_a_tuple(args):
-    got, _ = round_trip(protocol.Call(token="t", model_id=1, args=args))
+    got, _ = round_trip(messages.Call(token="t", model_id=1, args=args))
     same(args, got.args)
 
 
@@ -245,18 +245,18 @@ def test_call_args_stay_a_tuple(args):
 def test_any_tree_round_trips_through_shared_memory(tree, threshold):
     shm = FakeShm()
     sink = TensorSink(shm=shm, shm_threshold=threshold)
-    got, frames = round_trip(protocol.Result(outputs=tree), sink=sink, source_shm=shm)
+    got, frames = round_trip(messages.Result(outputs=tree), sink=sink, source_shm=shm)
     same(tree, got.outputs)
-    ts = list(protocol.walk_tensors(tree))
+    ts = list(tensors.walk_tensors(tree))
     big = [t for t in ts if t.numel() * t.element_size() >= threshold]
     assert shm.puts == len(big)
     assert len(frames) == 1 + len(ts) - len(big)
 
 
-@pytest.mark.parametrize("dtype", sorted(protocol.DTYPES))
+@pytest.mark.parametrize("dtype", sorted(tensors.DTYPES))
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (5,), (2, 3, 4)])
 def test_every_dtype_and_shape_round_trips(dtype, shape):
-    dt = protocol.DTYPES[dtype]
+    dt = tensors.DTYPES[dtype]
     if dt.is_complex:
         t = torch.randn(shape, dtype=dt)
     elif dt.is_floating_point:
@@ -266,14 +266,14 @@ def test_every_dtype_and_shape_round_trips(dtype, shape):
     else:
         t = torch.randint(0, 100, shape).to(dt)
     for sink, shm in ((None, None), (TensorSink(shm=(fake := FakeShm()), shm_threshold=0), fake)):
-        got, _ = round_trip(protocol.Result(outputs=t), sink=sink, source_shm=shm)
+        got, _ = round_trip(messages.Result(outputs=t), sink=sink, source_shm=shm)
         same(t, got.outputs)
         assert got.outputs.dim() == len(shape)
 
 
 def test_decoded_frame_tensors_are_writable_copies():
     t = torch.arange(4, dtype=torch.int32)
-    frames = [bytes(f) for f in encode(protocol.Result(outputs=t))]
+    frames = [bytes(f) for f in encode(messages.Result(outputs=t))]
     out = decode(frames).msg.outputs
     out += 1  # a view over the (read-only) frame would fail or corrupt the frame
     assert bytes(frames[1]) == tensor_bytes(t)
@@ -282,7 +282,7 @@ def test_decoded_frame_tensors_are_writable_copies():
 def test_shm_copy_flag():
     shm = FakeShm()
     t = torch.arange(8, dtype=torch.float64)
-    frames = encode(protocol.Result(outputs=t), sink=TensorSink(shm=shm, shm_threshold=0))
+    frames = encode(messages.Result(outputs=t), sink=TensorSink(shm=shm, shm_threshold=0))
     viewed = decode(frames, TensorSource(frames, shm=shm, copy_shm=False)).msg.outputs
     copied = decode(frames, TensorSource(frames, shm=shm, copy_shm=True)).msg.outputs
     viewed.fill_(-1)
@@ -293,7 +293,7 @@ def test_shm_copy_flag():
 def test_full_shm_falls_back_to_frames():
     shm = FakeShm(size=16)
     t = torch.zeros(8, dtype=torch.float32)  # 32 bytes: does not fit
-    frames = encode(protocol.Result(outputs=(t, t[:2])), sink=TensorSink(shm=shm, shm_threshold=0))
+    frames = encode(messages.Result(outputs=(t, t[:2])), sink=TensorSink(shm=shm, shm_threshold=0))
     assert len(frames) == 2 and shm.puts == 1
     same((t, t[:2]), decode(frames, TensorSource(frames, shm=shm)).msg.outputs)
 
@@ -302,7 +302,7 @@ def test_tensor_with_grad_and_views_travel():
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     w = torch.ones(3, requires_grad=True)
     tree = {"slice": base[1:3, ::2], "t": base.t(), "grad": w * 2, "expanded": torch.tensor(1.0).expand(3, 2)}
-    got, _ = round_trip(protocol.Result(outputs=tree))
+    got, _ = round_trip(messages.Result(outputs=tree))
     for k, v in tree.items():
         same(v.detach().contiguous(), got.outputs[k], k)
 
@@ -315,14 +315,14 @@ def test_dict_and_scalar_subclasses_travel_as_their_base():
         pass
 
     tree = collections.OrderedDict(a=Color.RED, b=S("x"), c=collections.OrderedDict(z=1), d=torch.float16)
-    got, _ = round_trip(protocol.Result(outputs=tree))
+    got, _ = round_trip(messages.Result(outputs=tree))
     assert got.outputs == {"a": 3, "b": "x", "c": {"z": 1}, "d": "float16"}
     assert type(got.outputs) is dict and type(got.outputs["a"]) is int and type(got.outputs["b"]) is str
 
 
 def test_numpy_float64_travels_as_a_python_float():
     np = pytest.importorskip("numpy")
-    got, _ = round_trip(protocol.Result(outputs=[np.float64(1.5)]))
+    got, _ = round_trip(messages.Result(outputs=[np.float64(1.5)]))
     assert got.outputs == [1.5] and type(got.outputs[0]) is float
 
 
@@ -330,7 +330,7 @@ def test_numpy_scalars_travel_as_python_numbers():
     """Regression: only np.float64 (a float subclass) used to travel; np.int64, np.int32, np.float32 and np.bool_
     subclass no Python type and raised "cannot travel"."""
     np = pytest.importorskip("numpy")
-    got, _ = round_trip(protocol.Result(outputs=[np.int64(7), np.int32(-2), np.float32(0.5), np.bool_(True)]))
+    got, _ = round_trip(messages.Result(outputs=[np.int64(7), np.int32(-2), np.float32(0.5), np.bool_(True)]))
     assert got.outputs == [7, -2, 0.5, True]
     assert [type(v) for v in got.outputs] == [int, int, float, bool]
 
@@ -339,7 +339,7 @@ def test_numpy_scalars_travel_as_python_numbers():
                                    (1, {"k": object()})])
 def test_unencodable_values_raise_protocol_error(value):
     with pytest.raises(ProtocolError, match="cannot travel"):
-        encode(protocol.Result(outputs=value))
+        encode(messages.Result(outputs=value))
 
 
 def test_unsupported_dtype_raises_protocol_error():
@@ -347,22 +347,22 @@ def test_unsupported_dtype_raises_protocol_error():
         t = torch.empty(2, dtype=dtype) if dtype != torch.quint8 else torch.quantize_per_tensor(
             torch.zeros(2), 1.0, 0, torch.quint8)
         with pytest.raises(ProtocolError, match="cannot travel"):
-            encode(protocol.Result(outputs=t))
+            encode(messages.Result(outputs=t))
     with pytest.raises(ProtocolError):
-        protocol.dtype_name(torch.complex32)
+        tensors.dtype_name(torch.complex32)
 
 
 def test_walk_tensors_order():
     a, b, c, d = (torch.tensor(i) for i in range(4))
     tree = (a, [1, {"x": b, "y": (c, None)}], {"z": [d]}, "s")
-    assert [int(t) for t in protocol.walk_tensors(tree)] == [0, 1, 2, 3]
-    assert list(protocol.walk_tensors(None)) == []
+    assert [int(t) for t in tensors.walk_tensors(tree)] == [0, 1, 2, 3]
+    assert list(tensors.walk_tensors(None)) == []
 
 
 def test_nbytes_of():
-    assert protocol.nbytes_of(torch.float32, ()) == 4
-    assert protocol.nbytes_of(torch.complex128, (2, 3)) == 96
-    assert protocol.nbytes_of(torch.bool, (0, 7)) == 0
+    assert tensors.nbytes_of(torch.float32, ()) == 4
+    assert tensors.nbytes_of(torch.complex128, (2, 3)) == 96
+    assert tensors.nbytes_of(torch.bool, (0, 7)) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,7 +382,7 @@ ext_types = st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=2
 tensor_refs = st.builds(
     lambda code, ref: msgpack.ExtType(code, msgpack.packb(ref)),
     st.sampled_from([EXT_TENSOR, EXT_SHM_TENSOR]),
-    st.lists(st.one_of(st.integers(-3, 5), st.sampled_from(list(protocol.DTYPES) + ["x", "seg"]),
+    st.lists(st.one_of(st.integers(-3, 5), st.sampled_from(list(tensors.DTYPES) + ["x", "seg"]),
                        st.lists(st.integers(-2, 3), max_size=3), st.none()), max_size=5),
 )
 raw_values = st.recursive(
@@ -418,7 +418,7 @@ def test_random_well_formed_msgpack_never_raises_anything_but_protocol_error(op,
 @FUZZ
 @given(tree=trees, data=st.data())
 def test_truncated_header_raises_protocol_error(tree, data):
-    frames = encode(protocol.Result(outputs=tree), 3)
+    frames = encode(messages.Result(outputs=tree), 3)
     head = bytes(frames[0])
     cut = data.draw(st.integers(0, len(head) - 1))
     with pytest.raises(ProtocolError):
@@ -428,15 +428,15 @@ def test_truncated_header_raises_protocol_error(tree, data):
 @FUZZ
 @given(tree=trees, extra=st.binary(min_size=1, max_size=8))
 def test_trailing_bytes_after_header_raise_protocol_error(tree, extra):
-    frames = encode(protocol.Result(outputs=tree))
+    frames = encode(messages.Result(outputs=tree))
     with pytest.raises(ProtocolError):
         decode([bytes(frames[0]) + extra, *frames[1:]])
 
 
 @FUZZ
-@given(tree=trees.filter(lambda t: any(True for _ in protocol.walk_tensors(t))), data=st.data())
+@given(tree=trees.filter(lambda t: any(True for _ in tensors.walk_tensors(t))), data=st.data())
 def test_missing_or_resized_tensor_frame_raises(tree, data):
-    frames = [bytes(f) for f in encode(protocol.Result(outputs=tree))]
+    frames = [bytes(f) for f in encode(messages.Result(outputs=tree))]
     i = data.draw(st.integers(1, len(frames) - 1))
     if data.draw(st.booleans()):
         del frames[i]  # every later index is now off by one, the last is out of range
@@ -452,9 +452,9 @@ def test_empty_and_oversized_messages():
     with pytest.raises(ProtocolError, match="empty"):
         decode([])
     with pytest.raises(ProtocolError, match="frames"):
-        decode(encode(protocol.Ping()) + [b""] * protocol.MAX_FRAMES)
+        decode(encode(messages.Ping()) + [b""] * codec.MAX_FRAMES)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
-        decode([b"\x00" * (protocol.MAX_HEADER_BYTES + 1)])
+        decode([b"\x00" * (codec.MAX_HEADER_BYTES + 1)])
 
 
 @pytest.mark.parametrize("header", [
@@ -620,11 +620,11 @@ def test_a_frame_used_twice_is_rejected():
 
 
 def test_an_unreferenced_frame_is_rejected():
-    frames = encode(protocol.Result(outputs=torch.zeros(2))) + [b"extra"]
+    frames = encode(messages.Result(outputs=torch.zeros(2))) + [b"extra"]
     with pytest.raises(ProtocolError):
         decode(frames)
     with pytest.raises(ProtocolError):
-        decode(encode(protocol.Ping()) + [b""])
+        decode(encode(messages.Ping()) + [b""])
 
 
 def test_tuple_shape_is_not_a_list():
@@ -718,7 +718,7 @@ def test_deeply_nested_tuples_raise_protocol_error():
 
 def test_nesting_limit_counts_depth_not_total_tuples():
     wide = tuple(tuple(() for _ in range(50)) for _ in range(50))  # 2,551 tuples, 2 levels deep
-    got, _ = round_trip(protocol.Result(outputs=wide))
+    got, _ = round_trip(messages.Result(outputs=wide))
     same(wide, got.outputs)
 
 
@@ -778,6 +778,6 @@ def test_shm_view_errors_of_other_types_become_protocol_errors():
 
 
 def test_tensors_are_rejected_when_source_is_disabled_in_ext_hook():
-    hook = protocol._ext_hook(None)
+    hook = codec._ext_hook(None)
     with pytest.raises(ProtocolError, match="cannot carry tensors"):
         hook(EXT_TENSOR, msgpack.packb([1, "uint8", [1]]))

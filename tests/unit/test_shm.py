@@ -1,4 +1,4 @@
-"""Unit tests of neuron_client.shm: the client's arena, the worker's segment cache, cleanup of a dead pid's segments.
+"""Unit tests of neuron_client.wire.shm: the client's arena, the worker's segment cache, cleanup of a dead pid's segments.
 
 These create real POSIX segments in /dev/shm (only the fork tests start another process); every test leaves none
 behind.
@@ -10,11 +10,12 @@ import secrets
 import stat
 import sys
 
+import msgpack
 import pytest
 import torch
 
-from neuron_client import protocol, shm
-from neuron_client.errors import NeuronRuntimeError, ProtocolError
+from neuron_client.wire import codec, messages, shm, tensors
+from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="/dev/shm is not writable here")
 
@@ -497,10 +498,10 @@ def test_protocol_round_trip_through_real_segments(arena, mine, copy):
     big = torch.randn(64, 33)
     small = torch.arange(3)
     outputs = (big, [small, {"b": big.t()}])
-    arena.reset(shm.reserve_bytes(protocol.walk_tensors(outputs), 1024))
-    frames = protocol.encode(protocol.Result(outputs=outputs), 7, protocol.TensorSink(arena, shm_threshold=1024))
+    arena.reset(shm.reserve_bytes(tensors.walk_tensors(outputs), 1024))
+    frames = codec.encode(messages.Result(outputs=outputs), 7, tensors.TensorSink(arena, shm_threshold=1024))
     assert len(frames) == 2  # only the small tensor went into a frame
-    env = protocol.decode(frames, protocol.TensorSource(frames, shm=mine, copy_shm=copy))
+    env = codec.decode(frames, tensors.TensorSource(frames, shm=mine, copy_shm=copy))
     got = env.msg.outputs
     assert torch.equal(got[0], big) and torch.equal(got[1][0], small) and torch.equal(got[1][1]["b"], big.t())
     del got, env
@@ -510,10 +511,10 @@ def test_protocol_rejects_a_reference_to_a_bad_segment(cache, arena):
     arena.reset(64)  # exists, but is not the owner's (FAKE_PID's)
     for ref, why in ((["nope", 0, "uint8", [1]], "not a runtime"), ([fake_name(), 0, "uint8", [1]], "does not exist"),
                      ([arena.name, 0, "uint8", [1]], "not one of the owner's")):
-        frames = [protocol.msgpack.packb({"v": 1, "op": "result", "body": {
-            "outputs": protocol.msgpack.ExtType(protocol.EXT_SHM_TENSOR, protocol.msgpack.packb(ref))}})]
+        frames = [msgpack.packb({"v": 1, "op": "result", "body": {
+            "outputs": msgpack.ExtType(codec.EXT_SHM_TENSOR, msgpack.packb(ref))}})]
         with pytest.raises(ProtocolError, match=why):
-            protocol.decode(frames, protocol.TensorSource(frames, shm=cache))
+            codec.decode(frames, tensors.TensorSource(frames, shm=cache))
 
 
 # ----------------------------------------------------------------------------------------------------------------

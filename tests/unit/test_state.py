@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from broker import state as st
-from neuron_client import protocol
-from neuron_client.errors import (BrokerDrainingError, LeaseLostError, NeuronCoreSpecError,
-                                  NeuronCoreUnavailableError, NeuronRuntimeError, ProtocolError)
+from neuron_client.wire import messages
+from neuron_client.wire.errors import (BrokerDrainingError, LeaseLostError, NeuronCoreSpecError,
+                                       NeuronCoreUnavailableError, NeuronRuntimeError, ProtocolError)
 
 
 class Loop:
@@ -37,11 +37,11 @@ class Loop:
                 self.next_pid += 1
                 pid = self.next_pid
                 self.feed(st.WorkerStarted(eff.core, pid))
-                self.feed(st.WorkerMessage(eff.core, protocol.WorkerReady(core=eff.core, pid=pid, endpoint="")))
+                self.feed(st.WorkerMessage(eff.core, messages.WorkerReady(core=eff.core, pid=pid, endpoint="")))
             elif isinstance(eff, st.StopWorker) and self.auto_workers:
                 self.feed(st.WorkerExited(eff.core, self.s.slots[eff.core].pid, "signal SIGKILL"))
-            elif isinstance(eff, st.ToWorker) and self.auto_workers and isinstance(eff.msg, protocol.Assign):
-                self.feed(st.WorkerMessage(eff.core, protocol.Assigned(core=eff.core, lease_id=eff.msg.lease_id)))
+            elif isinstance(eff, st.ToWorker) and self.auto_workers and isinstance(eff.msg, messages.Assign):
+                self.feed(st.WorkerMessage(eff.core, messages.Assigned(core=eff.core, lease_id=eff.msg.lease_id)))
 
     def feed(self, event):
         self.run(self.s.handle(event, self.now))
@@ -51,7 +51,7 @@ class Loop:
 
     def ask(self, link, req_id=1, **kw):
         self.effects = []
-        self.feed(st.LinkMessage(link, req_id, protocol.Acquire(cmd="x", **kw)))
+        self.feed(st.LinkMessage(link, req_id, messages.Acquire(cmd="x", **kw)))
         return self.replies(link)
 
     def replies(self, link):
@@ -60,7 +60,7 @@ class Loop:
     def workers_report(self):
         for c, slot in self.s.slots.items():
             if slot.ready:
-                self.feed(st.WorkerMessage(c, protocol.WorkerStats(core=c, models=[], requests=0, errors=0, rss=0,
+                self.feed(st.WorkerMessage(c, messages.WorkerStats(core=c, models=[], requests=0, errors=0, rss=0,
                                                                    busy=False)))
 
     def owners(self):
@@ -68,7 +68,7 @@ class Loop:
 
 
 def granted(replies):
-    assert len(replies) == 1 and isinstance(replies[0], protocol.Granted), replies
+    assert len(replies) == 1 and isinstance(replies[0], messages.Granted), replies
     return replies[0]
 
 
@@ -76,16 +76,16 @@ def test_grant_goes_out_only_after_every_worker_acknowledged():
     loop = Loop(2, auto_workers=False)
     for c in range(2):
         loop.feed(st.WorkerStarted(c, 10 + c))
-        loop.feed(st.WorkerMessage(c, protocol.WorkerReady(core=c, pid=10 + c, endpoint="")))
+        loop.feed(st.WorkerMessage(c, messages.WorkerReady(core=c, pid=10 + c, endpoint="")))
     loop.open(1, 500)
     assert loop.ask(1) == []  # journalled, assignments sent, nothing told yet
     assigns = [e for e in loop.effects if isinstance(e, st.ToWorker)]
     assert [a.core for a in assigns] == [0, 1]
     assert all(len(a.msg.token_hash) == 64 and a.msg.owner_pid == 500 for a in assigns)
     loop.effects = []
-    loop.feed(st.WorkerMessage(0, protocol.Assigned(core=0, lease_id=assigns[0].msg.lease_id)))
+    loop.feed(st.WorkerMessage(0, messages.Assigned(core=0, lease_id=assigns[0].msg.lease_id)))
     assert loop.replies(1) == []
-    loop.feed(st.WorkerMessage(1, protocol.Assigned(core=1, lease_id=assigns[0].msg.lease_id)))
+    loop.feed(st.WorkerMessage(1, messages.Assigned(core=1, lease_id=assigns[0].msg.lease_id)))
     g = granted(loop.replies(1))
     assert g.cores == [0, 1] and st.token_hash(g.token) == assigns[0].msg.token_hash
 
@@ -152,7 +152,7 @@ def test_stopped_owner_policy_is_off_by_default_and_opt_in():
     loop.effects = []
     loop.feed(st.OwnerStopped(500, since=0.0))
     assert loop.owners() == [None]
-    ended = [m for m in loop.replies(1) if isinstance(m, protocol.LeaseEnded)]
+    ended = [m for m in loop.replies(1) if isinstance(m, messages.LeaseEnded)]
     assert ended and "stopped by a signal" in ended[0].reason
 
 
@@ -244,16 +244,16 @@ def test_operator_release_pushes_the_reason_and_frees_the_cores():
     loop.open(1, 500)
     g = granted(loop.ask(1))
     loop.effects = []
-    loop.feed(st.Control(("zmq", b"op"), 7, protocol.ForceRelease(pid=500)))
+    loop.feed(st.Control(("zmq", b"op"), 7, messages.ForceRelease(pid=500)))
     (pushed,) = loop.replies(1)
-    assert isinstance(pushed, protocol.LeaseEnded) and "release --pid 500" in pushed.reason
+    assert isinstance(pushed, messages.LeaseEnded) and "release --pid 500" in pushed.reason
     reply = [e.msg for e in loop.effects if isinstance(e, st.Reply) and e.to == ("zmq", b"op")][0]
     assert reply.cores == [0, 1] and reply.leases == [g.lease_id]
     assert loop.owners() == [None, None]
     # the effects are ordered: the owner hears the reason before its workers are stopped
     kinds = [type(e) for e in loop.effects]
     assert kinds.index(st.Reply) < kinds.index(st.StopWorker)
-    loop.feed(st.Control(("zmq", b"op"), 8, protocol.Heartbeat(lease_id=g.lease_id)))
+    loop.feed(st.Control(("zmq", b"op"), 8, messages.Heartbeat(lease_id=g.lease_id)))
     err = loop.effects[-1].msg
     assert isinstance(err, LeaseLostError) and "release --pid 500" in str(err)
 
@@ -269,7 +269,7 @@ def test_crashes_are_charged_to_the_lease_and_forgiven_for_the_next_owner():
         loop.feed(st.Tick())
     slot = loop.s.slots[0]
     assert slot.failed and slot.state == st.SlotState.DOWN and loop.s.core_state(0) == "failed"
-    pushed = [m for m in loop.replies(1) if isinstance(m, protocol.HeartbeatAck)]
+    pushed = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
     assert pushed[-1].workers[0]["failed"] is True
     loop.feed(st.LinkClosed(1))
     loop.feed(st.Tick())
@@ -286,7 +286,7 @@ def test_a_crashed_worker_of_an_active_lease_is_replaced_and_the_owner_told():
     loop.effects = []
     loop.feed(st.WorkerExited(0, old, "signal SIGKILL"))
     loop.feed(st.Tick())
-    pushes = [m for m in loop.replies(1) if isinstance(m, protocol.HeartbeatAck)]
+    pushes = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
     assert pushes[0].workers[0]["pid"] == 0 and pushes[-1].workers[0]["pid"] not in (0, old)
     assert pushes[-1].workers[0]["ready"] is True
     assert loop.owners() == [g.lease_id]
@@ -316,8 +316,8 @@ def test_grant_gives_up_on_workers_that_never_come():
 def test_unknown_worker_messages_and_late_words_change_nothing():
     loop = Loop(1)
     pid = loop.s.slots[0].pid
-    loop.feed(st.WorkerMessage(0, protocol.Assigned(core=0, lease_id="ffffffffffffffff")))
-    loop.feed(st.WorkerMessage(0, protocol.WorkerReady(core=0, pid=pid + 77, endpoint="")))
+    loop.feed(st.WorkerMessage(0, messages.Assigned(core=0, lease_id="ffffffffffffffff")))
+    loop.feed(st.WorkerMessage(0, messages.WorkerReady(core=0, pid=pid + 77, endpoint="")))
     loop.feed(st.WorkerExited(0, pid + 77, "exit code 0"))
     assert loop.s.slots[0].state == st.SlotState.FRESH and loop.s.slots[0].pid == pid
 
@@ -335,7 +335,7 @@ def test_restart_keeps_a_live_owners_cores_until_it_reattaches():
     assert "waiting for it to re-attach" in str(err)
     loop.open(1, 500)
     loop.effects = []
-    loop.feed(st.LinkMessage(1, 3, protocol.Reattach(lease_id="a" * 16, token="tok")))
+    loop.feed(st.LinkMessage(1, 3, messages.Reattach(lease_id="a" * 16, token="tok")))
     g = granted(loop.replies(1))
     assert g.lease_id == "a" * 16 and g.cores == [0]
 
@@ -344,11 +344,11 @@ def test_reattach_needs_the_token_and_the_same_process():
     loop = Loop(1, restored=[restored_record()])
     loop.open(1, 999)  # another process with the right token
     loop.effects = []
-    loop.feed(st.LinkMessage(1, 1, protocol.Reattach(lease_id="a" * 16, token="tok")))
+    loop.feed(st.LinkMessage(1, 1, messages.Reattach(lease_id="a" * 16, token="tok")))
     assert isinstance(loop.replies(1)[0], LeaseLostError)
     loop.open(2, 500)  # the owner with a wrong token
     loop.effects = []
-    loop.feed(st.LinkMessage(2, 1, protocol.Reattach(lease_id="a" * 16, token="nope")))
+    loop.feed(st.LinkMessage(2, 1, messages.Reattach(lease_id="a" * 16, token="nope")))
     assert isinstance(loop.replies(2)[0], LeaseLostError)
     assert loop.owners() == ["a" * 16]
 
@@ -378,7 +378,7 @@ def test_drain_refuses_new_and_waiting_acquires():
     loop.open(2, 600)
     assert loop.ask(2, wait_s=30.0) == []
     loop.effects = []
-    loop.feed(st.Control(("zmq", b"op"), 1, protocol.Drain()))
+    loop.feed(st.Control(("zmq", b"op"), 1, messages.Drain()))
     assert isinstance(loop.replies(2)[0], BrokerDrainingError)
     loop.open(3, 700)
     assert isinstance(loop.ask(3)[0], BrokerDrainingError)
@@ -387,7 +387,7 @@ def test_drain_refuses_new_and_waiting_acquires():
 def test_owner_leaving_before_its_grant_frees_the_reservation():
     loop = Loop(1, auto_workers=False)
     loop.feed(st.WorkerStarted(0, 10))
-    loop.feed(st.WorkerMessage(0, protocol.WorkerReady(core=0, pid=10, endpoint="")))
+    loop.feed(st.WorkerMessage(0, messages.WorkerReady(core=0, pid=10, endpoint="")))
     loop.open(1, 500)
     assert loop.ask(1) == []
     loop.effects = []
@@ -405,10 +405,10 @@ def test_journal_rows_the_broker_cannot_hold_are_dropped():
 def test_stats_from_a_starting_worker_register_it_when_its_first_word_was_lost():
     loop = Loop(1, auto_workers=False)
     loop.feed(st.WorkerStarted(0, 42))
-    loop.feed(st.WorkerMessage(0, protocol.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
+    loop.feed(st.WorkerMessage(0, messages.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
                                                        pid=41)))
     assert loop.s.slots[0].state == st.SlotState.STARTING  # not the worker it started
-    loop.feed(st.WorkerMessage(0, protocol.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
+    loop.feed(st.WorkerMessage(0, messages.WorkerStats(core=0, models=[], requests=0, errors=0, rss=0, busy=False,
                                                        pid=42)))
     assert loop.s.slots[0].state == st.SlotState.FRESH
 
@@ -417,12 +417,12 @@ def test_after_a_lost_journal_a_live_owner_claims_its_cores_back_first():
     loop = Loop(2, recovering=True)
     loop.open(1, 500)  # the owner re-attaching on its word
     loop.effects = []
-    loop.feed(st.LinkMessage(1, 1, protocol.Reattach(lease_id="c" * 16, token="t" * 43, cores=[1])))
+    loop.feed(st.LinkMessage(1, 1, messages.Reattach(lease_id="c" * 16, token="t" * 43, cores=[1])))
     g = granted(loop.replies(1))
     assert g.lease_id == "c" * 16 and g.cores == [1] and "c" * 16 in loop.journal
     loop.open(2, 600)
     loop.effects = []
-    loop.feed(st.LinkMessage(2, 1, protocol.Reattach(lease_id="d" * 16, token="u" * 43, cores=[1])))
+    loop.feed(st.LinkMessage(2, 1, messages.Reattach(lease_id="d" * 16, token="u" * 43, cores=[1])))
     assert isinstance(loop.replies(2)[0], LeaseLostError)  # a core is claimed once
     assert loop.ask(2, req_id=2, visible=[0]) == []  # a new acquire waits out the window
     loop.now = st.RESTART_GRACE_S + 0.1

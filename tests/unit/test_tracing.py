@@ -10,10 +10,9 @@ import zipfile
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from neuron_client import tracing
+from neuron_client.tracing import meta as trace_meta, trace as tracing
 
 
 class Affine(torch.nn.Module):
@@ -47,13 +46,13 @@ def traced():
 
 
 def test_trace_records_input_specs(traced, tmp_path):
-    expected = {"format": tracing.META_FORMAT, "inputs": [{"shape": [2, 4], "dtype": "float32"}],
+    expected = {"format": trace_meta.META_FORMAT, "inputs": [{"shape": [2, 4], "dtype": "float32"}],
                 "lazy_load": False, "async_load": False}
-    assert tracing.get_meta(traced) == expected
+    assert trace_meta.get_meta(traced) == expected
     data = save_bytes(traced, tmp_path)
-    assert tracing.read_meta(data) == expected
+    assert trace_meta.read_meta(data) == expected
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
-    assert tracing.get_meta(loaded) == expected
+    assert trace_meta.get_meta(loaded) == expected
     assert loaded.neuron_meta == json.dumps(expected, sort_keys=True)
 
 
@@ -68,7 +67,7 @@ def test_trace_with_several_inputs_of_several_dtypes(tmp_path):
     x = torch.randn(3, 5, dtype=torch.float64)
     idx = torch.arange(7, dtype=torch.int32)
     t = tracing.trace(Pair(), (x, idx))
-    meta = tracing.read_meta(save_bytes(t, tmp_path))
+    meta = trace_meta.read_meta(save_bytes(t, tmp_path))
     assert meta["inputs"] == [{"shape": [3, 5], "dtype": "float64"}, {"shape": [7], "dtype": "int32"}]
 
 
@@ -81,7 +80,7 @@ def test_trace_of_a_plain_function(tmp_path):
         return x * 2
 
     t = tracing.trace(double, torch.ones(1, dtype=torch.bfloat16))
-    assert tracing.get_meta(t)["inputs"] == [{"shape": [1], "dtype": "bfloat16"}]
+    assert trace_meta.get_meta(t)["inputs"] == [{"shape": [1], "dtype": "bfloat16"}]
     assert torch.equal(t(torch.ones(1)), torch.full((1,), 2.0))
 
 
@@ -97,19 +96,19 @@ def test_lazy_and_async_flags_persist(traced, tmp_path, lazy, async_):
     tracing.lazy_load(traced, enable_lazy_load=lazy)
     tracing.async_load(traced, enable_async_load=async_)
     data = save_bytes(traced, tmp_path)
-    meta = tracing.read_meta(data)
+    meta = trace_meta.read_meta(data)
     assert meta["lazy_load"] is lazy and meta["async_load"] is async_
     assert meta["inputs"] == [{"shape": [2, 4], "dtype": "float32"}]
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
-    assert tracing.get_meta(loaded) == meta
+    assert trace_meta.get_meta(loaded) == meta
 
 
 def test_flags_default_to_true_and_can_be_turned_off(traced, tmp_path):
     tracing.lazy_load(traced)
     tracing.async_load(traced)
-    assert tracing.read_meta(save_bytes(traced, tmp_path, "a.pt"))["lazy_load"] is True
+    assert trace_meta.read_meta(save_bytes(traced, tmp_path, "a.pt"))["lazy_load"] is True
     tracing.lazy_load(traced, enable_lazy_load=False)
-    meta = tracing.read_meta(save_bytes(traced, tmp_path, "b.pt"))
+    meta = trace_meta.read_meta(save_bytes(traced, tmp_path, "b.pt"))
     assert meta["lazy_load"] is False and meta["async_load"] is True
 
 
@@ -117,15 +116,15 @@ def test_flags_can_be_set_on_a_reloaded_model(traced, tmp_path):
     save_bytes(traced, tmp_path)
     loaded = torch.jit.load(str(tmp_path / "m.pt"))
     tracing.async_load(loaded)
-    assert tracing.read_meta(save_bytes(loaded, tmp_path, "again.pt"))["async_load"] is True
+    assert trace_meta.read_meta(save_bytes(loaded, tmp_path, "again.pt"))["async_load"] is True
 
 
 def test_flags_on_a_script_module_without_meta(tmp_path):
     scripted = torch.jit.script(Affine())
-    assert tracing.get_meta(scripted) == {}
-    assert tracing.read_meta(save_bytes(scripted, tmp_path)) == {}
+    assert trace_meta.get_meta(scripted) == {}
+    assert trace_meta.read_meta(save_bytes(scripted, tmp_path)) == {}
     tracing.lazy_load(scripted)
-    assert tracing.read_meta(save_bytes(scripted, tmp_path, "s.pt")) == {"format": tracing.META_FORMAT,
+    assert trace_meta.read_meta(save_bytes(scripted, tmp_path, "s.pt")) == {"format": trace_meta.META_FORMAT,
                                                                         "lazy_load": True}
 
 
@@ -138,16 +137,16 @@ def test_update_meta_refuses_non_torchscript():
 
 def test_get_meta_of_non_json_attribute():
     scripted = torch.jit.script(Affine())
-    scripted._c._register_attribute(tracing.META_ATTR, torch._C.StringType.get(), "{not json")
-    assert tracing.get_meta(scripted) == {}
-    assert tracing.get_meta(object()) == {}
+    scripted._c._register_attribute(trace_meta.META_ATTR, torch._C.StringType.get(), "{not json")
+    assert trace_meta.get_meta(scripted) == {}
+    assert trace_meta.get_meta(object()) == {}
 
 
 def test_tensor_specs_nesting():
     a = torch.zeros(1, 2)
     b = torch.zeros((), dtype=torch.int64)
     c = torch.zeros(0, dtype=torch.bool)
-    assert tracing.tensor_specs((a, [b, {"k": c}], 3, None)) == [
+    assert trace_meta.tensor_specs((a, [b, {"k": c}], 3, None)) == [
         {"shape": [1, 2], "dtype": "float32"}, {"shape": [], "dtype": "int64"}, {"shape": [0], "dtype": "bool"}]
 
 
@@ -200,14 +199,14 @@ def hostile_pickles(marker):
     yield pickle.dumps(Evil(eval, f"open({str(marker)!r}, 'w')"))
     yield pickle.dumps(Evil(open, str(marker), "w"))
     # the evil call hidden inside a plausible module state, next to a valid record
-    yield pickle.dumps(MetaHolder({tracing.META_ATTR: json.dumps(META), "x": Evil(os.system, cmd)}))
-    yield pickle.dumps([Evil(os.system, cmd), MetaHolder({tracing.META_ATTR: json.dumps(META)})])
+    yield pickle.dumps(MetaHolder({trace_meta.META_ATTR: json.dumps(META), "x": Evil(os.system, cmd)}))
+    yield pickle.dumps([Evil(os.system, cmd), MetaHolder({trace_meta.META_ATTR: json.dumps(META)})])
 
 
 def test_read_meta_never_executes_pickled_calls(marker):
     for blob in hostile_pickles(marker):
         for top in ("archive", "model"):
-            meta = tracing.read_meta(zip_with({f"{top}/data.pkl": blob, f"{top}/version": b"3"}))
+            meta = trace_meta.read_meta(zip_with({f"{top}/data.pkl": blob, f"{top}/version": b"3"}))
             assert isinstance(meta, dict)
             assert meta in ({}, META)
             assert not marker.exists()
@@ -220,42 +219,42 @@ def test_read_meta_never_executes_via_copyreg_extension_codes(marker):
     try:
         blob = pickle.dumps(Evil(os.system, f"touch {marker}"), protocol=2)
         assert b"\x84" in blob and b"system" not in blob  # EXT4, no GLOBAL naming the function
-        assert tracing.read_meta(zip_with({"archive/data.pkl": blob})) == {}
+        assert trace_meta.read_meta(zip_with({"archive/data.pkl": blob})) == {}
     finally:
         copyreg.remove_extension(os.system.__module__, os.system.__name__, code)
 
 
 def test_read_meta_reads_a_state_dict_without_resolving_the_class():
-    blob = pickle.dumps(MetaHolder({tracing.META_ATTR: json.dumps(META), "training": False}))
+    blob = pickle.dumps(MetaHolder({trace_meta.META_ATTR: json.dumps(META), "training": False}))
     assert b"MetaHolder" in blob
-    assert tracing.read_meta(zip_with({"archive/data.pkl": blob})) == META
+    assert trace_meta.read_meta(zip_with({"archive/data.pkl": blob})) == META
 
 
 @pytest.mark.parametrize("state", [
-    {tracing.META_ATTR: 5},
-    {tracing.META_ATTR: None},
-    {tracing.META_ATTR: "{not json"},
-    {tracing.META_ATTR: "[1, 2]"},
-    {tracing.META_ATTR: "\"text\""},
-    {tracing.META_ATTR: "NaN"},
+    {trace_meta.META_ATTR: 5},
+    {trace_meta.META_ATTR: None},
+    {trace_meta.META_ATTR: "{not json"},
+    {trace_meta.META_ATTR: "[1, 2]"},
+    {trace_meta.META_ATTR: "\"text\""},
+    {trace_meta.META_ATTR: "NaN"},
     {"other": json.dumps(META)},
     [("neuron_meta", json.dumps(META))],
     "neuron_meta",
 ])
 def test_read_meta_ignores_malformed_records(state):
     blob = pickle.dumps(MetaHolder(state))
-    assert tracing.read_meta(zip_with({"archive/data.pkl": blob})) == {}
+    assert trace_meta.read_meta(zip_with({"archive/data.pkl": blob})) == {}
 
 
 def test_read_meta_top_level_not_an_object():
-    for obj in ({tracing.META_ATTR: json.dumps(META)}, [1, 2], None, 5):
-        assert tracing.read_meta(zip_with({"archive/data.pkl": pickle.dumps(obj)})) == {}
+    for obj in ({trace_meta.META_ATTR: json.dumps(META)}, [1, 2], None, 5):
+        assert trace_meta.read_meta(zip_with({"archive/data.pkl": pickle.dumps(obj)})) == {}
 
 
 @pytest.mark.parametrize("members", [
     {},
-    {"data.pkl": pickle.dumps(MetaHolder({tracing.META_ATTR: json.dumps(META)}))},  # not under a top folder
-    {"a/b/data.pkl": pickle.dumps(MetaHolder({tracing.META_ATTR: json.dumps(META)}))},  # too deep
+    {"data.pkl": pickle.dumps(MetaHolder({trace_meta.META_ATTR: json.dumps(META)}))},  # not under a top folder
+    {"a/b/data.pkl": pickle.dumps(MetaHolder({trace_meta.META_ATTR: json.dumps(META)}))},  # too deep
     {"archive/data.pkl": b""},
     {"archive/data.pkl": b"\x80\x05garbage"},
     {"archive/data.pkl": b"cposix\nsystem\n"},  # truncated GLOBAL
@@ -263,24 +262,24 @@ def test_read_meta_top_level_not_an_object():
     {"archive/data.pkl": b"(" * 100000 + b"."},  # many MARKs
 ])
 def test_read_meta_on_broken_zips(members):
-    assert tracing.read_meta(zip_with(members)) == {}
+    assert trace_meta.read_meta(zip_with(members)) == {}
 
 
 @pytest.mark.parametrize("data", [b"", b"PK", b"PK\x03\x04" + b"\x00" * 40, b"not a zip at all", b"\x00" * 1000])
 def test_read_meta_on_garbage(data):
-    assert tracing.read_meta(data) == {}
+    assert trace_meta.read_meta(data) == {}
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_read_meta_on_random_bytes(data):
-    assert tracing.read_meta(data) == {}
+    assert trace_meta.read_meta(data) == {}
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_read_meta_on_random_pickle_bytes(blob):
-    meta = tracing.read_meta(zip_with({"archive/data.pkl": blob}))
+    meta = trace_meta.read_meta(zip_with({"archive/data.pkl": blob}))
     assert isinstance(meta, dict)
 
 
@@ -289,12 +288,12 @@ def test_read_meta_of_a_real_file_with_one_byte_flipped(traced, tmp_path):
     for i in range(0, len(data), max(1, len(data) // 64)):
         broken = bytearray(data)
         broken[i] ^= 0xFF
-        assert isinstance(tracing.read_meta(bytes(broken)), dict)
+        assert isinstance(trace_meta.read_meta(bytes(broken)), dict)
 
 
 def test_read_meta_on_deeply_nested_json_returns_empty():
     """Regression (was a bug): json.loads raises RecursionError (not ValueError) on deeply nested JSON; read_meta only catches
     ValueError around it, so a hostile model file makes neuron_client.jit.load crash with RecursionError
     instead of being treated as a file without a record."""
-    blob = pickle.dumps(MetaHolder({tracing.META_ATTR: "[" * 100000}))
-    assert tracing.read_meta(zip_with({"archive/data.pkl": blob})) == {}
+    blob = pickle.dumps(MetaHolder({trace_meta.META_ATTR: "[" * 100000}))
+    assert trace_meta.read_meta(zip_with({"archive/data.pkl": blob})) == {}

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from neuron_client import protocol, transport
-from neuron_client.errors import ProtocolError, RequestTimeoutError
+from neuron_client.wire import codec, comm as transport, messages, tensors
+from neuron_client.wire.errors import ProtocolError, RequestTimeoutError
 
 LIMIT = 4096  # the peer's ZMQ_MAXMSGSIZE in these tests
 
@@ -47,7 +47,7 @@ class Peer:
                     continue
                 identity, *frames = transport.recv(sock)
                 self.received.append(transport.frames_nbytes(frames))
-                transport.send(sock, protocol.encode(protocol.Ok(), protocol.peek_req_id(frames)), identity=identity)
+                transport.send(sock, codec.encode(messages.Ok(), codec.peek_req_id(frames)), identity=identity)
         finally:
             sock.close(linger=0)
 
@@ -70,12 +70,12 @@ def channel(endpoint, peer):
     ch.close()
 
 
-def load_of(nbytes: int) -> protocol.Load:
-    return protocol.Load(token="t", name="m.pt", data=torch.zeros(nbytes, dtype=torch.uint8))
+def load_of(nbytes: int) -> messages.Load:
+    return messages.Load(token="t", name="m.pt", data=torch.zeros(nbytes, dtype=torch.uint8))
 
 
 def message_bytes(msg) -> int:
-    return transport.frames_nbytes(protocol.encode(msg, 1))
+    return transport.frames_nbytes(codec.encode(msg, 1))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def message_bytes(msg) -> int:
 
 def test_frames_nbytes_counts_every_kind_of_frame():
     t = torch.arange(10, dtype=torch.float64)
-    frames = [b"abc", memoryview(t.numpy()), protocol.tensor_buffer(torch.zeros(7, dtype=torch.int16)),
+    frames = [b"abc", memoryview(t.numpy()), tensors.tensor_buffer(torch.zeros(7, dtype=torch.int16)),
               bytearray(5), b""]
     assert transport.frames_nbytes(frames) == 3 + 80 + 14 + 5
     assert transport.frames_nbytes([]) == 0
@@ -137,27 +137,27 @@ def test_a_message_above_the_limit_is_refused_at_once(channel, peer):
 
 def test_a_message_within_the_limit_goes_through(channel, peer):
     small = load_of(LIMIT // 2)
-    assert isinstance(channel.request(small, timeout_s=10.0).msg, protocol.Ok)
+    assert isinstance(channel.request(small, timeout_s=10.0).msg, messages.Ok)
     # the largest message that fits (each frame below the limit, as ZeroMQ checks them): sent; a byte more: refused
     n = LIMIT
     while message_bytes(load_of(n)) > LIMIT:
         n -= 1
     largest = message_bytes(load_of(n))
     assert LIMIT - 2 <= largest <= LIMIT < message_bytes(load_of(n + 1))
-    assert isinstance(channel.request(load_of(n), timeout_s=10.0).msg, protocol.Ok)
+    assert isinstance(channel.request(load_of(n), timeout_s=10.0).msg, messages.Ok)
     with pytest.raises(transport.MessageTooLargeError):
         channel.request(load_of(n + 1), timeout_s=10.0)
     assert peer.received == [message_bytes(small), largest]
     # and the channel still works after a refusal
-    assert isinstance(channel.request(small, timeout_s=10.0).msg, protocol.Ok)
+    assert isinstance(channel.request(small, timeout_s=10.0).msg, messages.Ok)
 
 
 def test_a_single_frame_message_is_checked_too(endpoint, peer):
     ch = transport.Channel(endpoint, max_bytes=8)
     try:
         with pytest.raises(transport.MessageTooLargeError, match="'load' message of"):
-            ch.request(protocol.Load(token="t" * 64, name="m.pt", data=torch.zeros(0, dtype=torch.uint8)), 10.0)
-        assert isinstance(ch.request(protocol.Ping(), 10.0, max_bytes=0).msg, protocol.Ok)  # per call: no limit
+            ch.request(messages.Load(token="t" * 64, name="m.pt", data=torch.zeros(0, dtype=torch.uint8)), 10.0)
+        assert isinstance(ch.request(messages.Ping(), 10.0, max_bytes=0).msg, messages.Ok)  # per call: no limit
     finally:
         ch.close()
 
@@ -167,7 +167,7 @@ def test_the_per_call_limit_overrides_the_channels(endpoint, peer):
     try:
         with pytest.raises(transport.MessageTooLargeError, match=f"limit of {LIMIT} bytes"):
             ch.request(load_of(4 * LIMIT), timeout_s=30.0, max_bytes=LIMIT)
-        assert isinstance(ch.request(load_of(16), timeout_s=10.0, max_bytes=LIMIT).msg, protocol.Ok)
+        assert isinstance(ch.request(load_of(16), timeout_s=10.0, max_bytes=LIMIT).msg, messages.Ok)
     finally:
         ch.close()
     assert len(peer.received) == 1
@@ -182,7 +182,7 @@ def test_the_worker_limits_compose(endpoint):
     try:
         with pytest.raises(transport.MessageTooLargeError):
             ch.request(load_of(max_message_bytes), timeout_s=30.0)
-        assert isinstance(ch.request(load_of(max_message_bytes // 2), timeout_s=10.0).msg, protocol.Ok)
+        assert isinstance(ch.request(load_of(max_message_bytes // 2), timeout_s=10.0).msg, messages.Ok)
     finally:
         ch.close()
         p.close()

@@ -22,10 +22,11 @@ import warnings
 
 import torch
 
-from . import batching, tracing
-from .errors import InputShapeError, NeuronRuntimeError
-from .model import NeuronModel, Replica
-from .runtime import get_runtime
+from neuron_client.models import batching
+from neuron_client.models.neuron_model import NeuronModel, Replica
+from neuron_client.runtime.lease import get_runtime
+from neuron_client.tracing import meta as trace_meta
+from neuron_client.wire.errors import InputShapeError, NeuronRuntimeError
 
 _NC = re.compile(r"nc:(\d+)")
 
@@ -75,7 +76,7 @@ def _as_neuron_model(model) -> NeuronModel:
         torch.jit.save(model, buf)
         data = buf.getvalue()
         name = getattr(model, "original_name", None) or type(model).__name__
-        nm = NeuronModel(f"{name}.pt", data, tracing.read_meta(data))
+        nm = NeuronModel(f"{name}.pt", data, trace_meta.read_meta(data))
         nm.state = "lazy"
         return nm
     raise TypeError(f"DataParallel expects a model from neuron_client.jit.load (or a traced TorchScript module from "

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from . import protocol
+from neuron_client.wire import codec, messages, tensors
 
 
 def buffer_names(model: torch.nn.Module, io_aliases) -> dict[str, int]:
@@ -91,10 +91,10 @@ def check_aliased_outputs(outputs, aliases: dict[str, int], buffers: dict[str, t
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             fits = isinstance(out, torch.Tensor) and list(out.shape) == list(buf.shape) and out.dtype == buf.dtype
         if not fits:
-            got = f"{protocol.dtype_name(out.dtype)}{list(out.shape)}" if isinstance(out, torch.Tensor) else \
+            got = f"{tensors.dtype_name(out.dtype)}{list(out.shape)}" if isinstance(out, torch.Tensor) else \
                 type(out).__name__
             raise ValueError(f"output {index} ({got}) cannot be written into state buffer {name!r} "
-                             f"({protocol.dtype_name(buf.dtype)}{list(buf.shape)}): shapes and dtypes must match")
+                             f"({tensors.dtype_name(buf.dtype)}{list(buf.shape)}): shapes and dtypes must match")
     return list(outputs)
 
 
@@ -175,12 +175,12 @@ class TrafficMeter:
             if TrafficMeter._active is not None:
                 raise RuntimeError("a TrafficMeter is already active in this process")
             TrafficMeter._active = self
-        self._encode, self._decode = protocol.encode, protocol.decode
+        self._encode, self._decode = codec.encode, codec.decode
         encode, decode = self._encode, self._decode
 
         def counting_encode(msg, req_id=0, sink=None):
             frames = encode(msg, req_id, sink)
-            if isinstance(msg, protocol.Call):
+            if isinstance(msg, messages.Call):
                 self.calls += 1
             self.sent += len(frames[0]) + _tensor_bytes(msg)
             return frames
@@ -190,11 +190,11 @@ class TrafficMeter:
             self.received += len(frames[0]) + _tensor_bytes(env.msg)
             return env
 
-        protocol.encode, protocol.decode = counting_encode, counting_decode
+        codec.encode, codec.decode = counting_encode, counting_decode
         return self
 
     def __exit__(self, *exc) -> None:
-        protocol.encode, protocol.decode = self._encode, self._decode
+        codec.encode, codec.decode = self._encode, self._decode
         with TrafficMeter._lock:
             TrafficMeter._active = None
 
@@ -203,7 +203,7 @@ class TrafficMeter:
 
 
 def _tensor_bytes(msg) -> int:
-    payload = getattr(msg, "args", None) if isinstance(msg, protocol.Call) else getattr(msg, "outputs", None)
+    payload = getattr(msg, "args", None) if isinstance(msg, messages.Call) else getattr(msg, "outputs", None)
     if payload is None:
         return 0
-    return sum(t.numel() * t.element_size() for t in protocol.walk_tensors(payload))
+    return sum(t.numel() * t.element_size() for t in tensors.walk_tensors(payload))

@@ -17,8 +17,8 @@ import socket
 import struct
 import time
 
-from . import protocol
-from .errors import BrokerUnavailableError, NeuronRuntimeError, ProtocolError, RequestTimeoutError
+from neuron_client.wire import codec, messages
+from neuron_client.wire.errors import BrokerUnavailableError, NeuronRuntimeError, ProtocolError, RequestTimeoutError
 
 MAX_LINK_MESSAGE_BYTES = 64 * 1024  # control messages are small; a longer frame closes the link
 _LEN = struct.Struct("!I")
@@ -54,7 +54,7 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def pack(msg, req_id: int = 0) -> bytes:
-    frames = protocol.encode(msg, req_id)
+    frames = codec.encode(msg, req_id)
     if len(frames) != 1:
         raise ProtocolError(f"{msg.op}: the lease link carries no tensors")
     body = bytes(frames[0])
@@ -64,10 +64,11 @@ def pack(msg, req_id: int = 0) -> bytes:
 
 
 def pack_error(exc: BaseException, req_id: int) -> bytes:
-    from .errors import code_of
+    from neuron_client.wire import codec
+    from neuron_client.wire.errors import code_of
 
     text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
-    body = bytes(protocol.encode_error(code_of(exc), text[:4000], req_id)[0])
+    body = bytes(codec.encode_error(code_of(exc), text[:4000], req_id)[0])
     return _LEN.pack(len(body)) + body
 
 
@@ -127,7 +128,7 @@ class LeaseLink:
         return rid
 
     def recv(self, timeout_s: float | None):
-        """The next message from the broker (an :class:`protocol.Envelope`; error replies raise); None on timeout.
+        """The next message from the broker (an :class:`codec.Envelope`; error replies raise); None on timeout.
 
         Raises :class:`BrokerUnavailableError` when the broker closed the link."""
         while not self.inbox:
@@ -141,9 +142,9 @@ class LeaseLink:
             if not data:
                 raise BrokerUnavailableError("the broker closed the lease link")
             self.inbox += self.reader.feed(data)
-        env = protocol.decode([self.inbox.pop(0)])
-        if isinstance(env.msg, protocol.Error):
-            from .errors import from_code
+        env = codec.decode([self.inbox.pop(0)])
+        if isinstance(env.msg, messages.Error):
+            from neuron_client.wire.errors import from_code
 
             raise from_code(env.msg.code, env.msg.message)
         return env

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import config, placement, protocol
-from .errors import InputShapeError, ModelLoadError, NeuronRuntimeError, UnknownModelError, WorkerUnavailableError
-from .runtime import Runtime, get_runtime
+from neuron_client.runtime import placement
+from neuron_client.runtime.lease import Runtime, get_runtime
+from neuron_client.wire import config, messages, tensors
+from neuron_client.wire.errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, UnknownModelError,
+                                       WorkerUnavailableError)
 
 
 @dataclass
@@ -124,7 +126,7 @@ class NeuronModel:
 
     def _load_on(self, rt: Runtime, core: int) -> int:
         reply = rt.channel(core).request(
-            protocol.Load(token=rt.token, name=self.name, data=self._data), config.LOAD_TIMEOUT_S, [self._data])
+            messages.Load(token=rt.token, name=self.name, data=self._data), config.LOAD_TIMEOUT_S, [self._data])
         return reply.model_id
 
     def _recover(self, rt: Runtime, r: Replica, why: str) -> None:
@@ -161,7 +163,7 @@ class NeuronModel:
         if rt is not None and replicas and not rt.closed:
             for r in replicas:
                 try:
-                    rt.channel(r.core).request(protocol.Unload(token=rt.token, model_id=r.model_id),
+                    rt.channel(r.core).request(messages.Unload(token=rt.token, model_id=r.model_id),
                                                config.BROKER_REQUEST_TIMEOUT_S)
                 except NeuronRuntimeError:
                     pass
@@ -180,7 +182,7 @@ class NeuronModel:
         """The traced inputs as (shape, dtype) pairs, computed once."""
         exp = self.__dict__.get("_expected_cache")
         if exp is None and self.input_specs is not None:
-            exp = self._expected_cache = [(tuple(s["shape"]), protocol.DTYPES.get(s["dtype"])) for s in self.input_specs]
+            exp = self._expected_cache = [(tuple(s["shape"]), tensors.DTYPES.get(s["dtype"])) for s in self.input_specs]
         return exp
 
     def check_shapes(self, args: tuple) -> None:
@@ -192,10 +194,10 @@ class NeuronModel:
         if len(args) == len(expected) and all(isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d
                                               for a, (s, d) in zip(args, expected)):
             return  # the common case: flat tensor arguments of the traced shapes
-        given = [(tuple(t.shape), t.dtype) for t in protocol.walk_tensors(args)]
+        given = [(tuple(t.shape), t.dtype) for t in tensors.walk_tensors(args)]
         if given != expected:
             def fmt(pairs):
-                return ", ".join(f"{protocol.dtype_name(d) if d is not None else '?'}{list(s)}" for s, d in pairs) \
+                return ", ".join(f"{tensors.dtype_name(d) if d is not None else '?'}{list(s)}" for s, d in pairs) \
                     or "none"
 
             raise InputShapeError(
@@ -238,7 +240,7 @@ class NeuronModel:
         self._local.last_core = r.core
         if self.output_device is not None:
             device = self.output_device
-            out = protocol.map_tensors(out, lambda t: t.to(device))
+            out = tensors.map_tensors(out, lambda t: t.to(device))
         return out
 
     @property
@@ -248,7 +250,7 @@ class NeuronModel:
 
     def _run_bucketed(self, args: tuple):
         """A call of a bucketed model: its outputs come back as a flat list; give them their traced structure."""
-        from . import bucketing
+        from neuron_client.tracing import bucketing
 
         return bucketing.unpack_outputs(self.run(args), self.meta)
 

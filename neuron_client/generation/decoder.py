@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import bucketing, tracing
+from neuron_client.tracing import bucketing, meta as trace_meta
 
 
 class Block(torch.nn.Module):
@@ -145,7 +145,7 @@ def trace_decoder(decoder: CachedDecoder, buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64)
     if max_length < 1:
         raise ValueError(f"a cache of {decoder.cache_length} positions leaves no room after padding to "
                          f"{buckets[-1]} tokens; make the cache longer")
-    tracing.update_meta(packaged, decoder={"max_length": max_length,
+    trace_meta.update_meta(packaged, decoder={"max_length": max_length,
                                            "cache_length": decoder.cache_length, "buckets": buckets,
                                            "resident": bool(resident), "vocab": decoder.wte.num_embeddings,
                                            "cache_shape": list(decoder.k_cache.shape),

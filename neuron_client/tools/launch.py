@@ -29,9 +29,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import autostart, config, protocol, transport
-from .cores import format_cores, format_visible
-from .errors import NeuronRuntimeError
+from neuron_client.runtime import autostart
+from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire.cores import format_cores, format_visible
+from neuron_client.wire.errors import NeuronRuntimeError
 
 EXIT_BAD_REQUEST = 2
 POLL_S = 0.05
@@ -77,7 +78,7 @@ def _free_port() -> int:
 def _status(directory: str) -> dict | None:
     ch = transport.Channel(config.broker_address(directory))
     try:
-        return ch.request(protocol.Status(), STATUS_TIMEOUT_S).msg.doc
+        return ch.request(messages.Status(), STATUS_TIMEOUT_S).msg.doc
     except NeuronRuntimeError:
         return None
     finally:

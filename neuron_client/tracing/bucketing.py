@@ -31,7 +31,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from . import protocol, state, tracing
+from neuron_client.tracing import io_aliases as state, meta as trace_meta
+from neuron_client.wire import tensors
 
 _COMPILER_OPTIONS = ("compiler_workdir", "compiler_args", "inline_weights_to_neff", "partitioner_config")
 
@@ -213,7 +214,7 @@ def sequence_length_kernel(buckets, dim: int = 1, padded_inputs: Optional[int] =
     key = hashlib.sha1(repr((buckets, int(dim), padded, pad)).encode()).hexdigest()[:10]
     name = f"sequence_length_kernel_{key}"
     src = _KERNEL_SOURCE.format(name=name, buckets=buckets, dim=int(dim), padded=padded, pad=pad)
-    filename = f"<neuron_client.bucketing {name}>"
+    filename = f"<neuron_client.tracing.bucketing {name}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)  # torch.jit.script reads source
     scope = {"torch": torch, "List": List, "Tuple": Tuple, "__name__": __name__}
     exec(compile(src, filename, "exec"), scope)
@@ -511,8 +512,8 @@ def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, t
             for a, s, whole in zip(aliases, shapes, shared):
                 if len(s) != whole.dim() or any(x > y for x, y in zip(s, whole.shape)) \
                         or buffers[a].dtype != whole.dtype:
-                    raise ValueError(f"bucket {i}'s state buffer {a!r} ({protocol.dtype_name(buffers[a].dtype)}{s}) "
-                                     f"does not fit in the shared state buffer ({protocol.dtype_name(whole.dtype)}"
+                    raise ValueError(f"bucket {i}'s state buffer {a!r} ({tensors.dtype_name(buffers[a].dtype)}{s}) "
+                                     f"does not fit in the shared state buffer ({tensors.dtype_name(whole.dtype)}"
                                      f"{list(whole.shape)})")
             state_shapes.append(shapes)
             slices = preprocessor([shapes] * n, shared, torch.tensor([i]))
@@ -550,14 +551,14 @@ def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, t
     except Exception as exc:
         raise ValueError(f"the buckets could not be packaged into one TorchScript model: {type(exc).__name__}: "
                          f"{_first_line(exc)}") from None
-    meta = {"format": tracing.META_FORMAT, "lazy_load": False, "async_load": False, "bucketed": True,
-            "buckets": [[{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in ex]
+    meta = {"format": trace_meta.META_FORMAT, "lazy_load": False, "async_load": False, "bucketed": True,
+            "buckets": [[{"shape": list(t.shape), "dtype": tensors.dtype_name(t.dtype)} for t in ex]
                         for ex in examples],
             "outputs": specs[0], "trim_outputs": bool(trim_outputs), "deduplicated_weight_bytes": saved_bytes}
     if shared:
-        meta["shared_state"] = [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in shared]
+        meta["shared_state"] = [{"shape": list(t.shape), "dtype": tensors.dtype_name(t.dtype)} for t in shared]
         meta["io_aliases"] = {f"shared_state[{j}]": k for j, k in enumerate(alias_flat)}
-    tracing.set_meta(scripted, meta)
+    trace_meta.set_meta(scripted, meta)
     return scripted
 
 

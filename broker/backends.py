@@ -1,15 +1,16 @@
-"""Backends map a core index to real compute. A backend is small: where a core runs, and how to set a worker up.
+"""Backends map a core index to real compute: where each core runs (its CPUs, its GPU), as the broker decides and status
+shows. How a worker sets itself up on that placement is :mod:`worker.devices`'. The broker never imports torch: the
+cuda backend counts GPUs in a short-lived probe process.
 
 * ``cpu``: core i is pinned to a set of host CPUs; more cores than CPUs is allowed (virtual cores share CPUs).
 * ``cuda``: core i runs on GPU ``i // cores_per_gpu`` (see :class:`CudaBackend`).
 """
 from __future__ import annotations
 
-import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
-
-log = logging.getLogger("neuron.worker")
 
 
 def host_cpus() -> list[int]:
@@ -44,25 +45,6 @@ class Threads:
         return {"intra_op_threads": self.intra or n_cpus, "inter_op_threads": self.inter or n_cpus}
 
 
-def setup_threads(placement: dict) -> None:
-    """Pin this (worker) process to its CPUs and size torch's thread pools."""
-    import psutil
-    import torch
-
-    cpus = placement["cpus"]
-    try:
-        psutil.Process().cpu_affinity(cpus)
-    except (AttributeError, OSError):  # pragma: no cover - platforms without affinity
-        pass
-    torch.set_num_threads(placement.get("intra_op_threads") or len(cpus))
-    try:
-        torch.set_num_interop_threads(placement.get("inter_op_threads") or len(cpus))
-    except RuntimeError as exc:  # the pool already started in this process
-        log.warning("could not set inter-op threads: %s", exc)
-    log.info("pinned to cpus %s; torch intra-op threads %d, inter-op threads %d", cpus, torch.get_num_threads(),
-             torch.get_num_interop_threads())
-
-
 @dataclass
 class CpuBackend:
     name = "cpu"
@@ -79,12 +61,6 @@ class CpuBackend:
         cpus = cpus_for_core(core, self.n_cores, self.cpus)
         return {"device": "cpu", "cpus": cpus, **self.threads.for_cpus(len(cpus))}
 
-    @staticmethod
-    def setup_worker(placement: dict) -> str:
-        """Set this worker process up for its core; returns the torch device."""
-        setup_threads(placement)
-        return "cpu"
-
 
 @dataclass
 class CudaBackend:
@@ -96,9 +72,7 @@ class CudaBackend:
 
     @classmethod
     def create(cls, n_cores: int, cores_per_gpu: int = 1, threads: Threads = Threads()) -> "CudaBackend":
-        import torch
-
-        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        n_gpus = count_gpus()
         if n_gpus == 0:
             raise RuntimeError(
                 "--backend cuda needs a CUDA GPU, but torch sees none (torch.cuda.is_available() is False); "
@@ -119,33 +93,22 @@ class CudaBackend:
         return {"device": f"cuda:{gpu}", "gpu": gpu, "memory_fraction": 1.0 / self.cores_per_gpu,
                 "cpus": cpus, **self.threads.for_cpus(len(cpus))}
 
-    @staticmethod
-    def setup_worker(placement: dict) -> str:
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(placement["gpu"])
-        import torch
-
-        setup_threads(placement)
-        torch.cuda.set_device(0)
-        torch.cuda.set_per_process_memory_fraction(placement["memory_fraction"], 0)
-        return "cuda:0"
-
 
 BACKENDS = {"cpu": CpuBackend, "cuda": CudaBackend}
 
+GPU_PROBE = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+GPU_PROBE_TIMEOUT_S = 120.0
 
-def device_stats(device: str) -> dict:
-    """Device memory this worker holds and the driver's utilisation of its GPU (cuda); nothing for the cpu."""
-    if not device.startswith("cuda"):
-        return {}
-    import torch
 
-    out = {"device_memory": int(torch.cuda.memory_reserved(0))}
+def count_gpus() -> int:
+    """The CUDA GPUs torch sees on this host (honouring ``CUDA_VISIBLE_DEVICES``), asked of a probe process so that
+    torch and the CUDA driver stay out of the broker's own memory."""
     try:
-        out["device_util"] = float(torch.cuda.utilization(0))  # through NVML, when the driver offers it
-    except Exception:  # no pynvml / NVML: unknown, not zero
-        out["device_util"] = None
-    return out
-
-
-def setup_worker(backend: str, placement: dict) -> str:
-    return BACKENDS[backend].setup_worker(placement)
+        out = subprocess.run([sys.executable, "-c", GPU_PROBE], capture_output=True, text=True,
+                             timeout=GPU_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"counting CUDA GPUs took over {GPU_PROBE_TIMEOUT_S:.0f} s (a hung driver?)") from None
+    try:
+        return int(out.stdout.split()[-1])
+    except (IndexError, ValueError):
+        raise RuntimeError(f"counting CUDA GPUs failed: {out.stderr.strip()[-400:] or 'no output'}") from None

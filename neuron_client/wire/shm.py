@@ -19,10 +19,12 @@ import re
 import secrets
 import stat
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import torch
+from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
 
-from .errors import NeuronRuntimeError, ProtocolError
+if TYPE_CHECKING:
+    import torch
 
 SHM_DIR = "/dev/shm"
 # strict: ASCII digits and lowercase hex only, a pid without leading zeros (so one pid has one prefix), no "/" or ".."
@@ -185,7 +187,7 @@ class Segment:
                 raise ProtocolError(
                     f"shared-memory segment {self.name} is sparse ({st.st_blocks * 512} of {size} bytes allocated): "
                     "touching it could kill this process with SIGBUS once /dev/shm is full; segments must be "
-                    "created with their memory reserved (neuron_client.shm.Segment does)"
+                    "created with their memory reserved (neuron_client.wire.shm.Segment does)"
                 )
             try:
                 self.map = mmap.mmap(fd, size) if size else None
@@ -205,6 +207,8 @@ class Segment:
         return memoryview(self.map)[offset:offset + nbytes]
 
     def write(self, offset: int, t: torch.Tensor) -> None:
+        import torch  # only a process that writes tensors loads torch (the broker only unlinks segments)
+
         n = t.numel() * t.element_size()
         if n:
             dst = torch.frombuffer(self.view(offset, n), dtype=torch.uint8)

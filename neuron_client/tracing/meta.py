@@ -1,4 +1,4 @@
-"""Tracing: TorchScript models with their input shapes and load flags recorded inside the saved file.
+"""A traced model's record: its input shapes and load flags, kept inside the saved file.
 
 The record is a string attribute ``neuron_meta`` (JSON) registered on the traced module, so a plain
 ``torch.jit.save`` keeps it. :func:`read_meta` reads it back from a file without loading the model and without
@@ -13,7 +13,7 @@ import zipfile
 
 import torch
 
-from . import protocol
+from neuron_client.wire import tensors
 
 META_ATTR = "neuron_meta"
 META_FORMAT = 1
@@ -21,7 +21,7 @@ META_FORMAT = 1
 
 def tensor_specs(inputs) -> list[dict]:
     """Shape and dtype of every tensor in a nesting of inputs, in order."""
-    return [{"shape": list(t.shape), "dtype": protocol.dtype_name(t.dtype)} for t in protocol.walk_tensors(inputs)]
+    return [{"shape": list(t.shape), "dtype": tensors.dtype_name(t.dtype)} for t in tensors.walk_tensors(inputs)]
 
 
 def get_meta(module) -> dict:
@@ -49,54 +49,6 @@ def update_meta(module, **changes) -> None:
     meta = get_meta(module) or {"format": META_FORMAT}
     meta.update(changes)
     set_meta(module, meta)
-
-
-def trace(model, example_inputs, *, input_output_aliases=None, **trace_kwargs) -> torch.jit.ScriptModule:
-    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) with ``torch.jit.trace``, recording input shapes.
-
-    ``input_output_aliases`` ({state buffer: output index}) keeps those buffers on the core between calls, updated
-    from the aliased outputs, which the call then no longer returns (see :mod:`neuron_client.state`).
-    """
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    if input_output_aliases:
-        from . import state
-
-        traced, aliases = state.trace_with_state(model, example_inputs, input_output_aliases, **trace_kwargs)
-        set_meta(traced, {"format": META_FORMAT, "inputs": tensor_specs(example_inputs), "lazy_load": False,
-                          "async_load": False, "io_aliases": aliases,
-                          "state_bytes": state.state_bytes(traced, aliases)})
-        return traced
-    if isinstance(model, torch.nn.Module):
-        model = model.eval()
-    elif callable(model):  # a plain function: trace it as a module so that the record has somewhere to live
-        model = _FunctionModule(model)
-    else:
-        raise TypeError(f"trace expects a torch.nn.Module or a callable, got {type(model).__name__}")
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example_inputs, **trace_kwargs)
-    set_meta(traced, {"format": META_FORMAT, "inputs": tensor_specs(example_inputs),
-                      "lazy_load": False, "async_load": False})
-    return traced
-
-
-def lazy_load(trace, enable_lazy_load: bool = True) -> None:
-    """Delay loading onto a core until the first call (or DataParallel); saved inside the model file."""
-    update_meta(trace, lazy_load=bool(enable_lazy_load))
-
-
-def async_load(trace, enable_async_load: bool = True) -> None:
-    """Make loading onto a core non-blocking; the first call waits for it. Saved inside the model file."""
-    update_meta(trace, async_load=bool(enable_async_load))
-
-
-class _FunctionModule(torch.nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, *args):
-        return self.fn(*args)
 
 
 class _Stub:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import NeuronRuntimeError
+from neuron_client.wire.errors import NeuronRuntimeError
 
 ENV_BROKER_DIR = "NEURON_BROKER_DIR"
 ENV_BROKER_ADDRESS = "NEURON_BROKER_ADDRESS"

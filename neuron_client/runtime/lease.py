@@ -1,4 +1,4 @@
-"""The process's connection to the runtime: its lease on cores, the heartbeat, and channels to the workers.
+"""The process's connection to the runtime: its lease on cores, and channels to the workers.
 
 One :class:`Runtime` per process, created on first use (:func:`get_runtime`). It asks the broker for the cores the
 environment names (``NEURON_RT_VISIBLE_CORES`` / ``NEURON_RT_NUM_CORES`` / all), keeps the lease alive with a
@@ -19,89 +19,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
 
-from . import autostart, config, cores, lease_link, protocol, shm, transport
-from .procs import pid_running
-from .errors import (BrokerUnavailableError, LeaseLostError, NotOwnerError, NeuronCoreSpecError, NeuronRuntimeError, ProtocolError,
-                     RequestTimeoutError, WorkerUnavailableError)
+from neuron_client.runtime import autostart
+from neuron_client.runtime.channels import WorkerChannel
+from neuron_client.wire import comm as transport, config, cores, lease_link, messages
+from neuron_client.wire.errors import (BrokerUnavailableError, LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError,
+                                       WorkerUnavailableError)
+from neuron_client.wire.procs import pid_running
 
 log = logging.getLogger("neuron_client")
 
 
-class _ReplySegments:
-    """The tensor source's view of shared memory on the client: only its own reply arena."""
-
-    def __init__(self, arena: shm.Arena):
-        self.arena = arena
-
-    def view(self, name, offset, nbytes):
-        if self.arena.segment is None or name != self.arena.name:
-            raise ProtocolError(f"the worker answered in segment {name!r}, which this client did not offer")
-        return self.arena.segment.view(offset, nbytes)
-
-
-class WorkerChannel:
-    """One thread's connection to one core's worker, with its shared-memory arenas."""
-
-    def __init__(self, runtime: "Runtime", core: int, endpoint: str):
-        self.runtime = runtime
-        self.core = core
-        self.channel = transport.Channel(endpoint, max_bytes=runtime.max_message_bytes)
-        self.request_arena = shm.Arena()
-        self.reply_arena = shm.Arena()
-        self._reply_segments = _ReplySegments(self.reply_arena)
-        self._worker_pid = 0
-        self.threshold = config.shm_threshold_bytes() if shm.available() else 1 << 62
-
-    def _alive(self) -> None:
-        """While waiting for a reply: the lease still held, the worker still there."""
-        self.runtime.check_lease()
-        if self._worker_pid and not _pid_running(self._worker_pid):
-            raise self.runtime.worker_died(self.core, self._worker_pid)
-
-    def _source(self, frames) -> protocol.TensorSource:
-        return protocol.TensorSource(frames, shm=self._reply_segments, copy_shm=True)
-
-    def request(self, msg, timeout_s: float, tensors=()):
-        self._worker_pid = self.runtime.workers[self.core]["pid"]
-        if not self._worker_pid:  # being replaced: wait (bounded) for the fresh one rather than send into nothing
-            self._worker_pid = self.runtime.await_worker(self.core, not_pid=0)["pid"]
-        need = shm.reserve_bytes(tensors, self.threshold) if tensors else 0
-        sink = None
-        if need:
-            self.request_arena.reset(need)
-            sink = protocol.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
-        try:
-            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
-        except NotOwnerError:
-            self.runtime.refresh_workers()  # raises LeaseLostError with the broker's reason if the lease ended
-            # the lease lives: the request reached a fresh worker before the broker gave it its owner; once it has
-            # one (or another), ask again, once
-            w = self.runtime.await_worker(self.core, not_pid=0)
-            if w["pid"] == self._worker_pid and self._worker_pid:
-                raise
-            self._worker_pid = w["pid"]
-            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
-
-    def call(self, model_id: int, args: tuple, timeout_s: float):
-        tensors = list(protocol.walk_tensors(args))
-        msg = protocol.Call(token=self.runtime.token, model_id=model_id, args=args,
-                            reply_shm=self.reply_arena.name, reply_shm_size=self.reply_arena.size)
-        outputs = self.request(msg, timeout_s, tensors).outputs
-        big = shm.reserve_bytes(protocol.walk_tensors(outputs), self.threshold)
-        if big > self.reply_arena.size:  # next time, large outputs come back through shared memory
-            try:
-                self.reply_arena.reset(big)
-            except shm.SharedMemoryFullError as exc:  # they keep coming over the socket
-                log.warning("%s", exc)
-        return outputs
-
-    def close(self) -> None:
-        self.channel.close()
-        self.request_arena.release()
-        self.reply_arena.release()
-
-
-_pid_running = pid_running  # the one liveness check (neuron_client.procs)
+_pid_running = pid_running  # the one liveness check (neuron_client.wire.procs)
 
 
 def acquire_timeout_s(env) -> float:
@@ -128,7 +56,7 @@ class Runtime:
         autostart.ensure_broker(self.directory)
         link = lease_link.LeaseLink(self.directory, config.BROKER_PING_TIMEOUT_S)
         try:
-            granted = link.request(protocol.Acquire(
+            granted = link.request(messages.Acquire(
                 cmd=_command_line()[:4096], visible=list(request.visible) if request.visible is not None else None,
                 count=request.count, wait_s=wait_s), config.ACQUIRE_TIMEOUT_S + wait_s)
         except BaseException:
@@ -200,9 +128,9 @@ class Runtime:
                     continue
                 if env is None:
                     continue
-                if isinstance(env.msg, protocol.HeartbeatAck):
+                if isinstance(env.msg, messages.HeartbeatAck):
                     self._update_workers(env.msg.workers)
-                elif isinstance(env.msg, protocol.LeaseEnded):
+                elif isinstance(env.msg, messages.LeaseEnded):
                     self.lost = f"lease {env.msg.lease_id} ended: {env.msg.reason}"
                     log.error("this process lost its NeuronCores %s: %s", cores.format_cores(self.cores),
                               env.msg.reason)
@@ -221,7 +149,7 @@ class Runtime:
             except BrokerUnavailableError:
                 continue
             try:
-                granted = link.request(protocol.Reattach(lease_id=self.lease_id, token=self.token, cores=list(self.cores)),
+                granted = link.request(messages.Reattach(lease_id=self.lease_id, token=self.token, cores=list(self.cores)),
                                        config.ACQUIRE_TIMEOUT_S)
             except LeaseLostError as exc:
                 link.close()
@@ -252,7 +180,7 @@ class Runtime:
         """Ask the broker now for the lease's workers (heartbeats do it every interval anyway)."""
         ch = transport.Channel(self.address)
         try:
-            ack = ch.request(protocol.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
+            ack = ch.request(messages.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
             self._update_workers(ack.workers)
         except LeaseLostError as exc:
             self.lost = str(exc)
@@ -329,7 +257,7 @@ class Runtime:
             except queue.Empty:
                 continue
             try:
-                self.channel(core).request(protocol.Unload(token=self.token, model_id=model_id),
+                self.channel(core).request(messages.Unload(token=self.token, model_id=model_id),
                                            config.BROKER_REQUEST_TIMEOUT_S)
             except NeuronRuntimeError:
                 pass

@@ -13,7 +13,7 @@ the client; each step is one call per model (batch size 1, as the reference):
 The output is exactly the target's greedy output whenever the target scores a token the same way in a 1-token call
 and inside a (k+1)-token call; the tests check it token for token.
 
-Models follow :mod:`neuron_client.decoder`'s convention: ``model(input_ids [1, T], position [1])`` returns the
+Models follow :mod:`neuron_client.generation.decoder`'s convention: ``model(input_ids [1, T], position [1])`` returns the
 logits ``[1, T, vocab]`` (or a tuple starting with them); a model traced with ``resident=False`` takes and returns
 its cache too, which :class:`CachedLM` then carries from call to call (for comparison).
 

@@ -13,8 +13,8 @@ import subprocess
 import sys
 import time
 
-from . import config, transport
-from .errors import BrokerUnavailableError
+from neuron_client.wire import comm as transport, config
+from neuron_client.wire.errors import BrokerUnavailableError
 
 
 def running_pid(directory: str) -> int:

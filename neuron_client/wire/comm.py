@@ -12,8 +12,8 @@ import time
 
 import zmq
 
-from . import protocol
-from .errors import ProtocolError, RequestTimeoutError, from_code
+from neuron_client.wire import codec, messages
+from neuron_client.wire.errors import ProtocolError, RequestTimeoutError, from_code
 
 POLLIN = zmq.POLLIN
 Again = zmq.Again
@@ -207,7 +207,7 @@ class Channel:
     def __init__(self, endpoint: str, max_bytes: int = 0):
         """``max_bytes``: the largest message the peer reads (0: no limit); :meth:`request` refuses a larger one
         before sending it, instead of waiting out its timeout for a reply that cannot come."""
-        from .config import ENV_BROKER_KEYS, LIVENESS_POLL_S, broker_dir
+        from neuron_client.wire.config import ENV_BROKER_KEYS, LIVENESS_POLL_S, broker_dir
 
         self.endpoint = endpoint
         self.max_bytes = max_bytes
@@ -222,7 +222,7 @@ class Channel:
         self.pid = os.getpid()
 
     def request(self, msg, timeout_s: float, sink=None, source=None, alive=None, max_bytes: int | None = None):
-        """Send ``msg`` and return the reply's :class:`protocol.Envelope`.
+        """Send ``msg`` and return the reply's :class:`codec.Envelope`.
 
         ``source(frames)`` builds the tensor source for the reply; ``alive()`` is called every
         ``config.LIVENESS_POLL_S`` while waiting and may raise to abandon the wait (a dead worker).
@@ -233,7 +233,7 @@ class Channel:
             raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
                                "create the runtime in the child instead")
         rid = next(self._ids)
-        frames = protocol.encode(msg, rid, sink)
+        frames = codec.encode(msg, rid, sink)
         limit = self.max_bytes if max_bytes is None else max_bytes
         if len(frames) == 1 and not limit:
             small = True
@@ -261,14 +261,14 @@ class Channel:
                     alive()
                 continue
             try:
-                env = protocol.decode(reply, source(reply) if source else None)
+                env = codec.decode(reply, source(reply) if source else None)
             except ProtocolError:
-                if protocol.peek_req_id(reply) != rid:
+                if codec.peek_req_id(reply) != rid:
                     continue  # a late, unreadable reply to an abandoned request
                 raise
             if env.req_id != rid:
                 continue  # a late reply to an abandoned request
-            if isinstance(env.msg, protocol.Error):
+            if isinstance(env.msg, messages.Error):
                 raise from_code(env.msg.code, env.msg.message)
             return env
 
@@ -280,11 +280,11 @@ class Channel:
 
 
 def ping(endpoint: str, timeout_s: float):
-    """The broker's :class:`protocol.Pong`, or None if nothing answers in time."""
+    """The broker's :class:`messages.Pong`, or None if nothing answers in time."""
     ch = Channel(endpoint)
     try:
-        env = ch.request(protocol.Ping(), timeout_s)
-        return env.msg if isinstance(env.msg, protocol.Pong) else None
+        env = ch.request(messages.Ping(), timeout_s)
+        return env.msg if isinstance(env.msg, messages.Pong) else None
     except (RequestTimeoutError, ProtocolError):
         return None
     finally:

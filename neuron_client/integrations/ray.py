@@ -6,7 +6,7 @@ acquires its cores from the node's broker, so a second process that tries to tak
 :class:`neuron_client.NeuronCoreUnavailableError` naming the actor, and the broker takes a dead actor's cores back
 within about a second::
 
-    import ray, neuron_client.ray as nray
+    import ray, neuron_client.integrations.ray as nray
 
     ray.init()
     nray.ensure_brokers()                       # one broker per node, --cores = the node's neuron_cores
@@ -43,13 +43,14 @@ from contextlib import contextmanager
 try:
     import ray
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("neuron_client.ray needs Ray: pip install 'ray[serve]' (or this project's [ray] extra)") from exc
+    raise ImportError("neuron_client.integrations.ray needs Ray: pip install 'ray[serve]' (or this project's [ray] extra)") from exc
 
-from . import autostart, config, transport
-from .cores import format_cores, parse_visible_cores
-from .errors import BrokerUnavailableError, NeuronCoreSpecError, NeuronRuntimeError
+from neuron_client.runtime import autostart
+from neuron_client.wire import comm as transport, config
+from neuron_client.wire.cores import format_cores, parse_visible_cores
+from neuron_client.wire.errors import BrokerUnavailableError, NeuronCoreSpecError, NeuronRuntimeError
 
-log = logging.getLogger("neuron_client.ray")
+log = logging.getLogger("neuron_client.integrations.ray")
 
 RESOURCE = "neuron_cores"  # Ray's resource name for NeuronCores
 ENV_VISIBLE = "NEURON_RT_VISIBLE_CORES"
@@ -202,14 +203,14 @@ def ensure_brokers(base_dir: str | None = None, timeout_s: float = ENSURE_TIMEOU
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _status_on_node(node_id: str) -> dict | None:
-    from . import protocol
+    from neuron_client.wire import messages
 
     address = config.broker_address(node_broker_dir(node_id))
     if transport.ping(address, config.BROKER_PING_TIMEOUT_S) is None:
         return None
     ch = transport.Channel(address)
     try:
-        return ch.request(protocol.Status(), config.BROKER_REQUEST_TIMEOUT_S).msg.doc
+        return ch.request(messages.Status(), config.BROKER_REQUEST_TIMEOUT_S).msg.doc
     finally:
         ch.close()
 
@@ -264,7 +265,7 @@ def attach(directory: str | None = None):
     let both run) after waiting ``ATTACH_WAIT_S`` (or ``NEURON_RT_ACQUIRE_TIMEOUT``) for them: a holder that Ray
     already counts as gone may still be being reclaimed.
     """
-    from . import runtime as rt_mod
+    from neuron_client.runtime import lease as rt_mod
 
     cores = assigned_cores()
     if not cores:
@@ -290,7 +291,7 @@ def attach(directory: str | None = None):
             return current
         raise NeuronRuntimeError(
             f"this process already holds {format_cores(current.cores)} from {current.directory}; Ray assigned "
-            f"{format_cores(cores)} on {directory}. Call neuron_client.ray.attach() before any other neuron_client use")
+            f"{format_cores(cores)} on {directory}. Call neuron_client.integrations.ray.attach() before any other neuron_client use")
     if not os.environ.get(config.ENV_BROKER_ADDRESS):
         ensure_local_broker(directory, max(node_neuron_cores(node_id), cores[-1] + 1))
     default_wait = config.ENV_ACQUIRE_TIMEOUT not in os.environ
@@ -313,7 +314,7 @@ def task_cores():
             with nray.task_cores():
                 return nray.load(model_bytes)(x)
     """
-    from . import runtime as rt_mod
+    from neuron_client.runtime import lease as rt_mod
 
     rt = attach()
     try:
@@ -324,7 +325,7 @@ def task_cores():
 
 def load(model, name: str = "model"):
     """``neuron_client.jit.load`` of a path, a file object or a saved model's bytes."""
-    from . import jit
+    from neuron_client import jit
 
     return jit.load(_read_model(model, name))
 
@@ -353,8 +354,8 @@ class NeuronActor:
         """Load a saved TorchScript model (a path, a file object or its bytes) onto this actor's cores:
         ``nc_count=-1`` one replica on the least-used core, ``nc_count=k`` replicas on k cores from ``start_nc``
         (0 when not given); calls go round-robin over the replicas."""
-        from . import jit
-        from .experimental import neuron_cores_context
+        from neuron_client import jit
+        from neuron_client.experimental import neuron_cores_context
 
         if nc_count == -1 and start_nc == -1:
             return jit.load(_read_model(model, name))
@@ -370,7 +371,7 @@ class NeuronActor:
 
     def release_cores(self) -> None:
         """Give the cores back now (they are also given back when the actor's process ends)."""
-        from . import runtime as rt_mod
+        from neuron_client.runtime import lease as rt_mod
 
         rt_mod.shutdown()
 

@@ -11,7 +11,7 @@ import operator
 import re
 from dataclasses import dataclass
 
-from .errors import NeuronCoreSpecError
+from neuron_client.wire.errors import NeuronCoreSpecError
 
 MAX_CORES = 4096  # no host has more NeuronCores (the largest has a few hundred); indices are 0..MAX_CORES-1
 MAX_DIGITS = 6  # a number with more digits (leading zeros aside) is refused before int() sees it

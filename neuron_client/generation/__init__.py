@@ -1,0 +1,1 @@
+"""Autoregressive generation: :mod:`.generate` (the loop) over :mod:`.decoder` (a decoder's per-step state)."""

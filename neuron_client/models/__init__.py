@@ -1,0 +1,6 @@
+"""Models placed on cores: :class:`~.neuron_model.NeuronModel` (one model, its replicas) and
+:class:`~.data_parallel.DataParallel` (a batch split over cores, :mod:`.batching`)."""
+from .._lazy import exports
+
+__getattr__, __dir__ = exports(__name__, {"NeuronModel": "neuron_model:NeuronModel",
+                                          "DataParallel": "data_parallel:DataParallel"})

@@ -1,0 +1,1 @@
+"""Command-line tools of the client side: :mod:`.launch` (``neuron-run``)."""

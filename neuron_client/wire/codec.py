@@ -1,0 +1,246 @@
+"""The wire format: the one module that knows how messages look on a socket.
+
+A message is a ZeroMQ multipart message: frame 0 is a msgpack header
+``{"v": PROTOCOL_VERSION, "op": <name>, "id": <request id>, "body": {...}}``, and every further frame is the raw
+bytes of one tensor named in the body. Tensors, tuples, lists, dicts and scalars nest freely inside a body: a tensor
+becomes a msgpack extension that points at its frame (or, when large, at a region of a shared-memory segment), a tuple
+becomes an extension holding its items. Nothing is ever pickled.
+
+The message types are :mod:`neuron_client.wire.messages`'. :func:`encode` turns one into frames, :func:`decode` turns
+frames back into a typed message or raises :class:`ProtocolError` with a clear reason: bad input never gets further
+than this module. Tensor bytes are :mod:`neuron_client.wire.tensors`' business, imported the first time a tensor
+travels: torch is not loaded by a process that only exchanges control messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+from .messages import MESSAGES, PROTOCOL_VERSION, Error
+
+MAX_HEADER_BYTES = 4 * 1024 * 1024
+MAX_FRAMES = 4096
+MAX_TUPLE_NESTING = 32  # each level recurses through msgpack's C unpacker: unbounded nesting overflows the C stack
+
+EXT_TENSOR = 1  # [frame index, dtype, shape]
+EXT_SHM_TENSOR = 2  # [segment name, offset, dtype, shape]
+EXT_TUPLE = 3  # packed list of items
+
+
+def _tensors():
+    from . import tensors
+
+    return tensors
+
+
+
+def _default(sink):
+    torch = sys.modules.get("torch")  # no torch loaded: no value can be a tensor or a dtype
+
+    def hook(obj):
+        if torch is not None and isinstance(obj, torch.Tensor):
+            if sink is None:
+                raise ProtocolError("this message cannot carry tensors")
+            return sink.put(obj)
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, msgpack.packb(list(obj), default=hook, strict_types=True))
+        if isinstance(obj, dict):  # dict subclasses (OrderedDict, ...)
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
+        if isinstance(obj, (bool, int, float, str, bytes)):  # subclasses (IntEnum, ...)
+            for base in (bool, int, float, str, bytes):
+                if isinstance(obj, base):
+                    return base(obj)
+        if type(obj).__module__ == "numpy" and getattr(obj, "ndim", None) == 0:  # numpy scalars
+            value = obj.item()
+            if isinstance(value, (bool, int, float)):
+                return value
+        if torch is not None and isinstance(obj, torch.dtype):
+            return _tensors().dtype_name(obj)
+        raise ProtocolError(f"a value of type {type(obj).__name__} cannot travel; use tensors, numbers, strings, "
+                            "None, tuples, lists and dicts")
+
+    return hook
+
+
+def encode(msg, req_id: int = 0, sink=None) -> list:
+    """The frames of ``msg``: its header, then one frame per tensor that ``sink`` did not place in shared memory."""
+    body = {name: getattr(msg, name) for name in _schema(type(msg))[2]}
+    header = {"v": PROTOCOL_VERSION, "op": msg.op, "id": req_id, "body": body}
+    if sink is None and "torch" in sys.modules:
+        sink = _tensors().TensorSink()
+    head = msgpack.packb(header, default=_default(sink), strict_types=True)
+    return [head, *sink.frames] if sink is not None else [head]
+
+
+def encode_error(code: str, text: str, req_id: int = 0) -> list:
+    return encode(Error(code=code, message=text), req_id)
+
+
+@dataclass
+class Envelope:
+    """A decoded message with its request id."""
+
+    req_id: int
+    msg: Any
+    op: str = field(default="")
+
+
+def _ext_hook(source):
+    depth = [0]
+
+    def hook(code, data):
+        try:
+            if code == EXT_TUPLE:
+                if depth[0] >= MAX_TUPLE_NESTING:
+                    raise ProtocolError(f"tuples nest deeper than {MAX_TUPLE_NESTING} levels")
+                depth[0] += 1
+                try:
+                    items = msgpack.unpackb(data, ext_hook=hook, raw=False, strict_map_key=False)
+                finally:
+                    depth[0] -= 1
+                if not isinstance(items, list):
+                    raise ProtocolError("a tuple extension must hold a list")
+                return tuple(items)
+            if code in (EXT_TENSOR, EXT_SHM_TENSOR):
+                if source is None:
+                    raise ProtocolError("this message cannot carry tensors")
+                ref = msgpack.unpackb(data, raw=False)
+                if not isinstance(ref, list):
+                    raise ProtocolError("a tensor reference must be a list")
+                if code == EXT_TENSOR and len(ref) == 3:
+                    return source.frame_tensor(*ref)
+                if code == EXT_SHM_TENSOR and len(ref) == 4:
+                    return source.shm_tensor(*ref)
+                raise ProtocolError(f"malformed tensor reference {ref!r}")
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack's own errors on hostile bytes
+            raise ProtocolError(f"malformed extension {code}: {exc}") from None
+        raise ProtocolError(f"unknown extension type {code}")
+
+    return hook
+
+
+class _FrameSource:
+    """A message's own frames as its tensors' source, made a real ``TensorSource`` (and torch imported) only when the
+    message turns out to hold a tensor."""
+
+    def __init__(self, frames):
+        self.frames = frames
+        self.used: set[int] = set()
+        self._real = None
+
+    def _source(self):
+        if self._real is None:
+            self._real = _tensors().TensorSource(self.frames)
+            self._real.used = self.used
+        return self._real
+
+    def frame_tensor(self, *ref):
+        return self._source().frame_tensor(*ref)
+
+    def shm_tensor(self, *ref):
+        return self._source().shm_tensor(*ref)
+
+
+def _checker(hint):
+    """A fast ``value -> bool`` type check for a field annotation (built once per message type)."""
+    if hint is Any:
+        return None
+    if typing.get_origin(hint) is typing.Union:
+        parts = [_checker(h) for h in typing.get_args(hint)]
+        if any(p is None for p in parts):
+            return None
+        return lambda v: any(p(v) for p in parts)
+    if hint is type(None):
+        return lambda v: v is None
+    if hint is float:
+        return lambda v: type(v) is float or type(v) is int
+    if hint is int:
+        return lambda v: type(v) is int
+    base = typing.get_origin(hint) or hint
+    return lambda v: isinstance(v, base)
+
+
+def _schema(cls):
+    """(field names, [(name, check, required)]) of a message type, computed once."""
+    schema = cls.__dict__.get("_schema_cache")
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        fields = dataclasses.fields(cls)
+        schema = (frozenset(f.name for f in fields),
+                  [(f.name, _checker(hints[f.name]), f.default is dataclasses.MISSING) for f in fields],
+                  tuple(f.name for f in fields))
+        cls._schema_cache = schema
+    return schema
+
+
+def decode(frames, source=None) -> Envelope:
+    """Parse ``frames`` into an :class:`Envelope`; raise :class:`ProtocolError` saying what is wrong.
+
+    ``source`` (a :class:`~neuron_client.wire.tensors.TensorSource`) says where tensors' bytes are; without one, a
+    message's tensors are read from its own frames (and torch is imported only if it holds any)."""
+    if not frames:
+        raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"message has {len(frames)} frames; at most {MAX_FRAMES} are accepted")
+    head = memoryview(frames[0])
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {head.nbytes} bytes exceeds the limit of {MAX_HEADER_BYTES}")
+    if source is None:
+        source = _FrameSource(frames)
+    try:
+        header = msgpack.unpackb(head, ext_hook=_ext_hook(source), raw=False, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    if len(source.used) != len(frames) - 1:
+        raise ProtocolError(f"message has {len(frames) - 1} tensor frames but its header points at "
+                            f"{len(source.used)}; frames were added or lost on the way")
+    version = header.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "upgrade the older side so that client, broker and workers match"
+        )
+    op, req_id, body = header.get("op"), header.get("id", 0), header.get("body", {})
+    if type(req_id) is not int:
+        raise ProtocolError(f"request id must be an int, got {req_id!r}")
+    cls = MESSAGES.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown op {op!r}; known: {', '.join(sorted(MESSAGES))}")
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{op}: body must be a map")
+    names, checks, _ = _schema(cls)
+    if not names.issuperset(body):
+        raise ProtocolError(f"{op}: unexpected fields {sorted(map(str, set(body) - names))}")
+    for name, check, required in checks:
+        if name not in body:
+            if required:
+                raise ProtocolError(f"{op}: missing field {name!r}")
+            continue
+        if check is not None and not check(body[name]):
+            raise ProtocolError(f"{op}: field {name!r} has the wrong type ({type(body[name]).__name__})")
+    return Envelope(req_id=req_id, msg=cls(**body), op=op)
+
+
+def peek_req_id(frames) -> int:
+    """Best-effort request id of a message that failed to decode, so that the error reply can echo it."""
+    try:
+        header = msgpack.unpackb(memoryview(frames[0]), raw=False, strict_map_key=False,
+                                 ext_hook=lambda c, d: None)
+        rid = header.get("id", 0) if isinstance(header, dict) else 0
+        return rid if isinstance(rid, int) else 0
+    except Exception:
+        return 0
