@@ -25,7 +25,7 @@ from neuron_client.wire.errors import NeuronRuntimeError
 
 from .status import render
 
-EXIT_NOT_RUNNING = 1
+EXIT_NOT_RUNNING = config.EXIT_NOT_RUNNING
 STOP_WAIT_S = 15.0
 DRAIN_TIMEOUT_S = 60.0
 DRAIN_POLL_S = 0.25

@@ -17,7 +17,7 @@ Metrics (labels in braces):
 * ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}``
 * ``neuron_model_loads_total{core}``, ``neuron_model_load_seconds_total{core}``
 * ``neuron_leases_active``, ``neuron_acquires_waiting``, ``neuron_leases_granted_total``,
-  ``neuron_leases_ended_total{reason}`` (reason: released, owner_exited, heartbeat_timeout, operator),
+  ``neuron_leases_ended_total{reason}`` (reason: a :class:`broker.state.EndReason` value),
   ``neuron_leases_reclaimed_total`` (every reason but released)
 * ``neuron_process_cores{pid,cmd}`` (cores per owning process)
 * the broker process's own ``process_*`` metrics.
@@ -33,9 +33,11 @@ import logging
 import os
 import threading
 
+from .state import EndReason
+
 log = logging.getLogger("neuron.broker")
 SCRAPE_WAIT_S = 2.0  # a scrape waits this long for the broker's loop, then serves the last document it has
-END_REASONS = ("released", "owner_exited", "heartbeat_timeout", "operator")
+END_REASONS = tuple(r.value for r in EndReason)
 CMDLINE_MAX_CHARS = 200
 SHOW_CMDLINE = False  # the default of serve(); neuron-broker start --metrics-show-cmdline sets it
 
@@ -48,17 +50,6 @@ def command_label(cmd: str, show_cmdline: bool = False) -> str:
     return os.path.basename(words[0]) if words else ""
 
 
-def end_reason(why: str) -> str:
-    """The metric label of a lease's end from the broker's words for it (``end_lease(lease, why)``)."""
-    if why == "released":
-        return "released"
-    if "operator" in why:
-        return "operator"
-    if "heartbeat" in why:
-        return "heartbeat_timeout"
-    return "owner_exited"
-
-
 class Counters:
     """Lease counters the broker keeps for metrics and status (totals since the broker started)."""
 
@@ -66,8 +57,8 @@ class Counters:
         self.granted = 0
         self.ended = dict.fromkeys(END_REASONS, 0)
 
-    def lease_ended(self, why: str) -> None:
-        self.ended[end_reason(why)] += 1
+    def lease_ended(self, reason: EndReason) -> None:
+        self.ended[EndReason(reason).value] += 1
 
     def doc(self) -> dict:
         return {"leases_granted": self.granted, "leases_ended": dict(self.ended)}

@@ -29,7 +29,8 @@ import psutil
 
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 from neuron_client.wire import codec, comm as transport, config, messages, tensors
-from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError, code_of
+from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError
+from neuron_client.wire.procs import pid_running
 from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
 from . import devices
@@ -198,7 +199,9 @@ class Worker:
                 self.busy = False
             if env.op == "call":
                 self.requests += 1
-            out = codec.encode(reply, rid, sink)
+            # encoded here, not by Comm.send: a reply that cannot travel (an output dtype the wire does not carry)
+            # must become this request's error, counted as one
+            out = codec.encode_reply(reply, rid, sink)
             if env.op == "call" and received:
                 self.times.record(time.perf_counter() - received, time.monotonic())
             return out
@@ -209,7 +212,7 @@ class Worker:
             if not isinstance(exc, NeuronRuntimeError):
                 log.exception("core %d: unexpected error", self.core)
                 exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
-            return codec.encode_error(code_of(exc), str(exc), rid)
+            return codec.encode_reply(exc, rid)
         finally:
             self.stats_dirty.set()
 
@@ -218,17 +221,17 @@ class Worker:
 
         torch.set_grad_enabled(False)  # inference only; cheaper than entering inference_mode on every call
         hard = 2 * self.cfg.max_message_bytes if self.cfg.max_message_bytes else 0
-        sock = transport.router(config.worker_address(self.cfg.directory, self.core), hard)
+        comm = transport.Comm(transport.router(config.worker_address(self.cfg.directory, self.core), hard))
         control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
         control.start()
         backlog: collections.deque = collections.deque()  # (identity, frames, received): FIFO, like the socket
         try:
             while not self.stopping.is_set():
-                if not backlog and not sock.poll(DATA_POLL_MS, transport.POLLIN):
+                if not backlog and not comm.poll(DATA_POLL_MS):
                     continue
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
-                while len(backlog) < MAX_BACKLOG and transport.readable(sock):
-                    msg = transport.recv(sock)
+                while len(backlog) < MAX_BACKLOG and comm.readable():
+                    msg = comm.recv()
                     if len(msg) >= 2:
                         backlog.append((msg[0], msg[1:], time.perf_counter()))
                 if not backlog:
@@ -236,11 +239,11 @@ class Worker:
                 identity, frames, received = backlog.popleft()
                 self.queued = len(backlog)
                 reply = self.handle(frames, received)
-                transport.send(sock, reply, identity=identity)
+                comm.send_frames(reply, to=identity)
         finally:
             self.store.clear()
             self.segments.clear()
-            sock.close(linger=0)
+            comm.close()
 
     # -- control plane ---------------------------------------------------------------------------------------
     def stats(self) -> messages.WorkerStats:
@@ -258,14 +261,15 @@ class Worker:
                                     **devices.device_stats(self.store.device))
 
     def control_loop(self) -> None:
-        ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)
+        ctl = transport.Comm(transport.dealer(config.workers_address(self.cfg.directory),
+                                              identity=b"core-%d" % self.core))
         endpoint = config.worker_address(self.cfg.directory, self.core)
-        transport.send(ctl, codec.encode(messages.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint)))
+        ctl.send(messages.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint))
         last_stats = 0.0
         try:
             while not self.stopping.is_set():
-                if ctl.poll(100, transport.POLLIN):
-                    frames = transport.recv(ctl)
+                if ctl.poll(100):
+                    frames = ctl.recv()
                     try:
                         env = codec.decode(frames)
                     except ProtocolError as exc:
@@ -273,11 +277,10 @@ class Worker:
                         continue
                     if isinstance(env.msg, messages.Assign):
                         if self.assign(env.msg):
-                            transport.send(ctl, codec.encode(messages.Assigned(core=self.core,
-                                                                                  lease_id=env.msg.lease_id)))
+                            ctl.send(messages.Assigned(core=self.core, lease_id=env.msg.lease_id))
                     elif isinstance(env.msg, messages.Shutdown):  # its owner left (or the broker stops)
                         self.stopping.set()  # the data thread takes no further request
-                        transport.send(ctl, codec.encode(self.stats()))  # the last word on its counters
+                        ctl.send(self.stats())  # the last word on its counters
                         time.sleep(FINAL_STATS_LINGER_S)  # ZeroMQ's I/O thread sends it; _exit does not wait
                         os._exit(0)  # whatever of the owner still runs, ends here
                 now = time.monotonic()
@@ -285,12 +288,12 @@ class Worker:
                     if now - last_stats > 0.05:
                         self.stats_dirty.clear()
                         last_stats = now
-                        transport.send(ctl, codec.encode(self.stats()))
-                if not psutil.pid_exists(self.cfg.broker_pid):
+                        ctl.send(self.stats())
+                if not pid_running(self.cfg.broker_pid):
                     log.warning("core %d: broker (pid %d) is gone; exiting", self.core, self.cfg.broker_pid)
                     os._exit(0)
         finally:
-            ctl.close(linger=0)
+            ctl.close()
 
 
 def run(**settings) -> None:

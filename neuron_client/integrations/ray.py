@@ -228,23 +228,10 @@ def owners(doc: dict) -> dict[int, int | None]:
 def stop_local_brokers(infos, timeout_s: float = 10.0) -> None:
     """Stop brokers of this machine that :func:`ensure_brokers` reported (their workers too); for tests and
     single-machine clusters. Asks each to stop, then kills its process group."""
-    import signal
+    from neuron_client.wire.procs import stop_processes
 
-    for info in infos:
-        directory, pid = info["directory"], info["pid"]
-        if autostart.running_pid(directory) != pid:
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and autostart.running_pid(directory) == pid:
-            time.sleep(0.05)
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the broker leads its own session; its workers are in the group
-        except (ProcessLookupError, PermissionError):
-            pass
+    stop_processes([info["pid"] for info in infos if autostart.running_pid(info["directory"]) == info["pid"]],
+                   grace_s=timeout_s, groups=True)  # a broker leads its own session; its workers are in the group
 
 
 # -- actors ------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import time
 
 from neuron_client.wire import comm as transport, config
 from neuron_client.wire.errors import BrokerUnavailableError
+from neuron_client.wire.procs import pid_running
 
 
 def running_pid(directory: str) -> int:
@@ -24,13 +25,7 @@ def running_pid(directory: str) -> int:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         return 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return 0
-    except PermissionError:
-        pass
-    return pid
+    return pid if pid > 0 and pid_running(pid) else 0
 
 
 # Before 3.11 (no -P): drop sys.path[0] (the working directory) before importing the broker.
@@ -93,7 +88,7 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
         if pong is not None:
             return pong
         if code is not None:
-            if code == 3:  # another broker won the race; it answers soon
+            if code == config.EXIT_ALREADY_RUNNING:  # another broker won the race; it answers soon
                 continue
             raise BrokerUnavailableError(
                 f"the broker exited with code {code} while starting; see {config.log_file(directory)}")

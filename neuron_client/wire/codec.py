@@ -84,6 +84,17 @@ def encode_error(code: str, text: str, req_id: int = 0) -> list:
     return encode(Error(code=code, message=text), req_id)
 
 
+def encode_reply(reply, req_id: int = 0, sink=None, max_text: int | None = None) -> list:
+    """The frames of a reply: a message, or an exception as an :class:`Error` with its code (our errors' own words;
+    anything else named by its type) so that the peer raises the same exception; its text cut at ``max_text``."""
+    if isinstance(reply, BaseException):
+        from .errors import NeuronRuntimeError, code_of
+
+        text = str(reply) if isinstance(reply, NeuronRuntimeError) else f"{type(reply).__name__}: {reply}"
+        return encode_error(code_of(reply), text[:max_text], req_id)
+    return encode(reply, req_id, sink)
+
+
 @dataclass
 class Envelope:
     """A decoded message with its request id."""

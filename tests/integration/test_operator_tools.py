@@ -278,7 +278,7 @@ def test_metrics_endpoint(ops):
     assert sample(families, "neuron_model_load_seconds", "neuron_model_load_seconds_total", core="0") > 0
     assert sample(families, "neuron_leases_granted") >= 1
     assert {s.labels["reason"] for s in families["neuron_leases_ended"].samples} == {
-        "released", "owner_exited", "heartbeat_timeout", "operator"}
+        "released", "owner_exited", "owner_stopped", "worker_failed", "broker_restart", "operator"}
     assert sample(families, "neuron_process_cores", pid=str(pid)) == 2
     assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
     assert ops.broker.status()["broker"]["metrics"] == f"http://127.0.0.1:{ops.port}/metrics"

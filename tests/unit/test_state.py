@@ -111,6 +111,7 @@ def test_link_close_ends_the_lease_at_once_and_retires_its_workers():
     assert [e.core for e in loop.effects if isinstance(e, st.StopWorker)] == [0, 1]
     assert all(loop.s.slots[c].pid not in old and loop.s.slots[c].state == st.SlotState.FRESH for c in (0, 1))
     assert g.lease_id not in loop.journal
+    assert loop.s.ended_counts == [st.EndReason.RELEASED]
 
 
 def test_owner_exit_ends_the_lease_even_if_a_forked_child_keeps_the_link_open():
@@ -120,6 +121,7 @@ def test_owner_exit_ends_the_lease_even_if_a_forked_child_keeps_the_link_open():
     loop.effects = []
     loop.feed(st.OwnerExited(500, 1.0))
     assert loop.owners() == [None, None]
+    assert loop.s.ended_counts == [st.EndReason.OWNER_EXITED]
     assert any(isinstance(e, st.CloseLink) and e.link == 1 for e in loop.effects)
     assert any(isinstance(e, st.UnlinkSegments) and e.pid == 500 for e in loop.effects)
 
@@ -250,6 +252,7 @@ def test_operator_release_pushes_the_reason_and_frees_the_cores():
     reply = [e.msg for e in loop.effects if isinstance(e, st.Reply) and e.to == ("zmq", b"op")][0]
     assert reply.cores == [0, 1] and reply.leases == [g.lease_id]
     assert loop.owners() == [None, None]
+    assert loop.s.ended_counts == [st.EndReason.OPERATOR]
     # the effects are ordered: the owner hears the reason before its workers are stopped
     kinds = [type(e) for e in loop.effects]
     assert kinds.index(st.Reply) < kinds.index(st.StopWorker)
