@@ -35,10 +35,11 @@ REMOTE_OPS = ("ping", "status")  # what an authenticated TCP client may ask
 MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones get an error reply
 HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
 CONTROL_OPS = ("force_release", "drain", "stop", "heartbeat")  # decisions: handed to the state
-STOPPED_CHECK_S = 0.5
-RETIRE_GRACE_S = 0.5  # a retiring worker is SIGKILLed if it has not exited this long after being told
+STOPPED_CHECK_S = 0.5  # the opt-in stopped-owner policy looks this often
+RETIRE_GRACE_S = 2.0  # a retiring worker is SIGKILLed if it has not exited this long after being told (it exits
+# as soon as its last stats have left: worker.main.FINAL_STATS_LINGER_S at most)
 FINAL_STATS_WAIT_S = 1.0  # a retired worker's last stats may arrive just after its exit is seen
-UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end  # the opt-in stopped-owner policy looks this often
+UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end
 
 
 def process_alive(pid: int, create_time: float) -> bool:

@@ -40,7 +40,8 @@ log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
 LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
 LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
-FINAL_STATS_LINGER_S = 0.05  # a retiring worker gives its last stats this long to leave before it exits
+FINAL_STATS_LINGER_S = 1.0  # a retiring worker waits at most this long for its last stats to leave
+DATA_STOP_WAIT_S = 0.5  # ... and this long for its data thread to finish the request in hand and close its socket
 MAX_BACKLOG = 32  # requests taken off the socket ahead of the one running (the queue depth the stats report)
 
 
@@ -105,6 +106,7 @@ class Worker:
         self.load_s = 0.0
         self.stats_dirty = threading.Event()
         self.stopping = threading.Event()
+        self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
@@ -244,6 +246,8 @@ class Worker:
             self.store.clear()
             self.segments.clear()
             comm.close()
+            self.data_closed.set()
+        control.join(DATA_STOP_WAIT_S + FINAL_STATS_LINGER_S + 1.0)  # its exit_after_flush ends the process
 
     # -- control plane ---------------------------------------------------------------------------------------
     def stats(self) -> messages.WorkerStats:
@@ -259,6 +263,19 @@ class Worker:
                                     latency_sum_s=times.sum_s, latency_buckets=list(times.buckets),
                                     queue=self.queued, loads=self.loads, load_s=self.load_s, pid=os.getpid(),
                                     **devices.device_stats(self.store.device))
+
+    def exit_after_flush(self, ctl) -> None:
+        """Exit once the last stats have left: ``os._exit`` would drop what ZeroMQ's I/O thread still holds, so the
+        context is terminated first (it returns when every queued message is sent or the linger runs out), which
+        needs the data thread's socket closed too. A data thread busy past its wait (a long call) is not waited for:
+        the stats then get the linger as a plain sleep, and the broker's SIGKILL ends whatever remains."""
+        closed = self.data_closed.wait(DATA_STOP_WAIT_S)
+        ctl.close(linger=int(FINAL_STATS_LINGER_S * 1000))
+        if closed:
+            transport.context().term()
+        else:
+            time.sleep(FINAL_STATS_LINGER_S)
+        os._exit(0)  # whatever of the owner still runs, ends here
 
     def control_loop(self) -> None:
         ctl = transport.Comm(transport.dealer(config.workers_address(self.cfg.directory),
@@ -281,8 +298,7 @@ class Worker:
                     elif isinstance(env.msg, messages.Shutdown):  # its owner left (or the broker stops)
                         self.stopping.set()  # the data thread takes no further request
                         ctl.send(self.stats())  # the last word on its counters
-                        time.sleep(FINAL_STATS_LINGER_S)  # ZeroMQ's I/O thread sends it; _exit does not wait
-                        os._exit(0)  # whatever of the owner still runs, ends here
+                        self.exit_after_flush(ctl)
                 now = time.monotonic()
                 if self.stats_dirty.is_set() or now - last_stats > config.WORKER_STATS_INTERVAL_S:
                     if now - last_stats > 0.05:
