@@ -35,7 +35,7 @@ def load(f, map_location=None, _extra_files=None) -> NeuronModel:
     meta = trace_meta.read_meta(data)
     model = NeuronModel(str(name), data, meta, placement.current())
     if meta.get("lazy_load"):
-        model.state = "lazy"
+        model.defer()
         return model
     model.place(background=bool(meta.get("async_load")))
     return model

@@ -87,6 +87,14 @@ class WorkerConfig:
 
 
 class Worker:
+    """One core's worker process: runs its owner's models, and no one else's.
+
+    Owns: its one owner (set once by the broker's ``Assign``: lease id, token hash, the owner's pid and uid; a worker
+    never serves a second owner, the broker starts a fresh one), the :class:`~worker.store.ModelStore`, the owner's
+    shared-memory segments it maps, and its counters (sent to the broker as ``WorkerStats``). The data thread serves
+    requests; the control thread talks to the broker. Only the broker starts or stops it.
+    """
+
     def __init__(self, cfg: WorkerConfig, device: str):
         self.cfg = cfg
         self.core = cfg.core

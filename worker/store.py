@@ -62,6 +62,12 @@ def _trim_heap() -> None:
 
 
 class ModelStore:
+    """The models loaded in one worker: id -> TorchScript module, its name, its tensor-parallel group, its counters.
+
+    Owns the loaded modules and the process groups their ranks joined. Changed only by the worker's data thread
+    (``load``, ``unload``, ``clear`` when the worker stops); the control thread reads :meth:`info` for the stats.
+    """
+
     def __init__(self, core: int, device: str, rendezvous_dir: str | None = None):
         self.core = core
         self.device = device

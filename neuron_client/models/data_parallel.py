@@ -77,7 +77,7 @@ def _as_neuron_model(model) -> NeuronModel:
         data = buf.getvalue()
         name = getattr(model, "original_name", None) or type(model).__name__
         nm = NeuronModel(f"{name}.pt", data, trace_meta.read_meta(data))
-        nm.state = "lazy"
+        nm.defer()
         return nm
     raise TypeError(f"DataParallel expects a model from neuron_client.jit.load (or a traced TorchScript module from "
                     f"neuron_client.trace), got {type(model).__name__}")

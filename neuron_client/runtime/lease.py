@@ -46,6 +46,15 @@ def acquire_timeout_s(env) -> float:
 
 
 class Runtime:
+    """This process's lease on its cores, and its way to their workers. One per process (:func:`get_runtime`).
+
+    Owns: the lease (its token, its cores, the lease link kept open to the broker and the thread that reads the
+    broker's pushes on it and re-attaches after a broker restart), the workers' endpoints as the broker last told them,
+    one :class:`~neuron_client.runtime.channels.WorkerChannel` per thread and core, ``models_per_core`` (changed only
+    by :class:`~neuron_client.models.placed.PlacedModel`), and the pool that runs background loads and calls. Created by
+    :func:`get_runtime` (or tests); closed by :meth:`close`, :func:`shutdown` or the process's exit.
+    """
+
     def __init__(self, env=None):
         env = os.environ if env is None else env
         self.pid = os.getpid()

@@ -168,6 +168,12 @@ def _describe_exit(returncode: int) -> str:
 
 
 class Launcher:
+    """``neuron-run``'s ranks: starts each with its cores in its environment, forwards signals, restarts a failed
+    rank up to ``max_restarts`` times, and stops the rest when one fails for good.
+
+    Owns the rank processes and their restart counts. Only :func:`main` drives it (one per ``neuron-run``).
+    """
+
     def __init__(self, cmd: list[str], ranks: list[Rank], max_restarts: int, stop_timeout_s: float,
                  directory: str):
         self.cmd = cmd
