@@ -364,7 +364,12 @@ def scenario_async_failure(models: str) -> None:
 
     import neuron_client
 
-    good = save(Affine(), torch.rand(2, 4), os.path.join(models, f"good-{os.getpid()}.pt"), asynchronous=True)
+    from neuron_client.tracing import trace as tracing
+
+    graph = tracing.trace_graph(Affine(), torch.rand(2, 4))  # a plain traced file: its program is what breaks
+    neuron_client.async_load(graph)
+    good = os.path.join(models, f"good-{os.getpid()}.pt")
+    torch.jit.save(graph, good)
     broken = os.path.join(models, f"broken-{os.getpid()}.pt")
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(broken, "w") as dst:
         for item in src.infolist():

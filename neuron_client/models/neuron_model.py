@@ -7,6 +7,7 @@ background; the first call waits), as the file's flags say.
 """
 from __future__ import annotations
 
+import io
 import threading
 import warnings
 from concurrent.futures import Future
@@ -71,6 +72,13 @@ class NeuronModel(PlacedModel):
     def last_core(self) -> int | None:
         """The global core that served this thread's most recent call."""
         return getattr(self._local, "last_core", None)
+
+    def copy(self) -> "NeuronModel":
+        """Another model of the same file (sharing its bytes), not placed: one placement per copy."""
+        other = NeuronModel(self.name, b"", self.meta, self._where)
+        other._data = self._data
+        other.static_shapes, other.output_device = self.static_shapes, self.output_device
+        return other
 
     # -- loading ---------------------------------------------------------------------------------------------
     def place(self, where: placement.Placement | None = None, background: bool = False) -> None:
@@ -249,3 +257,33 @@ class NeuronModel(PlacedModel):
     def __repr__(self) -> str:
         where = f"cores {self.cores}" if self.replicas else self.state
         return f"NeuronModel({self.name!r}, {where})"
+
+
+def as_neuron_model(model, placed_only: bool = False) -> NeuronModel:
+    """The NeuronModel a user's object stands for: itself; the model behind a module ``torch.jit.load`` placed; or
+    (unless ``placed_only``) a new, lazy one made from a traced module that was not loaded from a file."""
+    if isinstance(model, NeuronModel):
+        return model
+    if isinstance(model, torch.jit.ScriptModule):
+        from neuron_client.tracing import meta as trace_meta, script
+
+        placed = script.model_of(model)
+        if placed is not None:
+            return placed
+        if not placed_only:
+            if script.is_placed_script(model):
+                data, meta = script.parts_of(model)
+                name = (meta.get(script.SCRIPT_KEY) or {}).get("name") or "model.pt"
+            else:  # a plain traced module
+                buf = io.BytesIO()
+                torch.jit.save(model, buf)
+                data = buf.getvalue()
+                meta = trace_meta.read_meta(data)
+                name = f"{getattr(model, 'original_name', None) or type(model).__name__}.pt"
+            nm = NeuronModel(name, data, meta)
+            nm.defer()
+            return nm
+        raise TypeError("this traced module runs in this process: save it with torch.jit.save and load it with "
+                        "torch.jit.load (after import neuron_client) or neuron_client.jit.load, then place that")
+    raise TypeError(f"expected a model from torch.jit.load or neuron_client.jit.load (or a traced module from "
+                    f"neuron_client.trace), got {type(model).__name__}")
