@@ -37,7 +37,7 @@ OPS = "neuron_client"  # the ops' namespace: what torch names when neuron_client
 CODE_MODULE = "import_neuron_client"  # the module name the saved code carries (torch shows it in the error too)
 SCRIPT_KEY = "script"  # the record's part written by wrap(): {"inputs": [spec, ...], "outputs": spec, "name": str}
 
-_registry: dict[int, tuple[Any, list]] = {}  # handle -> (callable, input specs)
+_registry: dict[int, tuple] = {}  # handle -> (callable, input specs, all inputs plain tensors, runs in a worker)
 _registry_lock = threading.Lock()
 _handles = itertools.count(1)
 
@@ -184,8 +184,10 @@ class _Anchor(bytearray):
 
 def _anchor(target, in_specs: list) -> torch.Tensor:
     handle = next(_handles)
+    from neuron_client.models.neuron_model import NeuronModel
+
     with _registry_lock:
-        _registry[handle] = (target, in_specs)
+        _registry[handle] = (target, in_specs, all(s == "t" for s in in_specs), isinstance(target, NeuronModel))
     memory = _Anchor(handle.to_bytes(8, "little"))
     weakref.finalize(memory, _release, handle)
     return torch.frombuffer(memory, dtype=torch.uint8)
@@ -225,9 +227,12 @@ def _place(graph: torch.Tensor, meta_text: str) -> torch.Tensor:
 
 
 def _run(placement: torch.Tensor, inputs: list) -> list:
-    target, in_specs = _lookup(placement)
-    args = unflatten(list(inputs), ["tuple", in_specs]) if in_specs else tuple(inputs)
-    flat, _ = flatten(target(*args), "outputs")
+    target, in_specs, flat_inputs, remote = _lookup(placement)
+    args = tuple(inputs) if flat_inputs else unflatten(list(inputs), ["tuple", in_specs])
+    out = target(*args)
+    flat = [out] if isinstance(out, torch.Tensor) else flatten(out, "outputs")[0]
+    if remote:  # outputs that came over the wire are tensors of their own
+        return flat
     # an output that is an input (an identity model run in this process) must be a tensor of its own
     ids = {id(t) for t in inputs}
     return [t.clone() if id(t) in ids else t for t in flat]
@@ -288,7 +293,7 @@ def model_of(module):
     if not is_placed_script(module):
         return None
     try:
-        target, _ = _lookup(module._c.getattr("placement"))
+        target = _lookup(module._c.getattr("placement"))[0]
     except NeuronRuntimeError:
         return None
     return target if isinstance(target, NeuronModel) else None

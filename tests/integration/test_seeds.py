@@ -230,3 +230,28 @@ def test_two_data_parallel_wrappers_of_one_model_keep_their_own_cores(broker, tm
     assert sorted(c["core"] for c in got["calls"] if c["model"] == dp2["model"]) == [2, 2, 2, 3, 3, 3]
     # the script's m0 and m1, m itself, then each wrapper's two replicas once: no reload per call
     assert len(got["loads"]) == 2 + 1 + 2 + 2
+
+
+def test_a_loaded_module_is_a_torchscript_module_the_placement_apis_take(broker, tmp_path, model_pt):
+    then = ("from neuron_client.tracing import script\n"
+            "m0 = m0.eval()\n"
+            "torch.jit.save(m0, 'again.pt')\n"
+            "again = torch.jit.load('again.pt')\n"
+            "seen_again = script.model_of(again).cores\n"
+            "ens = torch.jit.script(Ensemble(m0, m1))\n"
+            "x = torch.rand(1, 3, 224, 224)\n"
+            "seen_ensemble = bool(torch.allclose(ens(x), m0(x) + m1(x), atol=1e-5))\n"
+            "torch_neuronx.experimental.set_neuron_cores(m1, 2, 2)\n"
+            "seen_moved = script.model_of(m1).cores\n"
+            "torch_neuronx.experimental.set_multicore(again)\n"
+            "seen_multicore = script.model_of(again).cores\n"
+            "try:\n"
+            "    torch_neuronx.experimental.set_neuron_cores(m1, -2, 1)\n"
+            "except ValueError as e:\n"
+            "    seen_range = str(e)\n")
+    got = run(broker, "001_num_cores.py", in_dir(tmp_path, model_pt), {"NEURON_RT_NUM_CORES": "4"}, then)
+    v = got["values"]
+    assert v["seen_again"] == [2]  # the least-used core when it was loaded again
+    assert v["seen_ensemble"] is True
+    assert v["seen_moved"] == [2, 3] and v["seen_multicore"] == [0, 1, 2, 3]
+    assert "0..3" in v["seen_range"]

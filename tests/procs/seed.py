@@ -16,12 +16,29 @@ import time
 import traceback
 
 
+def _ensemble_class():
+    import torch
+
+    class Ensemble(torch.nn.Module):
+        """Two loaded models called from one scripted module, the first forked (seed 004's fork / wait)."""
+
+        def __init__(self, a, b):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            f = torch.jit.fork(self.a, x)
+            return torch.jit.wait(f) + self.b(x)
+
+    return Ensemble
+
+
 def reader_names() -> dict:
     """What the pages leave undefined: a model and its inputs (seed 000's ``model``, ``inputs``, ``model1``...)."""
     import torch
 
     torch.manual_seed(0)
-    names = {}
+    names = {"Ensemble": _ensemble_class()}  # for a test's --then code (a scripted class needs its source in a file)
     for suffix in ("", "1", "2"):
         names[f"model{suffix}"] = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         names[f"inputs{suffix}"] = torch.rand(3, 4)
