@@ -435,7 +435,7 @@ def scenario_crash_recovery(models: str) -> None:
     expected = m(x)
     rt = neuron_client.get_runtime()
     core = m.cores[0]
-    emit(ready=True, worker_pid=rt.worker(core)["pid"], core=core)
+    emit(ready=True, worker_pid=rt.worker(core).pid, core=core)
     t0 = time.monotonic()
     try:
         for _ in range(50):  # the test kills the worker during one of these
@@ -448,7 +448,7 @@ def scenario_crash_recovery(models: str) -> None:
         warnings.simplefilter("always")
         again = m(x)
     emit(error=error, failed_after_s=failed_after_s, ok=bool(torch.allclose(again, expected)),
-         warnings=[str(w.message) for w in caught], new_worker_pid=rt.worker(core)["pid"])
+         warnings=[str(w.message) for w in caught], new_worker_pid=rt.worker(core).pid)
 
 
 def scenario_survive_restart(models: str, flag: str) -> None:
@@ -463,7 +463,7 @@ def scenario_survive_restart(models: str, flag: str) -> None:
     x = torch.rand(2, 4)
     m(x)
     rt = neuron_client.get_runtime()
-    emit(ready=True, owned=rt.cores, worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+    emit(ready=True, owned=rt.cores, worker_pids=[rt.worker(c).pid for c in rt.cores])
     deadline = time.monotonic() + HOLD_S
     while not os.path.exists(flag) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -471,7 +471,7 @@ def scenario_survive_restart(models: str, flag: str) -> None:
         warnings.simplefilter("always")
         results = [bool(torch.allclose(m(x), x * 2 + 1)) for _ in range(4)]
     emit(ok=all(results), warnings=[str(w.message) for w in caught], lost=rt.lost, owned=rt.cores,
-         worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+         worker_pids=[rt.worker(c).pid for c in rt.cores])
     hold()
 
 

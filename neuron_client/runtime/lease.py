@@ -67,7 +67,7 @@ class Runtime:
         self.token: str = granted.token
         self.cores: list[int] = list(granted.cores)
         self.max_message_bytes: int = granted.max_message_bytes
-        self.workers: dict[int, dict] = {w["core"]: w for w in granted.workers}  # pushed by the broker on change
+        self.workers: dict[int, messages.WorkerInfo] = {w.core: w for w in granted.workers}  # pushed on change
         self.lost: str | None = None
         self.closed = False
         self._local = threading.local()
@@ -168,12 +168,12 @@ class Runtime:
             return link
         return None
 
-    def _update_workers(self, workers: list[dict]) -> None:
+    def _update_workers(self, workers: list[messages.WorkerInfo]) -> None:
         with self._lock:
             for w in workers:
-                self.workers[w["core"]] = w
+                self.workers[w.core] = w
 
-    def worker(self, core: int) -> dict:
+    def worker(self, core: int) -> messages.WorkerInfo:
         return self.workers[core]
 
     def refresh_workers(self) -> None:
@@ -204,26 +204,27 @@ class Runtime:
             except NeuronRuntimeError:
                 break
             w = self.workers[core]
-            if w["pid"] != pid or w["last_exit"]:
-                cause = f"it ended with {w['last_exit']}" if w["last_exit"] else cause
+            if w.pid != pid or w.last_exit:
+                cause = f"it ended with {w.last_exit}" if w.last_exit else cause
                 break
             time.sleep(0.05)
         return WorkerUnavailableError(
             f"the worker of neuroncore {core} (pid {pid}) died while serving this request: {cause}; the broker "
             "starts a fresh one and your models are loaded on it again at the next call")
 
-    def await_worker(self, core: int, not_pid: int, timeout_s: float = config.WORKER_START_TIMEOUT_S) -> dict:
+    def await_worker(self, core: int, not_pid: int,
+                     timeout_s: float = config.WORKER_START_TIMEOUT_S) -> messages.WorkerInfo:
         """Wait until ``core`` has a live, ready worker other than ``not_pid`` (a restarted one)."""
         deadline = time.monotonic() + timeout_s
         while True:
             w = self.workers[core]
-            if w.get("failed"):
+            if w.failed:
                 raise WorkerUnavailableError(
                     f"neuroncore {core} failed for this process: its worker kept dying under this lease (last: "
-                    f"{w.get('last_exit') or 'unknown'}), which points at a model it ran. The broker restarts it no "
+                    f"{w.last_exit or 'unknown'}), which points at a model it ran. The broker restarts it no "
                     "more for this lease; the core returns to service with a fresh worker once this process releases "
                     "its cores")
-            if w["pid"] and w["pid"] != not_pid and w.get("ready", True) and _pid_running(w["pid"]):
+            if w.pid and w.pid != not_pid and w.ready and _pid_running(w.pid):
                 return w
             if time.monotonic() > deadline:
                 raise WorkerUnavailableError(
@@ -271,7 +272,7 @@ class Runtime:
             chans = self._local.channels = {}
         ch = chans.get(core)
         if ch is None:
-            ch = chans[core] = WorkerChannel(self, core, self.workers[core]["endpoint"])
+            ch = chans[core] = WorkerChannel(self, core, self.workers[core].endpoint)
             with self._lock:
                 self._channels.append(ch)
         return ch
