@@ -20,7 +20,8 @@ import sys
 import time
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import NeuronRuntimeError
 
 from .status import render
@@ -32,17 +33,13 @@ DRAIN_POLL_S = 0.25
 DRAIN_PROGRESS_S = 5.0  # while draining, repeat the progress line at least this often
 
 
-def _request(directory: str, msg, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S):
-    address = config.broker_address(directory)
-    ch = transport.Channel(address)
-    try:
-        return ch.request(msg, timeout_s).msg
-    finally:
-        ch.close()
+def _client(directory: str) -> BrokerClient:
+    return BrokerClient.of_dir(directory, verify=False)  # main() verified the directory
 
 
 def _running(directory: str) -> bool:
-    return transport.ping(config.broker_address(directory), config.BROKER_PING_TIMEOUT_S) is not None
+    with _client(directory) as broker:
+        return broker.ping() is not None
 
 
 def cmd_start(args) -> int:
@@ -96,7 +93,8 @@ def cmd_stop(args) -> int:
         print(f"neuron-broker: not running in {args.dir}")
         return 0
     try:
-        _request(args.dir, messages.Stop(), 5.0)
+        with _client(args.dir) as broker:
+            broker.stop(5.0)
     except NeuronRuntimeError:
         pass
     deadline = time.monotonic() + STOP_WAIT_S
@@ -114,7 +112,8 @@ def cmd_stop(args) -> int:
 
 
 def fetch_status(directory: str) -> dict:
-    return _request(directory, messages.Status()).doc
+    with _client(directory) as broker:
+        return broker.status()
 
 
 def cmd_status(args) -> int:
@@ -143,7 +142,6 @@ def cmd_ls(args) -> int:
 def cmd_release(args) -> int:
     """Take every core of process --pid back now: its models are dropped and its next call fails with
     LeaseLostError. The process itself keeps running (stop it yourself if it should not retry)."""
-    from neuron_client.wire import messages
     from neuron_client.wire.cores import format_cores
 
     from .status import short_command
@@ -154,7 +152,8 @@ def cmd_release(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     before = fetch_status(args.dir)
-    reply = _request(args.dir, messages.ForceRelease(pid=args.pid))
+    with _client(args.dir) as broker:
+        reply = broker.release(args.pid)
     if not reply.cores:
         print(f"neuron-broker: pid {args.pid} holds no cores; owners now: {_owners(before)} "
               "(see neuron-ls)", file=sys.stderr)
@@ -172,10 +171,12 @@ def cmd_drain(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     if args.cancel:
-        _request(args.dir, messages.Drain(resume=True))
+        with _client(args.dir) as broker:
+            broker.drain(resume=True)
         print("neuron-broker: resumed: new leases are granted again")
         return 0
-    _request(args.dir, messages.Drain())
+    with _client(args.dir) as broker:
+        broker.drain()
     doc = fetch_status(args.dir)
     print(f"neuron-broker: draining: no new leases are granted; {len(doc['leases'])} owner(s) hold cores"
           + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc["leases"] else ""),

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from neuron_client.wire import comm as transport, messages
+from neuron_client.wire.broker_client import BrokerClient
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -44,17 +44,18 @@ class EmbeddedBroker:
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while transport.ping(self.address, 0.5) is None:
+        while self.client().ping(0.5) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the broker did not start; its log:\n{self.read_log()}")
         self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), timeout_s, "workers ready")
 
+    def client(self, timeout_s: float = 10.0) -> BrokerClient:
+        """A client of this broker (close it, or use it in a ``with``)."""
+        return BrokerClient(self.address, timeout_s)
+
     def status(self) -> dict:
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(messages.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
+        with self.client() as broker:
+            return broker.status()
 
     def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition") -> dict:
         """Poll status until ``predicate(doc)`` holds; the doc, or AssertionError naming ``what``."""

@@ -111,20 +111,17 @@ def render(ls: dict) -> str:
 
 def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) -> dict | None:
     """The broker's status document, or None when no broker answers within the timeouts (never starts one)."""
-    from neuron_client.wire import comm as transport, messages
+    from neuron_client.wire.broker_client import BrokerClient
     from neuron_client.wire.errors import RequestTimeoutError
 
-    config.ensure_private_dir(directory)  # never talk to whatever another user planted there
-    address = config.broker_address(directory)
-    if transport.ping(address, min(timeout_s, config.BROKER_PING_TIMEOUT_S)) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), timeout_s).msg.doc
-    except RequestTimeoutError:
-        return None
-    finally:
-        ch.close()
+    # verified first: never talk to whatever another user planted there
+    with BrokerClient.of_dir(directory, timeout_s) as broker:
+        if broker.ping(min(timeout_s, config.BROKER_PING_TIMEOUT_S)) is None:
+            return None
+        try:
+            return broker.status()
+        except RequestTimeoutError:
+            return None
 
 
 def not_running(prog: str, directory: str) -> int:

@@ -894,13 +894,10 @@ class Run:
                 self.violations.append(f"{kind}: {text}")
 
     def status(self, timeout_s: float = 2.0) -> dict:
-        from neuron_client.wire import comm as transport, messages
+        from neuron_client.wire.broker_client import BrokerClient
 
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(messages.Status(), timeout_s).msg.doc
-        finally:
-            ch.close()
+        with BrokerClient(self.address) as broker:
+            return broker.status(timeout_s)
 
     # -- processes -------------------------------------------------------------------------------------------
     def start_broker(self) -> None:

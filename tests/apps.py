@@ -146,13 +146,11 @@ def save(module, example, path, lazy=False, asynchronous=False) -> str:
 
 
 def broker_status() -> dict:
-    from neuron_client.wire import comm as transport, config, messages
+    from neuron_client.wire import config
+    from neuron_client.wire.broker_client import BrokerClient
 
-    ch = transport.Channel(config.broker_address())
-    try:
-        return ch.request(messages.Status(), 10.0).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address()) as broker:
+        return broker.status()
 
 
 def models_on(cores) -> int:

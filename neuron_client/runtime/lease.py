@@ -21,7 +21,8 @@ import psutil
 
 from neuron_client.runtime import autostart
 from neuron_client.runtime.channels import WorkerChannel
-from neuron_client.wire import comm as transport, config, cores, lease_link, messages
+from neuron_client.wire import config, cores, lease_link, messages
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import (BrokerUnavailableError, LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError,
                                        WorkerUnavailableError)
 from neuron_client.wire.procs import pid_running
@@ -178,15 +179,12 @@ class Runtime:
 
     def refresh_workers(self) -> None:
         """Ask the broker now for the lease's workers (heartbeats do it every interval anyway)."""
-        ch = transport.Channel(self.address)
-        try:
-            ack = ch.request(messages.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
-            self._update_workers(ack.workers)
-        except LeaseLostError as exc:
-            self.lost = str(exc)
-            raise
-        finally:
-            ch.close()
+        with BrokerClient(self.address) as broker:
+            try:
+                self._update_workers(broker.heartbeat(self.lease_id, config.BROKER_PING_TIMEOUT_S))
+            except LeaseLostError as exc:
+                self.lost = str(exc)
+                raise
 
     def worker_died(self, core: int, pid: int) -> WorkerUnavailableError:
         """The error for a call in flight on a worker that died; this thread's channel to it is dropped."""

@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.cores import format_cores, format_visible
 from neuron_client.wire.errors import NeuronRuntimeError
 
@@ -76,13 +77,11 @@ def _free_port() -> int:
 
 
 def _status(directory: str) -> dict | None:
-    ch = transport.Channel(config.broker_address(directory))
-    try:
-        return ch.request(messages.Status(), STATUS_TIMEOUT_S).msg.doc
-    except NeuronRuntimeError:
-        return None
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address(directory), STATUS_TIMEOUT_S) as broker:
+        try:
+            return broker.status()
+        except NeuronRuntimeError:
+            return None
 
 
 def plan(nproc: int, per_proc: int, num_cores: bool, first: int, total: int, backend: str,

@@ -100,9 +100,10 @@ def test_autostart_once_under_a_race_and_opt_out(tmp_path, spawn_app, models_dir
         assert len(set(owned)) == n  # n processes started together, n distinct cores, one broker
         with open(os.path.join(directory, "broker.log")) as f:
             assert f.read().count("serving") == 1
-        from neuron_client.wire import comm as transport
+        from neuron_client.wire.broker_client import BrokerClient
 
-        pong = transport.ping(f"ipc://{directory}/broker.sock", 5)
+        with BrokerClient(f"ipc://{directory}/broker.sock") as client:
+            pong = client.ping(5)
         assert pong.cores == os.cpu_count()
     finally:
         subprocess.run([sys.executable, "-m", "broker", "stop"], env=dict(os.environ, NEURON_BROKER_DIR=directory),

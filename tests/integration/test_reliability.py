@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from neuron_client.wire import codec, comm as transport, messages
+from neuron_client.wire.broker_client import BrokerClient
 from tests.conftest import ROOT, BrokerProc
 
 
@@ -111,7 +112,8 @@ CASES = {
 def test_broker_answers_bad_messages_with_errors(broker, case):
     reply = _exchange(broker.address, CASES[case])
     assert reply is not None and _is_error_reply(reply), case
-    assert transport.ping(broker.address, 5) is not None
+    with broker.client() as client:
+        assert client.ping(5) is not None
 
 
 def _call_frames(tensor_ref, data: bytes, **body):
@@ -202,12 +204,11 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
 
     # anything else over TCP is refused with an error reply
     monkeypatch.setenv("NEURON_BROKER_KEYS", keys)
-    ch = transport.Channel(endpoint)
-    try:
+    with BrokerClient(endpoint) as client:
         with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
-            ch.request(messages.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
-    finally:
-        ch.close()
+            client.request(messages.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
+        with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
+            client.drain()
 
     # a key pair the broker has not authorised gets no answer at all
     stranger = tmp_path / "stranger"
@@ -216,7 +217,8 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
     with open(os.path.join(keys, "server.key"), "rb") as f:
         (stranger / "server.key").write_bytes(f.read())
     monkeypatch.setenv("NEURON_BROKER_KEYS", str(stranger))
-    assert transport.ping(endpoint, 2.0) is None
+    with BrokerClient(endpoint) as client:
+        assert client.ping(2.0) is None
 
     # nor does a client without CURVE
     sock = transport.context().socket(zmq.DEALER)
