@@ -184,7 +184,7 @@ def _free_time(client, pid: int, t0: float) -> float:
     while True:
         doc = client.status()
         now = time.perf_counter()
-        if all(not c["owner"] or c["owner"]["pid"] != pid for c in doc["cores"]):
+        if all(not c.owner or c.owner.pid != pid for c in doc.cores):
             return now - t0
         if now > deadline:
             raise BenchError(f"the cores of pid {pid} were still owned {RECLAIM_TIMEOUT_S:.0f}s later")
@@ -196,7 +196,7 @@ def _trial(ctx, broker, kind: str, log) -> dict:
     client = broker.client()
     try:
         doc = broker.status()
-        owned = [c["core"] for c in doc["cores"] if c["owner"] and c["owner"]["pid"] == proc.pid]
+        owned = [c.index for c in doc.cores if c.owner and c.owner.pid == proc.pid]
         if not owned:
             raise BenchError(f"the owner pid {proc.pid} said it was ready but owns no core in status")
         if kind == KILL:

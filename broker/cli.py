@@ -23,6 +23,7 @@ from neuron_client.runtime import autostart
 from neuron_client.wire import config
 from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import StatusDoc, to_json
 
 from .status import render
 
@@ -83,7 +84,7 @@ def cmd_start(args) -> int:
     print(f"neuron-broker: started pid {pong.pid} with {pong.cores} {pong.backend} cores at "
           f"{config.broker_address(args.dir)} (log: {config.log_file(args.dir)})")
     if args.metrics_port is not None:
-        print(f"neuron-broker: metrics at {fetch_status(args.dir)['broker'].get('metrics') or '(not served)'}")
+        print(f"neuron-broker: metrics at {fetch_status(args.dir).broker.metrics or '(not served)'}")
     return 0
 
 
@@ -111,7 +112,7 @@ def cmd_stop(args) -> int:
     return 0
 
 
-def fetch_status(directory: str) -> dict:
+def fetch_status(directory: str) -> StatusDoc:
     with _client(directory) as broker:
         return broker.status()
 
@@ -120,17 +121,17 @@ def cmd_status(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     doc = fetch_status(args.dir)
-    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    print(json.dumps(to_json(doc), indent=2) if args.json else render(doc))
     return 0
 
 
-def _owners(doc: dict) -> str:
+def _owners(doc: StatusDoc) -> str:
     from neuron_client.wire.cores import format_cores
 
     from .status import short_command
 
-    return "; ".join(f"pid {lease['pid']} {short_command(lease['cmd'])!r} ({format_cores(lease['cores'])}, "
-                     f"{lease['age_s']:.1f}s)" for lease in doc["leases"]) or "none"
+    return "; ".join(f"pid {lease.pid} {short_command(lease.cmd)!r} ({format_cores(lease.cores)}, "
+                     f"{lease.lease_age_s:.1f}s)" for lease in doc.leases) or "none"
 
 
 def cmd_ls(args) -> int:
@@ -158,7 +159,7 @@ def cmd_release(args) -> int:
         print(f"neuron-broker: pid {args.pid} holds no cores; owners now: {_owners(before)} "
               "(see neuron-ls)", file=sys.stderr)
         return 1
-    cmd = next((lease["cmd"] for lease in before["leases"] if lease["pid"] == args.pid), "")
+    cmd = next((lease.cmd for lease in before.leases if lease.pid == args.pid), "")
     print(f"neuron-broker: released {format_cores(reply.cores)} of pid {args.pid}"
           f"{f' ({short_command(cmd)!r})' if cmd else ''}; its next call fails with LeaseLostError")
     return 0
@@ -178,21 +179,21 @@ def cmd_drain(args) -> int:
     with _client(args.dir) as broker:
         broker.drain()
     doc = fetch_status(args.dir)
-    print(f"neuron-broker: draining: no new leases are granted; {len(doc['leases'])} owner(s) hold cores"
-          + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc["leases"] else ""),
+    print(f"neuron-broker: draining: no new leases are granted; {len(doc.leases)} owner(s) hold cores"
+          + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc.leases else ""),
           flush=True)
     if args.timeout <= 0:
         return 0
     t0 = time.monotonic()
     last, last_print = None, t0
-    while doc["leases"]:
+    while doc.leases:
         now = time.monotonic()
         if now - t0 > args.timeout:
             print(f"neuron-broker: drain timed out after {args.timeout:g}s; still holding cores: {_owners(doc)}. "
                   "The broker keeps refusing new leases: wait longer, take cores back with 'neuron-broker release "
                   "--pid P', or resume with 'neuron-broker drain --cancel'", file=sys.stderr)
             return 1
-        owners = sorted(lease["pid"] for lease in doc["leases"])
+        owners = sorted(lease.pid for lease in doc.leases)
         if owners != last or now - last_print >= DRAIN_PROGRESS_S:
             print(f"  waiting ({now - t0:.0f}s) for {len(owners)} owner(s): {_owners(doc)}", flush=True)
             last, last_print = owners, now

@@ -156,7 +156,7 @@ def broker_status() -> dict:
 def models_on(cores) -> int:
     time.sleep(0.3)  # workers report within ~0.1 s of a change
     doc = broker_status()
-    return sum(len(doc["cores"][c]["models"]) for c in cores)
+    return sum(len(doc.cores[c].models) for c in cores)
 
 
 def scenario_seed001_manual(models: str) -> None:

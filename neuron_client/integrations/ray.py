@@ -202,7 +202,7 @@ def ensure_brokers(base_dir: str | None = None, timeout_s: float = ENSURE_TIMEOU
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _status_on_node(node_id: str) -> dict | None:
+def _status_on_node(node_id: str):
     from neuron_client.wire.broker_client import BrokerClient
 
     with BrokerClient(config.broker_address(node_broker_dir(node_id))) as broker:
@@ -211,14 +211,15 @@ def _status_on_node(node_id: str) -> dict | None:
         return broker.status()
 
 
-def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict | None:
-    """The status document of a node's broker (``None`` if none answers), fetched by a task pinned to the node."""
+def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S):
+    """The status document of a node's broker (a :class:`~neuron_client.wire.status.StatusDoc`; ``None`` if none
+    answers), fetched by a task pinned to the node."""
     return ray.get(_status_on_node.options(scheduling_strategy=_pinned(node_id)).remote(node_id), timeout=timeout_s)
 
 
-def owners(doc: dict) -> dict[int, int | None]:
+def owners(doc) -> dict[int, int | None]:
     """core -> owner pid (``None`` when free) in a status document."""
-    return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in doc["cores"]}
+    return {c.index: (c.owner.pid if c.owner else None) for c in doc.cores}
 
 
 def stop_local_brokers(infos, timeout_s: float = 10.0) -> None:

@@ -34,6 +34,7 @@ from neuron_client.wire import config
 from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.cores import format_cores, format_visible
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import StatusDoc
 
 EXIT_BAD_REQUEST = 2
 POLL_S = 0.05
@@ -76,7 +77,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _status(directory: str) -> dict | None:
+def _status(directory: str) -> StatusDoc | None:
     with BrokerClient(config.broker_address(directory), STATUS_TIMEOUT_S) as broker:
         try:
             return broker.status()
@@ -108,12 +109,12 @@ def plan(nproc: int, per_proc: int, num_cores: bool, first: int, total: int, bac
     return [list(range(first + r * per_proc, first + (r + 1) * per_proc)) for r in range(nproc)]
 
 
-def check_free(cores_per_rank: list, per_proc: int, doc: dict | None) -> None:
+def check_free(cores_per_rank: list, per_proc: int, doc: StatusDoc | None) -> None:
     """Fail early when cores the ranks need are held by other processes (they would fail to start anyway)."""
     if doc is None or os.environ.get(config.ENV_ACQUIRE_TIMEOUT, "").strip():
         return
-    owner = {c["core"]: c["owner"] for c in doc["cores"] if c["owner"]}
-    free = [c["core"] for c in doc["cores"] if c["state"] == "free"]
+    owner = {c.index: c.owner for c in doc.cores if c.owner}
+    free = [c.index for c in doc.cores if c.state == "free"]
     if cores_per_rank[0] is None:
         need = per_proc * len(cores_per_rank)
         if len(free) < need:
@@ -126,7 +127,7 @@ def check_free(cores_per_rank: list, per_proc: int, doc: dict | None) -> None:
     for rank, cores in enumerate(cores_per_rank):
         for c in cores:
             if c in owner:
-                entry = held.setdefault(owner[c]["pid"], ([], set(), owner[c]["cmd"]))
+                entry = held.setdefault(owner[c].pid, ([], set(), owner[c].cmd))
                 entry[0].append(c)
                 entry[1].add(rank)
     busy = [f"{format_cores(cs)} (for rank {', '.join(map(str, sorted(ranks)))}) held by pid {pid} {cmd[:60]!r}"
@@ -239,7 +240,7 @@ class Launcher:
         deadline = time.monotonic() + RECLAIM_WAIT_S
         while time.monotonic() < deadline:
             doc = _status(self.directory)
-            if doc is None or all(lease["pid"] != pid for lease in doc["leases"]):
+            if doc is None or all(lease.pid != pid for lease in doc.leases):
                 return
             time.sleep(0.1)
 
@@ -254,7 +255,7 @@ class Launcher:
         doc = _status(self.directory)
         if doc is None:
             return
-        owners = {lease["pid"]: lease["cores"] for lease in doc["leases"]}
+        owners = {lease.pid: lease.cores for lease in doc.leases}
         for r in live:
             if not r.holds:
                 r.holds = any(pid in owners for pid in _tree(r.proc.pid))

@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .status import ModelStatus, record
+from .status import ModelStatus, StatusDoc, record
 
 PROTOCOL_VERSION = 1
 
@@ -136,7 +136,7 @@ class Status:
 
 @message("status_reply")
 class StatusReply:
-    doc: dict
+    doc: StatusDoc
 
 
 @message("stop")

@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import enum
 import math
+import re
 import typing
 
 import msgpack
@@ -17,6 +18,7 @@ from neuron_client.wire.codec import EXT_SHM_TENSOR, EXT_TENSOR, EXT_TUPLE, deco
 from neuron_client.wire.errors import ProtocolError
 from neuron_client.wire.messages import MESSAGES, PROTOCOL_VERSION
 from neuron_client.wire.status import ModelStatus
+from tests.helpers import sample_status_doc
 from neuron_client.wire.tensors import TensorSink, TensorSource
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -158,7 +160,7 @@ def example_messages():
             core=2, endpoint="ipc:///tmp/w2", pid=9, ready=True, failed=False, last_exit="signal 9")]),
         "release": messages.Release(lease_id="ab"),
         "status": messages.Status(),
-        "status_reply": messages.StatusReply(doc={"cores": [{"core": 0, "owner": None}], "pid": 3}),
+        "status_reply": messages.StatusReply(doc=sample_status_doc()),
         "stop": messages.Stop(),
         "drain": messages.Drain(resume=True),
         "force_release": messages.ForceRelease(pid=4321),
@@ -621,6 +623,66 @@ def test_records_are_built_from_their_maps():
 def test_a_malformed_record_is_refused_naming_its_path(body, match):
     with pytest.raises(ProtocolError, match=match):
         decode(pack_header({"v": 1, "op": "granted", "body": body}))
+
+
+def status_body(**change) -> dict:
+    """A status_reply body, its document as a map, with ``change`` applied: {"path.to.field": value}."""
+    doc = plain(sample_status_doc())
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return {"doc": doc}
+
+
+DELETE = object()
+
+
+def test_the_status_document_decodes_into_its_records():
+    from neuron_client.wire import status
+
+    sent = sample_status_doc()
+    doc = decode(encode(messages.StatusReply(doc=sent))).msg.doc
+    assert type(doc) is status.StatusDoc and doc == sent
+    assert type(doc.cores[0].worker) is status.WorkerStatus and type(doc.cores[0].perf.latency_hist) is \
+        status.LatencyHistogram and type(doc.leases[0]) is status.LeaseStatus
+    assert doc.cores[0].owner.pid == 4242 and doc.cores[0].models[0].name == "m.pt" and doc.pending[0].requested == "nc0"
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"cores.0.worker.pid": "7"}, r"status_reply: field 'doc\.cores\[0\]\.worker\.pid' has the wrong type "
+                                  r"\(str; expected int\)"),
+    ({"cores.0.owner": 5}, r"field 'doc\.cores\[0\]\.owner' has the wrong type \(int; expected a map \(OwnerStatus\) "
+                           r"or null\)"),
+    ({"cores.0.perf.latency_hist.counts": [1, "x"]},
+     r"field 'doc\.cores\[0\]\.perf\.latency_hist\.counts\[1\]' has the wrong type \(str; expected int\)"),
+    ({"cores.0.perf.surprise": 1}, r"field 'doc\.cores\[0\]\.perf' has unexpected fields \['surprise'\]"),
+    ({"broker.leases_ended": {"released": 1.5}},
+     r"field \"doc\.broker\.leases_ended\['released'\]\" has the wrong type \(float; expected int\)"),
+    ({"broker": DELETE}, r"field 'doc' is missing field 'broker' \(a StatusDoc\)"),
+    ({"cores.0.worker.memory_bytes": DELETE}, r"field 'doc\.cores\[0\]\.worker' is missing field 'memory_bytes'"),
+    ({"cores": {"0": {}}}, r"field 'doc\.cores' has the wrong type \(dict; expected a list\)"),
+    ({"cores.0.rss": 1}, r"field 'doc\.cores\[0\]' has unexpected fields \['rss'\]"),  # schema 1's name
+])
+def test_a_malformed_status_document_is_refused_naming_the_field(change, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(pack_header({"v": 1, "op": "status_reply", "body": status_body(**change)}))
+
+
+def test_status_document_json_round_trip():
+    from neuron_client.wire import status
+
+    doc = sample_status_doc()
+    assert status.from_json(status.to_json(doc)) == doc
+    with pytest.raises(ProtocolError, match=r"^StatusDoc\.cores\[0\]\.index has the wrong type"):
+        status.from_json(dict(status.to_json(doc), cores=[dict(status.to_json(doc)["cores"][0], index="0")]))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", status.timestamp())
+    assert status.timestamp(0.5) == "1970-01-01T00:00:00.500Z"
 
 
 def test_codec_build_checks_a_map_as_decode_does():
