@@ -153,6 +153,38 @@ def test_ls_table_and_json(ops, capsys):
     assert "affine.pt x2 loaded" in capsys.readouterr().out
 
 
+def test_json_documents_of_a_real_broker_follow_their_schemas(ops):
+    """`neuron-broker status --json` and `neuron-ls --json` as printed, with an owner, models, counters and a
+    waiting acquire in them, validate against broker/schemas; both carry the schema version and a timestamp."""
+    import jsonschema
+
+    from broker import schemas
+
+    pid = ops.serving().ready["pid"]
+    ops.broker.wait_for(lambda d: d.cores[0].requests > 0, 10, "calls counted on nc0")
+    waiting = App(ops.broker, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "0", "NEURON_RT_ACQUIRE_TIMEOUT": "30"})
+    try:
+        ops.broker.wait_for(lambda d: d.pending, 30, "a waiting acquire")
+        status = run(ops.broker, NEURON_BROKER + ["status", "--json"])
+        listing = run(ops.broker, NEURON_LS + ["--json"])
+    finally:
+        waiting.kill()
+        waiting.proc.communicate(timeout=30)
+    assert status.returncode == 0 and listing.returncode == 0, status.stderr + listing.stderr
+    doc, ls_doc = json.loads(status.stdout), json.loads(listing.stdout)
+    jsonschema.validate(doc, schemas.load("status"))
+    jsonschema.validate(ls_doc, schemas.load("ls"))
+    assert doc["schema"] == ls_doc["schema"] == 2
+    assert doc["timestamp"].endswith("Z") and ls_doc["timestamp"].endswith("Z")
+    assert doc["pending"] and doc["cores"][0]["owner"]["pid"] == pid and doc["cores"][0]["models"]
+    # one set of names: the owner and worker parts are the same in both documents
+    for key in ("owner", "worker"):
+        a, b = doc["cores"][0][key], ls_doc["cores"][0][key]
+        assert set(a) == set(b) and a["pid"] == b["pid"]
+    assert doc["cores"][0]["index"] == ls_doc["cores"][0]["index"] == 0
+    assert {"lease_age_s", "memory_bytes"} <= set(doc["cores"][0]["owner"]) | set(doc["cores"][0]["worker"])
+
+
 def test_ls_without_broker_says_how_to_start(tmp_path):
     env = dict(os.environ, NEURON_BROKER_DIR=str(tmp_path / "none"))
     out = subprocess.run(NEURON_LS, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, cwd=ROOT)
