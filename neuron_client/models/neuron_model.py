@@ -134,7 +134,7 @@ class NeuronModel:
         w = rt.await_worker(r.core, not_pid=r.worker_pid)
         r.model_id = self._load_on(rt, r.core)
         old, r.worker_pid, r.stale = r.worker_pid, w.pid, False
-        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w['pid']}; the previous one, pid {old}, {why}); "
+        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w.pid}; the previous one, pid {old}, {why}); "
                       f"{self.name} was loaded on it again", RuntimeWarning, stacklevel=3)
 
     def wait_loaded(self, timeout_s: float = config.LOAD_TIMEOUT_S) -> None:
