@@ -20,8 +20,10 @@ import sys
 import time
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import StatusDoc, to_json
 
 from .status import render
 
@@ -32,17 +34,13 @@ DRAIN_POLL_S = 0.25
 DRAIN_PROGRESS_S = 5.0  # while draining, repeat the progress line at least this often
 
 
-def _request(directory: str, msg, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S):
-    address = config.broker_address(directory)
-    ch = transport.Channel(address)
-    try:
-        return ch.request(msg, timeout_s).msg
-    finally:
-        ch.close()
+def _client(directory: str) -> BrokerClient:
+    return BrokerClient.of_dir(directory, verify=False)  # main() verified the directory
 
 
 def _running(directory: str) -> bool:
-    return transport.ping(config.broker_address(directory), config.BROKER_PING_TIMEOUT_S) is not None
+    with _client(directory) as broker:
+        return broker.ping() is not None
 
 
 def cmd_start(args) -> int:
@@ -86,7 +84,7 @@ def cmd_start(args) -> int:
     print(f"neuron-broker: started pid {pong.pid} with {pong.cores} {pong.backend} cores at "
           f"{config.broker_address(args.dir)} (log: {config.log_file(args.dir)})")
     if args.metrics_port is not None:
-        print(f"neuron-broker: metrics at {fetch_status(args.dir)['broker'].get('metrics') or '(not served)'}")
+        print(f"neuron-broker: metrics at {fetch_status(args.dir).broker.metrics or '(not served)'}")
     return 0
 
 
@@ -96,7 +94,8 @@ def cmd_stop(args) -> int:
         print(f"neuron-broker: not running in {args.dir}")
         return 0
     try:
-        _request(args.dir, messages.Stop(), 5.0)
+        with _client(args.dir) as broker:
+            broker.stop(5.0)
     except NeuronRuntimeError:
         pass
     deadline = time.monotonic() + STOP_WAIT_S
@@ -113,25 +112,26 @@ def cmd_stop(args) -> int:
     return 0
 
 
-def fetch_status(directory: str) -> dict:
-    return _request(directory, messages.Status()).doc
+def fetch_status(directory: str) -> StatusDoc:
+    with _client(directory) as broker:
+        return broker.status()
 
 
 def cmd_status(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     doc = fetch_status(args.dir)
-    print(json.dumps(doc, indent=2) if args.json else render(doc))
+    print(json.dumps(to_json(doc), indent=2) if args.json else render(doc))
     return 0
 
 
-def _owners(doc: dict) -> str:
+def _owners(doc: StatusDoc) -> str:
     from neuron_client.wire.cores import format_cores
 
     from .status import short_command
 
-    return "; ".join(f"pid {lease['pid']} {short_command(lease['cmd'])!r} ({format_cores(lease['cores'])}, "
-                     f"{lease['age_s']:.1f}s)" for lease in doc["leases"]) or "none"
+    return "; ".join(f"pid {lease.pid} {short_command(lease.cmd)!r} ({format_cores(lease.cores)}, "
+                     f"{lease.lease_age_s:.1f}s)" for lease in doc.leases) or "none"
 
 
 def cmd_ls(args) -> int:
@@ -143,7 +143,6 @@ def cmd_ls(args) -> int:
 def cmd_release(args) -> int:
     """Take every core of process --pid back now: its models are dropped and its next call fails with
     LeaseLostError. The process itself keeps running (stop it yourself if it should not retry)."""
-    from neuron_client.wire import messages
     from neuron_client.wire.cores import format_cores
 
     from .status import short_command
@@ -154,12 +153,13 @@ def cmd_release(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     before = fetch_status(args.dir)
-    reply = _request(args.dir, messages.ForceRelease(pid=args.pid))
+    with _client(args.dir) as broker:
+        reply = broker.release(args.pid)
     if not reply.cores:
         print(f"neuron-broker: pid {args.pid} holds no cores; owners now: {_owners(before)} "
               "(see neuron-ls)", file=sys.stderr)
         return 1
-    cmd = next((lease["cmd"] for lease in before["leases"] if lease["pid"] == args.pid), "")
+    cmd = next((lease.cmd for lease in before.leases if lease.pid == args.pid), "")
     print(f"neuron-broker: released {format_cores(reply.cores)} of pid {args.pid}"
           f"{f' ({short_command(cmd)!r})' if cmd else ''}; its next call fails with LeaseLostError")
     return 0
@@ -172,26 +172,28 @@ def cmd_drain(args) -> int:
     if not _running(args.dir):
         return _not_running(args.dir)
     if args.cancel:
-        _request(args.dir, messages.Drain(resume=True))
+        with _client(args.dir) as broker:
+            broker.drain(resume=True)
         print("neuron-broker: resumed: new leases are granted again")
         return 0
-    _request(args.dir, messages.Drain())
+    with _client(args.dir) as broker:
+        broker.drain()
     doc = fetch_status(args.dir)
-    print(f"neuron-broker: draining: no new leases are granted; {len(doc['leases'])} owner(s) hold cores"
-          + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc["leases"] else ""),
+    print(f"neuron-broker: draining: no new leases are granted; {len(doc.leases)} owner(s) hold cores"
+          + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc.leases else ""),
           flush=True)
     if args.timeout <= 0:
         return 0
     t0 = time.monotonic()
     last, last_print = None, t0
-    while doc["leases"]:
+    while doc.leases:
         now = time.monotonic()
         if now - t0 > args.timeout:
             print(f"neuron-broker: drain timed out after {args.timeout:g}s; still holding cores: {_owners(doc)}. "
                   "The broker keeps refusing new leases: wait longer, take cores back with 'neuron-broker release "
                   "--pid P', or resume with 'neuron-broker drain --cancel'", file=sys.stderr)
             return 1
-        owners = sorted(lease["pid"] for lease in doc["leases"])
+        owners = sorted(lease.pid for lease in doc.leases)
         if owners != last or now - last_print >= DRAIN_PROGRESS_S:
             print(f"  waiting ({now - t0:.0f}s) for {len(owners)} owner(s): {_owners(doc)}", flush=True)
             last, last_print = owners, now

@@ -20,13 +20,13 @@ import time
 
 import psutil
 
-from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm
+from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm, status
 from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
 
 from . import state as st
 from .journal import Journal, JournalError
 from .metrics import Counters, Snapshots
-from .status import perf_doc
+from .status import perf_status
 from .supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("neuron.broker")
@@ -449,7 +449,7 @@ class Broker:
             self.send_reply(to, rid, exc)
 
     # -- status ----------------------------------------------------------------------------------------------
-    def status_doc(self) -> dict:
+    def status_doc(self) -> status.StatusDoc:
         now = time.monotonic()
         s = self.state
         cores = []
@@ -462,38 +462,39 @@ class Broker:
                 if core == c:
                     stats = retired_counters(stats, self.stats_by_pid[pid]) if pid in self.stats_by_pid else stats
             stats = add_counters(stats, current)
-            cores.append({
-                "core": c,
-                "state": s.core_state(c),
+            cores.append(status.CoreStatus(
+                index=c,
+                state=s.core_state(c),
                 **self.backend.placement(c),
-                "worker": {"pid": slot.pid, "ready": slot.ready, "state": slot.state.value,
-                           "rss": current.rss if current else 0,
-                           "device_memory": current.device_memory if current else 0,
-                           "device_util": current.device_util if current else None,
-                           "busy": current.busy if current else False, "restarts": slot.restarts,
-                           "last_exit": slot.last_exit},
-                "owner": None if lease is None else {"pid": lease.pid, "cmd": lease.cmd, "lease_id": lease.lease_id,
-                                                     "age_s": round(lease.age_s(now), 3),
-                                                     "state": lease.state.value},
-                "models": current.models if current else [],
-                "requests": stats.requests if stats else 0,
-                "errors": stats.errors if stats else 0,
-                "perf": perf_doc(stats),
-            })
-        leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
-                   "age_s": round(lease.age_s(now), 3), "state": lease.state.value,
-                   "last_seen_s": 0.0}  # kept for schema 1: a lease lives as long as its link, nothing is "seen"
+                worker=status.WorkerStatus(
+                    pid=slot.pid, ready=slot.ready, state=slot.state.value,
+                    memory_bytes=current.rss if current else 0,
+                    device_memory_bytes=current.device_memory if current else 0,
+                    device_util_percent=current.device_util if current else None,
+                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit),
+                owner=None if lease is None else status.OwnerStatus(
+                    pid=lease.pid, cmd=lease.cmd, lease_id=lease.lease_id, lease_age_s=round(lease.age_s(now), 3),
+                    state=lease.state.value),
+                models=list(current.models) if current else [],
+                requests=stats.requests if stats else 0,
+                errors=stats.errors if stats else 0,
+                perf=perf_status(stats),
+            ))
+        leases = [status.LeaseStatus(lease_id=lease.lease_id, pid=lease.pid, cmd=lease.cmd, cores=list(lease.cores),
+                                     lease_age_s=round(lease.age_s(now), 3), state=lease.state.value)
                   for lease in s.leases.values()]
-        pending = [{"pid": s.links[p.link].pid if p.link in s.links else 0, "cmd": p.cmd,
-                    "requested": p.request.describe(), "waited_s": round(now - p.since, 3)} for p in s.pending[:256]]
-        return {"schema": 1,
-                "broker": {"pid": os.getpid(), "backend": self.backend.name, "cores": s.alloc.n_cores,
-                           "address": self.address, "uptime_s": round(now - self.started, 3),
-                           "lease_timeout_s": self.policy.stopped_owner_s, "draining": s.draining,
-                           "recovering_s": round(max(0.0, s.recovering_until - now), 3),
-                           "links": len(s.links), "pending_total": len(s.pending),
-                           "metrics": self.metrics_url, **self.counters.doc()},
-                "cores": cores, "leases": leases, "pending": pending}
+        pending = [status.PendingStatus(pid=s.links[p.link].pid if p.link in s.links else 0, cmd=p.cmd,
+                                        requested=p.request.describe(), waited_s=round(now - p.since, 3))
+                   for p in s.pending[:256]]
+        counters = self.counters
+        broker = status.BrokerStatus(
+            pid=os.getpid(), backend=self.backend.name, cores=s.alloc.n_cores, address=self.address,
+            uptime_s=round(now - self.started, 3), lease_timeout_s=self.policy.stopped_owner_s, draining=s.draining,
+            recovering_s=round(max(0.0, s.recovering_until - now), 3), links=len(s.links),
+            pending_total=len(s.pending), metrics=self.metrics_url, leases_granted=counters.granted,
+            leases_ended=dict(counters.ended))
+        return status.StatusDoc(timestamp=status.timestamp(), broker=broker, cores=cores, leases=leases,
+                                pending=pending)
 
     # -- socket loop -----------------------------------------------------------------------------------------
     def bind_listener(self) -> socket.socket:

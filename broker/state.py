@@ -828,14 +828,14 @@ class BrokerState:
             self.emit(Reply(("link", lease.link), 0, messages.HeartbeatAck(workers=self.workers_of(lease))))
 
     # -- queries ---------------------------------------------------------------------------------------------------
-    def workers_of(self, lease: Lease) -> list[dict]:
+    def workers_of(self, lease: Lease) -> list[messages.WorkerInfo]:
         """What a lease's owner needs to know of its cores' workers (a changed pid means: load your models again)."""
         out = []
         for c in lease.cores:
             slot = self.slots[c]
             serving = slot.state == SlotState.SERVING and slot.lease_id == lease.lease_id
-            out.append({"core": c, "endpoint": self.worker_address(c), "pid": slot.pid if serving else 0,
-                        "ready": serving, "failed": slot.failed, "last_exit": slot.last_exit})
+            out.append(messages.WorkerInfo(core=c, endpoint=self.worker_address(c), pid=slot.pid if serving else 0,
+                                           ready=serving, failed=slot.failed, last_exit=slot.last_exit))
         return out
 
     def core_state(self, core: int) -> str:

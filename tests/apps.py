@@ -146,19 +146,17 @@ def save(module, example, path, lazy=False, asynchronous=False) -> str:
 
 
 def broker_status() -> dict:
-    from neuron_client.wire import comm as transport, config, messages
+    from neuron_client.wire import config
+    from neuron_client.wire.broker_client import BrokerClient
 
-    ch = transport.Channel(config.broker_address())
-    try:
-        return ch.request(messages.Status(), 10.0).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address()) as broker:
+        return broker.status()
 
 
 def models_on(cores) -> int:
     time.sleep(0.3)  # workers report within ~0.1 s of a change
     doc = broker_status()
-    return sum(len(doc["cores"][c]["models"]) for c in cores)
+    return sum(len(doc.cores[c].models) for c in cores)
 
 
 def scenario_seed001_manual(models: str) -> None:
@@ -440,7 +438,7 @@ def scenario_crash_recovery(models: str) -> None:
     expected = m(x)
     rt = neuron_client.get_runtime()
     core = m.cores[0]
-    emit(ready=True, worker_pid=rt.worker(core)["pid"], core=core)
+    emit(ready=True, worker_pid=rt.worker(core).pid, core=core)
     t0 = time.monotonic()
     try:
         for _ in range(50):  # the test kills the worker during one of these
@@ -453,7 +451,7 @@ def scenario_crash_recovery(models: str) -> None:
         warnings.simplefilter("always")
         again = m(x)
     emit(error=error, failed_after_s=failed_after_s, ok=bool(torch.allclose(again, expected)),
-         warnings=[str(w.message) for w in caught], new_worker_pid=rt.worker(core)["pid"])
+         warnings=[str(w.message) for w in caught], new_worker_pid=rt.worker(core).pid)
 
 
 def scenario_survive_restart(models: str, flag: str) -> None:
@@ -468,7 +466,7 @@ def scenario_survive_restart(models: str, flag: str) -> None:
     x = torch.rand(2, 4)
     m(x)
     rt = neuron_client.get_runtime()
-    emit(ready=True, owned=rt.cores, worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+    emit(ready=True, owned=rt.cores, worker_pids=[rt.worker(c).pid for c in rt.cores])
     deadline = time.monotonic() + HOLD_S
     while not os.path.exists(flag) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -476,7 +474,7 @@ def scenario_survive_restart(models: str, flag: str) -> None:
         warnings.simplefilter("always")
         results = [bool(torch.allclose(m(x), x * 2 + 1)) for _ in range(4)]
     emit(ok=all(results), warnings=[str(w.message) for w in caught], lost=rt.lost, owned=rt.cores,
-         worker_pids=[rt.worker(c)["pid"] for c in rt.cores])
+         worker_pids=[rt.worker(c).pid for c in rt.cores])
     hold()
 
 

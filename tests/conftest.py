@@ -128,7 +128,7 @@ def fresh_broker(tmp_path):
 
 def wait_free(broker: BrokerProc, timeout_s: float = 10.0):
     """Wait until no core is owned (the previous test's clients released or were reclaimed)."""
-    return broker.wait_for(lambda d: all(c["owner"] is None for c in d["cores"]), timeout_s, "all cores free")
+    return broker.wait_for(lambda d: all(c.owner is None for c in d.cores), timeout_s, "all cores free")
 
 
 @pytest.fixture

@@ -35,16 +35,11 @@ def affine_bytes() -> bytes:
 
 def local_status(directory: str) -> dict | None:
     """A broker's status document read from this machine (None when none answers)."""
-    from neuron_client.wire import comm as transport, config, messages
+    from neuron_client.wire import config
+    from neuron_client.wire.broker_client import BrokerClient
 
-    address = config.broker_address(directory)
-    if transport.ping(address, 1.0) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), 10.0).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address(directory)) as broker:
+        return broker.status() if broker.ping(1.0) is not None else None
 
 
 def wait_status(directory: str, predicate, timeout_s: float = 15.0, what: str = "condition") -> tuple[dict, float]:

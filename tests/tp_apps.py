@@ -201,7 +201,7 @@ def scenario_load(work: str) -> None:
     def kill():
         model = models["sep2"]
         victim = model.cores[1]
-        emit(check="kill_ready", core=victim, worker_pid=rt.worker(victim)["pid"], cores=model.cores)
+        emit(check="kill_ready", core=victim, worker_pid=rt.worker(victim).pid, cores=model.cores)
         error, t_fail, t0 = None, None, time.monotonic()
         calls = 0
         while time.monotonic() - t0 < 60:
@@ -218,7 +218,7 @@ def scenario_load(work: str) -> None:
             out = model(*inputs[0])
             recover_s = time.monotonic() - t1
         emit(check="kill", error=error, failed_after_s=t_fail, calls_before=calls, diff=max_diff(out, want[0]),
-             recover_s=recover_s, cores=model.cores, new_worker_pid=rt.worker(victim)["pid"],
+             recover_s=recover_s, cores=model.cores, new_worker_pid=rt.worker(victim).pid,
              warnings=[str(w.message) for w in caught])
 
     kill()
@@ -231,7 +231,7 @@ def scenario_load(work: str) -> None:
         model = models["sep2"]
         model(*inputs[0])
         victim = model.cores[0]
-        pid = rt.worker(victim)["pid"]
+        pid = rt.worker(victim).pid
         os.kill(pid, signal.SIGKILL)
         while pid_running(pid):
             time.sleep(0.001)

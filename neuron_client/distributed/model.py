@@ -149,8 +149,8 @@ class TensorParallelModel(PlacedModel):
 
     def _load_rank(self, rt: Runtime, shard: RankShard, nc: int, group: str) -> _Placed:
         core = rt.global_core(nc)
-        pid = rt.worker(core)["pid"]
-        spec = {"name": group, "rank": shard.rank, "size": self.tp_degree} if self.tp_degree > 1 else None
+        pid = rt.worker(core).pid
+        spec = messages.GroupSpec(name=group, rank=shard.rank, size=self.tp_degree) if self.tp_degree > 1 else None
         weights = dict(shard.weights) if shard.weights is not None else None
         carried = [shard.data, *(weights.values() if weights else ())]
         reply = rt.channel(core).request(
@@ -198,7 +198,7 @@ class TensorParallelModel(PlacedModel):
         if old is not None:
             for p in old.ranks:
                 w = rt.worker(p.core)
-                if w["pid"] != p.worker_pid or not _pid_running(p.worker_pid):
+                if w.pid != p.worker_pid or not _pid_running(p.worker_pid):
                     rt.await_worker(p.core, not_pid=p.worker_pid)
         self._unload_locked()
         self._load_ranks(rt, self._ncs)
@@ -221,7 +221,7 @@ class TensorParallelModel(PlacedModel):
             else:
                 # a worker that died between calls: the broker's word may still be on its way, the kernel's is not
                 replaced = [p.core for p in self._loaded.ranks
-                            if rt.worker(p.core)["pid"] != p.worker_pid or not _pid_running(p.worker_pid)]
+                            if rt.worker(p.core).pid != p.worker_pid or not _pid_running(p.worker_pid)]
                 if replaced:
                     self._reform(f"neuroncores {replaced} got fresh workers")
             return self._loaded
@@ -284,7 +284,7 @@ def _call_one(rt: Runtime, p: _Placed, args: tuple, timeout_s: float):
 
 
 def _unload_one(rt: Runtime, p: _Placed) -> None:
-    if rt.closed or rt.worker(p.core)["pid"] != p.worker_pid:
+    if rt.closed or rt.worker(p.core).pid != p.worker_pid:
         return  # a fresh worker holds nothing of ours
     try:
         rt.channel(p.core).request(messages.Unload(token=rt.token, model_id=p.model_id), UNLOAD_TIMEOUT_S)

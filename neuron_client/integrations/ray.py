@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("neuron_client.integrations.ray needs Ray: pip install 'ray[serve]' (or this project's [ray] extra)") from exc
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config
+from neuron_client.wire import config
 from neuron_client.wire.cores import format_cores, parse_visible_cores
 from neuron_client.wire.errors import BrokerUnavailableError, NeuronCoreSpecError, NeuronRuntimeError
 
@@ -202,27 +202,24 @@ def ensure_brokers(base_dir: str | None = None, timeout_s: float = ENSURE_TIMEOU
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _status_on_node(node_id: str) -> dict | None:
-    from neuron_client.wire import messages
+def _status_on_node(node_id: str):
+    from neuron_client.wire.broker_client import BrokerClient
 
-    address = config.broker_address(node_broker_dir(node_id))
-    if transport.ping(address, config.BROKER_PING_TIMEOUT_S) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), config.BROKER_REQUEST_TIMEOUT_S).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address(node_broker_dir(node_id))) as broker:
+        if broker.ping() is None:
+            return None
+        return broker.status()
 
 
-def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict | None:
-    """The status document of a node's broker (``None`` if none answers), fetched by a task pinned to the node."""
+def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S):
+    """The status document of a node's broker (a :class:`~neuron_client.wire.status.StatusDoc`; ``None`` if none
+    answers), fetched by a task pinned to the node."""
     return ray.get(_status_on_node.options(scheduling_strategy=_pinned(node_id)).remote(node_id), timeout=timeout_s)
 
 
-def owners(doc: dict) -> dict[int, int | None]:
+def owners(doc) -> dict[int, int | None]:
     """core -> owner pid (``None`` when free) in a status document."""
-    return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in doc["cores"]}
+    return {c.index: (c.owner.pid if c.owner else None) for c in doc.cores}
 
 
 def stop_local_brokers(infos, timeout_s: float = 10.0) -> None:

@@ -115,7 +115,7 @@ class NeuronModel(PlacedModel):
     def _load(self, rt: Runtime, ncs: list[int]) -> None:
         def one(nc: int) -> Replica:
             core = rt.global_core(nc)
-            pid = rt.worker(core)["pid"]
+            pid = rt.worker(core).pid
             return Replica(core=core, nc=nc, model_id=self._load_on(rt, core), worker_pid=pid)
 
         try:
@@ -145,8 +145,8 @@ class NeuronModel(PlacedModel):
         """Load replica ``r`` again on its core's fresh worker (the previous one died or was replaced)."""
         w = rt.await_worker(r.core, not_pid=r.worker_pid)
         r.model_id = self._load_on(rt, r.core)
-        old, r.worker_pid, r.stale = r.worker_pid, w["pid"], False
-        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w['pid']}; the previous one, pid {old}, {why}); "
+        old, r.worker_pid, r.stale = r.worker_pid, w.pid, False
+        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w.pid}; the previous one, pid {old}, {why}); "
                       f"{self.name} was loaded on it again", RuntimeWarning, stacklevel=3)
 
     def wait_loaded(self, timeout_s: float = config.LOAD_TIMEOUT_S) -> None:
@@ -201,10 +201,10 @@ class NeuronModel(PlacedModel):
             with self._lock:
                 r.in_flight += 1
         try:
-            if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
+            if r.stale or rt.worker(r.core).pid != r.worker_pid:
                 with r.lock:
-                    if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
-                        self._recover(rt, r, rt.worker(r.core).get("last_exit") or "exited")
+                    if r.stale or rt.worker(r.core).pid != r.worker_pid:
+                        self._recover(rt, r, rt.worker(r.core).last_exit or "exited")
             try:
                 out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
             except WorkerUnavailableError:

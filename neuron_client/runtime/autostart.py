@@ -13,9 +13,15 @@ import subprocess
 import sys
 import time
 
-from neuron_client.wire import comm as transport, config
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import BrokerUnavailableError
 from neuron_client.wire.procs import pid_running
+
+
+def _ping(address: str, timeout_s: float):
+    with BrokerClient(address) as broker:
+        return broker.ping(timeout_s)
 
 
 def running_pid(directory: str) -> int:
@@ -72,7 +78,7 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
     if detach:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
                               timeout=timeout_s, cwd=directory)
-        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        pong = _ping(address, config.BROKER_PING_TIMEOUT_S)
         if pong is None:
             raise BrokerUnavailableError(
                 f"could not start the broker in {directory} (exit {done.returncode}): "
@@ -84,7 +90,7 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
-        pong = transport.ping(address, 0.5)
+        pong = _ping(address, 0.5)
         if pong is not None:
             return pong
         if code is not None:
@@ -109,7 +115,7 @@ def ensure_broker(directory: str | None = None, cores: int | None = None, detach
     if not explicit:  # before trusting its pid file or talking to its socket: another user may have planted them
         config.ensure_private_dir(directory)
     if explicit or running_pid(directory):
-        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        pong = _ping(address, config.BROKER_PING_TIMEOUT_S)
         if pong is not None:
             return pong
         if explicit:
@@ -123,7 +129,7 @@ def ensure_broker(directory: str | None = None, cores: int | None = None, detach
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if running_pid(directory):
-            pong = transport.ping(address, config.BROKER_START_TIMEOUT_S)
+            pong = _ping(address, config.BROKER_START_TIMEOUT_S)
             if pong is not None:
                 return pong
         return spawn_broker(directory, cores, detach=detach)

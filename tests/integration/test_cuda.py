@@ -31,11 +31,11 @@ def test_cuda_backend_without_a_gpu_fails_clearly(tmp_path):
 def test_cores_sliced_from_one_gpu(fresh_broker, spawn_app, models_dir):
     b = fresh_broker(2, extra=["--backend", "cuda", "--cores-per-gpu", "2"])
     doc = b.status()
-    assert [c["device"] for c in doc["cores"]] == ["cuda:0", "cuda:0"]
-    assert all(c["memory_fraction"] == 0.5 for c in doc["cores"])
+    assert [c.device for c in doc.cores] == ["cuda:0", "cuda:0"]
+    assert all(c.memory_fraction == 0.5 for c in doc.cores)
     out = spawn_app(b, "cuda_model", models_dir, env={"NEURON_RT_NUM_CORES": "2"}).finish(180)[0]
     assert out["ok"] and out["outputs_on"] == "cpu" and out["moved_on"].startswith("cuda")
     assert out["cores"] == [0, 1]
     assert "out of memory" in out["oom_error"].lower() and out["after_oom_ok"]
-    doc = b.wait_for(lambda d: d["cores"][0]["worker"]["device_memory"] > 0, 10, "device memory reported")
-    assert doc["cores"][0]["worker"]["device_memory"] > 0
+    doc = b.wait_for(lambda d: d.cores[0].worker.device_memory_bytes > 0, 10, "device memory reported")
+    assert doc.cores[0].worker.device_memory_bytes > 0

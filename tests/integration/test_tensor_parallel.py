@@ -140,7 +140,7 @@ def test_killed_rank_fails_the_call_naming_the_core_then_reforms(loaded, broker4
     assert any("loaded again" in w and "new process group" in w for w in doc["warnings"])
     leftovers = [f for f in os.listdir(broker4.directory) if f.startswith("tp-")]
     assert leftovers == []  # rendezvous files are removed once every rank has joined
-    restarts = {c["core"]: c["worker"]["restarts"] for c in broker4.status()["cores"]}
+    restarts = {c.index: c.worker.restarts for c in broker4.status().cores}
     # only the killed workers (core 3 under a call, core 2 between calls); their peers dropped their groups cleanly
     assert restarts == {0: 0, 1: 0, 2: 1, 3: 1}
 

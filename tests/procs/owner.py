@@ -8,6 +8,7 @@ An exception becomes ``{"error": class name, "message": text}``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def main() -> None:
                 answer = {"cores": rt.cores}
             elif do == "secrets":
                 answer = {"lease_id": rt.lease_id, "token": rt.token, "cores": rt.cores,
-                          "workers": {str(k): v for k, v in rt.workers.items()}}
+                          "workers": {str(k): dataclasses.asdict(v) for k, v in rt.workers.items()}}
             elif do == "load":
                 models.append(neuron_client.jit.load(cmd["path"]))
                 answer = {"model": len(models) - 1, "cores": models[-1].cores}

@@ -273,7 +273,7 @@ def test_crashes_are_charged_to_the_lease_and_forgiven_for_the_next_owner():
     slot = loop.s.slots[0]
     assert slot.failed and slot.state == st.SlotState.DOWN and loop.s.core_state(0) == "failed"
     pushed = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
-    assert pushed[-1].workers[0]["failed"] is True
+    assert pushed[-1].workers[0].failed is True
     loop.feed(st.LinkClosed(1))
     loop.feed(st.Tick())
     assert not slot.failed and slot.state == st.SlotState.FRESH and loop.s.core_state(0) == "free"
@@ -290,8 +290,8 @@ def test_a_crashed_worker_of_an_active_lease_is_replaced_and_the_owner_told():
     loop.feed(st.WorkerExited(0, old, "signal SIGKILL"))
     loop.feed(st.Tick())
     pushes = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
-    assert pushes[0].workers[0]["pid"] == 0 and pushes[-1].workers[0]["pid"] not in (0, old)
-    assert pushes[-1].workers[0]["ready"] is True
+    assert pushes[0].workers[0].pid == 0 and pushes[-1].workers[0].pid not in (0, old)
+    assert pushes[-1].workers[0].ready is True
     assert loop.owners() == [g.lease_id]
 
 
