@@ -119,8 +119,33 @@ class LeaseLink:
         try:
             self.sock.sendall(pack(msg, rid))
         except OSError as exc:
+            said = self._last_word()
+            if said is not None:  # the broker refused the link and said why before closing it
+                raise said from None
             raise BrokerUnavailableError(f"the broker closed the lease link: {exc}") from None
         return rid
+
+    def _last_word(self) -> Exception | None:
+        """The error the broker sent before it closed the link, if one is waiting to be read."""
+        try:
+            self.sock.settimeout(0.0)
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.inbox += self.reader.feed(data)
+        except (OSError, ProtocolError):
+            pass
+        for frame in self.inbox:
+            try:
+                env = codec.decode([frame])
+            except ProtocolError:
+                continue
+            if isinstance(env.msg, messages.Error):
+                from neuron_client.wire.errors import from_code
+
+                return from_code(env.msg.code, env.msg.message)
+        return None
 
     def recv(self, timeout_s: float | None):
         """The next message from the broker (an :class:`codec.Envelope`; error replies raise); None on timeout.
