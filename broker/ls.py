@@ -1,14 +1,8 @@
-"""``neuron-ls``: list the host's NeuronCores, one row per core: index, device (and host CPUs), state, owner pid and
-command, lease age, models (name, replicas, state), and the memory of the core's worker.
+"""``neuron-ls``: one row per core of the host's broker, and the ``neuron-ls --json`` document (:class:`Listing`).
 
-Usage::
-
-    neuron-ls [--json] [--dir DIR]         # also: neuron-broker ls [--json]
-
-Ownership is per core (a process owns cores, not devices). The broker knows the models loaded on its workers, so a
-model's state is ``loaded``; a lazy or asynchronous load still in progress in a client shows up once it lands.
-``replicas`` counts the cores of the same owner holding a model of the same name. ``--json`` prints a stable
-document (README, "neuron-ls --json schema"). Exit codes: 0, 1 when no broker answers.
+The command's help is :mod:`broker.commands.ls`'s docstring (``neuron-ls`` and ``neuron-broker ls`` are the same
+command). The listing is derived from the broker's status document: its owner and worker parts are the status
+document's records, so that both documents name every field alike (``broker/schemas/ls.schema.json``).
 """
 from __future__ import annotations
 
@@ -181,9 +175,12 @@ def run(directory: str, as_json: bool) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="neuron-ls", description=__doc__,
+    from . import commands
+
+    command = commands.load("ls")
+    p = argparse.ArgumentParser(prog="neuron-ls", description=commands.description(command),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print a stable JSON document instead of a table")
+    command.add_arguments(p)
     p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
     args = p.parse_args(argv)
     try:

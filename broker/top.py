@@ -270,7 +270,9 @@ def run_live(directory: str, interval_s: float) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="neuron-top", description=__doc__,
+    from .commands import plain
+
+    p = argparse.ArgumentParser(prog="neuron-top", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between samples")

@@ -70,7 +70,7 @@ def test_every_request_times_out_on_a_silent_peer(silent, call):
     with BrokerClient(silent, timeout_s=0.5) as client:
         got, took = timed(lambda: getattr(client, call)(*args))
     assert isinstance(got, RequestTimeoutError), got
-    assert f"no reply to " in str(got) and silent in str(got) and "within 0.5s" in str(got)
+    assert "no reply to " in str(got) and silent in str(got) and "within 0.5s" in str(got)
     assert 0.4 <= took < 0.5 + SLACK_S
 
 

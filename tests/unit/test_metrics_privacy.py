@@ -114,8 +114,11 @@ def test_cli_passes_the_flag_on(monkeypatch, tmp_path):
     class Pong:
         pid, cores, backend = 1, 1, "cpu"
 
-    monkeypatch.setattr(cli.autostart, "running_pid", lambda d: 0)
-    monkeypatch.setattr(cli.autostart, "spawn_broker", spawn_broker)
-    monkeypatch.setattr(cli, "fetch_status", lambda d: status_doc())
+    from broker.commands import _shared
+    from neuron_client.runtime import autostart
+
+    monkeypatch.setattr(autostart, "running_pid", lambda d: 0)
+    monkeypatch.setattr(autostart, "spawn_broker", spawn_broker)
+    monkeypatch.setattr(_shared, "fetch_status", lambda d: status_doc())
     cli.main(["--dir", str(tmp_path), "start", "--cores", "1", "--metrics-port", "0", "--metrics-show-cmdline"])
     assert "--metrics-show-cmdline" in seen["extra"]
