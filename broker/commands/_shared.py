@@ -5,7 +5,7 @@ import sys
 
 from neuron_client.wire import config
 
-EXIT_NOT_RUNNING = 1
+EXIT_NOT_RUNNING = config.EXIT_NOT_RUNNING
 
 
 def client(directory: str):
