@@ -309,15 +309,3 @@ class Channel:
             self.sock.close(linger=0)
         except Exception:
             pass
-
-
-def ping(endpoint: str, timeout_s: float):
-    """The broker's :class:`messages.Pong`, or None if nothing answers in time."""
-    ch = Channel(endpoint)
-    try:
-        env = ch.request(messages.Ping(), timeout_s)
-        return env.msg if isinstance(env.msg, messages.Pong) else None
-    except (RequestTimeoutError, ProtocolError):
-        return None
-    finally:
-        ch.close()
