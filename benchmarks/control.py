@@ -76,7 +76,6 @@ def _part_ops(ctx, broker, res: SectionResult) -> None:
     from neuron_client.wire.broker_client import BrokerClient
 
     ping_client = BrokerClient(broker.address)
-    proto_ch = None
     cmd = "scripts/bench (control)"
 
     def ping():

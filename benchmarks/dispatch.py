@@ -225,7 +225,8 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
     for size in SIZES:
         path, x = _save_identity(str(models_dir), size)
         model = neuron_client.jit.load(path)
-        local = torch.jit.load(path)
+        from neuron_client.tracing.script import load_here  # the graph, run here
+        local = load_here(path)
         payload = _payload(x)
         # Correctness once, outside the timing: every path really carries the tensor.
         if not torch.equal(model(x), x):

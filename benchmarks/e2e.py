@@ -188,7 +188,8 @@ def _ray_actor(path: str, cpus: list[int], threads: int):
                 torch.set_num_threads(threads)
                 self.cpus = cpus
                 self.pinned = False
-                self.model = torch.jit.load(path).eval()
+                from neuron_client.tracing.script import load_here  # the graph, run here
+                self.model = load_here(path).eval()
 
             def embed(self, input_ids, attention_mask):
                 import torch
@@ -246,7 +247,8 @@ def run(ctx) -> SectionResult:
         stack.callback(torch.set_num_threads, prev_threads)
         starting = broker_in_background(ctx, stack, "e2e", BROKER_CORES)
         m = trace_embedder(str(work), p)
-        m["local"] = torch.jit.load(m["path"]).eval()
+        from neuron_client.tracing.script import load_here  # the graph, run here
+        m["local"] = load_here(m["path"]).eval()
         inproc = ThreadRunner("bench-inproc")
         stack.callback(inproc.close)
         broker = starting.result()

@@ -112,7 +112,8 @@ def _ceiling_child(conn, cpu: int, rows: int) -> None:
     path = conn.recv()  # the model is saved while this process imports torch
     if path is None:
         return
-    model = torch.jit.load(path).eval()
+    from neuron_client.tracing.script import load_here  # the graph, run here
+    model = load_here(path).eval()
     x = torch.rand(*_shape(rows))
     with torch.inference_mode():
         for _ in range(3):

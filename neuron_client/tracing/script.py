@@ -327,3 +327,13 @@ def unwrap(data: bytes) -> tuple[bytes, dict] | None:
         raise ModelLoadError("the model file's graph tensor is missing or malformed; save it again with "
                              "torch.jit.save(neuron_client.trace(...))")
     return graph, meta
+
+
+def load_here(f):
+    """The graph of a saved model (either form) as a plain TorchScript module running in this process: the in-process
+    reference a test, a benchmark or a demo compares the cores against (``torch.jit.load`` would place it)."""
+    import os
+
+    data = f.read() if hasattr(f, "read") else open(os.fspath(f), "rb").read()
+    parts = unwrap(data)
+    return torch.jit.load(io.BytesIO(parts[0] if parts is not None else data))
