@@ -153,17 +153,47 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture
-def owners():
-    """Start command-driven owner processes (tests.helpers.Owner); all are killed at teardown."""
-    from tests.helpers import Owner
+def apps():
+    """Start client processes private to a test: ``apps(broker, "inference", env=...)`` is a ready
+    :class:`tests.helpers.App` (``wait=False``: started, not waited for); all are killed at teardown."""
+    from tests import helpers
 
     started: list = []
 
-    def start(broker, env=None) -> Owner:
-        o = Owner(broker.env, env)
-        started.append(o)
-        return o
+    def start(broker, procs: str = "inference", env=None, directory=None, wait: bool = True):
+        app = helpers.App(broker, procs, env=env, directory=directory, wait=False)
+        started.append(app)
+        if wait:
+            app.wait_ready()
+        return app
 
     yield start
-    for o in started:
-        o.close()
+    for app in started:
+        app.close()
+
+
+@pytest.fixture
+def owners(apps):
+    """Start owner processes (``python -m tests.procs.owner``), ready for commands; all are killed at teardown."""
+    def start(broker, env=None):
+        return apps(broker, "owner", env=env)
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def kept():
+    """Client processes kept across a module's tests (tests.helpers.KeptApps); all are killed at its end."""
+    from tests import helpers
+
+    k = helpers.KeptApps()
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def client(broker, kept):
+    """The module's client process (``python -m tests.procs.inference``) on the shared 8-core broker, holding
+    nothing; reset after the test, and replaced if the test killed it or left it unable to reset."""
+    with kept.lend(broker, "inference") as app:
+        yield app
