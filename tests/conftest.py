@@ -140,14 +140,15 @@ def broker(broker8):
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory):
-    """Saved TorchScript models the apps load: an affine map, a nested-structure model, one that raises."""
+    """Saved TorchScript models the clients load: an affine map, a nested-structure model, one that raises, a big one
+    (tests.procs.inference.model_zoo)."""
     import neuron_client
 
     d = tmp_path_factory.mktemp("models")
     sys.path.insert(0, ROOT)
-    from tests import apps
+    from tests.procs.inference import model_zoo
 
-    for name, (module, example) in apps.model_zoo().items():
+    for name, (module, example) in model_zoo().items():
         torch.jit.save(neuron_client.trace(module, example, strict=False), str(d / f"{name}.pt"))
     return str(d)
 
