@@ -34,21 +34,6 @@ def wait_free(broker: BrokerProc, timeout_s: float = 10.0):
     return broker.wait_for(lambda d: all(c["owner"] is None for c in d["cores"]), timeout_s, "all cores free")
 
 
-def next_json_line(stream, timeout_s: float) -> dict | None:
-    """The next line of ``stream`` that is a JSON object, or None at its end or after ``timeout_s``."""
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sel.select(max(0.0, deadline - time.monotonic())):
-            line = stream.readline()
-            if not line:
-                return None
-            if line.startswith("{"):
-                return json.loads(line)
-    return None
-
-
 class App:
     """A client process, ``python -m tests.procs.<procs>`` (see :mod:`tests.procs.harness`), that runs one command at
     a time: ``app.do("acquire", env={...})`` is its JSON reply, ``app.ok(...)`` the same asserting it is no error.
