@@ -44,6 +44,9 @@ def test_client_segments_removed_after_kill(broker, apps, models_dir):
     seg.close()
     app.kill()
     broker.wait_for(lambda d: d["cores"][0]["owner"] is None, 5, "core 0 reclaimed")
+    # the broker unlinks them at its next liveness tick (0.1 s) once the process is gone, which may come just after
+    # the status that shows core 0 free
+    broker.wait_for(lambda d: shm.segments_of(app.pid) == [], 2, "the dead client's segments removed")
     assert shm.segments_of(app.pid) == []
 
 
