@@ -25,6 +25,9 @@ SECTIONS = {
     "control": ("benchmarks.control",
                 "acquire+release per second vs a bare ping to the broker; time from kill -9 of an owner to its "
                 "cores being free"),
+    "jitload": ("benchmarks.jitload",
+                "plain torch.jit.load of the self-placing saved form vs neuron_client.jit.load: load time, and the "
+                "per-call cost of its TorchScript forward vs the NeuronModel it wraps"),
     "coldstart": ("benchmarks.coldstart",
                   "cold start of neuron-ls, neuron-broker status, --help vs python -c pass; peak RSS; what the broker "
                   "process imports"),

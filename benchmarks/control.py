@@ -72,14 +72,16 @@ def run(ctx) -> SectionResult:
 
 def _part_ops(ctx, broker, res: SectionResult) -> None:
     from neuron_client.runtime.lease import Runtime
-    from neuron_client.wire import comm as transport, lease_link, messages
+    from neuron_client.wire import lease_link, messages
+    from neuron_client.wire.broker_client import BrokerClient
 
-    ping_ch = transport.Channel(broker.address)
+    ping_client = BrokerClient(broker.address)
     proto_ch = None
     cmd = "scripts/bench (control)"
 
     def ping():
-        ping_ch.request(messages.Ping(), 10.0)
+        if ping_client.ping(10.0) is None:
+            raise BenchError("the broker did not answer a ping within 10 s")
 
     def proto():
         link = lease_link.LeaseLink(broker.directory, 10.0)
@@ -100,7 +102,7 @@ def _part_ops(ctx, broker, res: SectionResult) -> None:
         m = interleave([Variant(PING, ping), Variant(PROTO, proto), Variant(RUNTIME, runtime_cycle)], rounds, batch,
                        warmup=3, task=task, rng=ctx.rng)
     finally:
-        ping_ch.close()
+        ping_client.close()
     base = m[PING].summary()
     ops = {}
     for name, meas in m.items():
@@ -176,15 +178,13 @@ def _start_owner(ctx, log) -> subprocess.Popen:
     return proc
 
 
-def _free_time(ch, pid: int, t0: float) -> float:
+def _free_time(client, pid: int, t0: float) -> float:
     """Seconds from ``t0`` until ``status`` shows no core owned by ``pid``."""
-    from neuron_client.wire import messages
-
     deadline = t0 + RECLAIM_TIMEOUT_S
     while True:
-        doc = ch.request(messages.Status(), 10.0).msg.doc
+        doc = client.status()
         now = time.perf_counter()
-        if all(not c["owner"] or c["owner"]["pid"] != pid for c in doc["cores"]):
+        if all(not c.owner or c.owner.pid != pid for c in doc.cores):
             return now - t0
         if now > deadline:
             raise BenchError(f"the cores of pid {pid} were still owned {RECLAIM_TIMEOUT_S:.0f}s later")
@@ -192,13 +192,11 @@ def _free_time(ch, pid: int, t0: float) -> float:
 
 
 def _trial(ctx, broker, kind: str, log) -> dict:
-    from neuron_client.wire import comm as transport
-
     proc = _start_owner(ctx, log)
-    ch = transport.Channel(broker.address)
+    client = broker.client()
     try:
         doc = broker.status()
-        owned = [c["core"] for c in doc["cores"] if c["owner"] and c["owner"]["pid"] == proc.pid]
+        owned = [c.index for c in doc.cores if c.owner and c.owner.pid == proc.pid]
         if not owned:
             raise BenchError(f"the owner pid {proc.pid} said it was ready but owns no core in status")
         if kind == KILL:
@@ -208,10 +206,10 @@ def _trial(ctx, broker, kind: str, log) -> dict:
             t0 = time.perf_counter()
             proc.stdin.write("release\n")
             proc.stdin.flush()
-        dt = _free_time(ch, proc.pid, t0)
+        dt = _free_time(client, proc.pid, t0)
         return {"kind": kind, "seconds": dt, "cores": owned}
     finally:
-        ch.close()
+        client.close()
         with contextlib.suppress(Exception):
             proc.stdin.close()
         CHILDREN.kill_group(proc)

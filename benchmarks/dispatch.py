@@ -190,8 +190,7 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
     stack.callback(broker.stop)
     rt = stack.enter_context(client_of(broker, "0"))
     core = rt.cores[0]
-    worker = broker.status()["cores"][core]
-    cpus = worker.get("cpus") or []
+    cpus = list(broker.status().cores[core].cpus)
     threshold = config.SHM_THRESHOLD_BYTES
 
     # Baselines: echo processes (spawned: fresh interpreters) pinned to the worker's CPUs, and their clients here.

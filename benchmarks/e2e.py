@@ -324,7 +324,7 @@ def _phase(ctx, broker, m: dict, inproc: ThreadRunner, extras: bool, label: str 
     with contextlib.ExitStack() as stack:
         rt = stack.enter_context(client_of(broker, "0-1"))
         core = rt.cores[0]
-        cpus = broker.status()["cores"][core].get("cpus") or []
+        cpus = list(broker.status().cores[core].cpus)
         threads = max(1, len(cpus))  # the worker runs torch with as many intra-op threads as its core has CPUs
         torch.set_num_threads(threads)
         inproc.run(_pin_this_thread, cpus)
@@ -366,13 +366,13 @@ def _phase(ctx, broker, m: dict, inproc: ThreadRunner, extras: bool, label: str 
         batch, warmup = (CALLS[1], WARMUP[1]) if ctx.quick else (CALLS[0], WARMUP[0])
         task = p.task(f"MiniLM batch {BATCH}: {label} ({len(variants)} variants)", rounds)
         meas = interleave(variants, rounds, batch, warmup=warmup, task=task, rng=ctx.rng)
-        perf = broker.status()["cores"][core].get("perf") or {}
+        perf = broker.status().cores[core].perf
         nc, base = meas[label].summary(), meas[INPROC].summary()
         task.finish(f"p50 {fmt_us(nc['p50_us'])}, {fmt_ratio(ratio(nc['p50_us'], base['p50_us']))} of in-process")
 
         # Minor page faults per call (untimed): memory the allocator handed back to the kernel and takes again.
         k = 1 if ctx.quick else FAULT_CALLS
-        wpid = rt.workers[core]["pid"]
+        wpid = rt.workers[core].pid
         f0 = minor_faults(wpid)
         for _ in range(k):
             model(*x)
@@ -383,7 +383,7 @@ def _phase(ctx, broker, m: dict, inproc: ThreadRunner, extras: bool, label: str 
         inproc_faults = (minor_faults(os.getpid(), tid) - f0) / k
     return {"meas": meas, "core": core, "cpus": cpus, "threads": threads, "rounds": rounds, "batch": batch,
             "diffs": diffs, "ray_note": ray_note,
-            "worker_p50_us": perf["p50_ms"] * 1e3 if perf.get("p50_ms") else None, "worker_window": perf.get("window"),
+            "worker_p50_us": perf.p50_ms * 1e3 if perf.p50_ms else None, "worker_window": perf.window,
             "faults": {"worker": worker_faults, "in_process": inproc_faults, "calls": k}}
 
 

@@ -174,13 +174,27 @@ def run(ctx) -> SectionResult:
             paths[name] = os.path.join(tmp, f"ensemble-{name}.pt")
             torch.jit.save(torch.jit.script(module), paths[name])
         seq, frk = neuron_client.jit.load(paths["sequential"]), neuron_client.jit.load(paths["fork"])
+        local_seq, local_frk = torch.jit.load(paths["sequential"]), torch.jit.load(paths["fork"])  # plain scripts
         seq(lstm_x), frk(lstm_x)
-        task = ctx.progress.task(f"(c) ensemble in one core ({cpus} CPUs): fork vs sequential", rounds)
-        t_fork = _alternate({"sequential": lambda: seq(lstm_x), "fork": lambda: frk(lstm_x)}, rounds, task)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # in-process as in the worker: one intra-op thread (inter-op: torch's default pool)
+        try:
+            with torch.no_grad():
+                local_seq(lstm_x), local_frk(lstm_x)
+                task = ctx.progress.task(f"(c) ensemble in one core ({cpus} CPUs): fork vs sequential", rounds)
+                t_fork = _alternate({"sequential": lambda: seq(lstm_x), "fork": lambda: frk(lstm_x),
+                                     "in-process sequential": lambda: local_seq(lstm_x),
+                                     "in-process fork": lambda: local_frk(lstm_x)}, rounds, task)
+        finally:
+            torch.set_num_threads(threads)
         task.finish()
         res.figures["ensemble_fork"] = {
             "core_cpus": cpus, "sequential_s": _median(t_fork["sequential"]), "fork_s": _median(t_fork["fork"]),
-            "speedup": _median(t_fork["sequential"]) / _median(t_fork["fork"])}
+            "speedup": _median(t_fork["sequential"]) / _median(t_fork["fork"]),
+            "in_process_sequential_s": _median(t_fork["in-process sequential"]),
+            "in_process_fork_s": _median(t_fork["in-process fork"]),
+            "in_process_speedup": _median(t_fork["in-process sequential"]) / _median(t_fork["in-process fork"]),
+            "fork_vs_in_process": _median(t_fork["fork"]) / _median(t_fork["in-process fork"])}
 
     f = res.figures
     rows = [
@@ -193,6 +207,11 @@ def run(ctx) -> SectionResult:
          f"{f['loading']['plain_jit_load_s'] * 1e3:.1f} ms vs {f['loading']['lazy_jit_load_s'] * 1e3:.1f} ms"],
         [f"(c) LSTM ensemble in one core with {cpus} CPUs: fork vs sequential", fmt_ratio(f["ensemble_fork"]["speedup"]),
          f"{f['ensemble_fork']['sequential_s'] * 1e3:.0f} ms vs {f['ensemble_fork']['fork_s'] * 1e3:.0f} ms"],
+        [f"(c) the same in-process (plain torch, {torch.get_num_interop_threads()} inter-op threads): fork vs "
+         "sequential", fmt_ratio(f["ensemble_fork"]["in_process_speedup"]),
+         f"{f['ensemble_fork']['in_process_sequential_s'] * 1e3:.0f} ms vs "
+         f"{f['ensemble_fork']['in_process_fork_s'] * 1e3:.0f} ms; forked in the core / in-process: "
+         f"{fmt_ratio(f['ensemble_fork']['fork_vs_in_process'])}"],
         [f"(c) LSTM ensemble members over {n} cores with futures vs 1 core", fmt_ratio(f["ensemble_spread"]["speedup"]),
          f"{f['ensemble_spread']['one_core_s'] * 1e3:.0f} ms vs {f['ensemble_spread']['spread_s'] * 1e3:.0f} ms"],
     ]

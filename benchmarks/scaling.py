@@ -285,9 +285,9 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
     saved = _save_models(str(work))
     paths = saved["paths"]
     doc = broker.status()
-    core_cpus = {c["core"]: c.get("cpus") or [] for c in doc["cores"]}
+    core_cpus = {c.index: list(c.cpus) for c in doc.cores}
     host_cpus = sorted(os.sched_getaffinity(0))
-    workers = [psutil.Process(rt.workers[core]["pid"]) for core in rt.cores]
+    workers = [psutil.Process(rt.workers[core].pid) for core in rt.cores]
     me = psutil.Process()  # the client: this process
 
     x_piece = torch.rand(*_shape(PIECE))

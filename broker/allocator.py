@@ -27,6 +27,12 @@ class Denied:
 
 
 class CoreAllocator:
+    """Which lease holds each core: the exclusive-ownership rule itself, with no I/O and no clock.
+
+    Owns the core -> lease map and the failed cores. Changed only by :class:`broker.state.BrokerState` (reserve on an
+    acquire, release at a lease's end); a request is granted whole or refused with the reason (:class:`Denied`).
+    """
+
     def __init__(self, n_cores: int):
         if n_cores < 1:
             raise ValueError("a broker needs at least one core")

@@ -3,7 +3,7 @@ stress runs and tests that must start one, talk to it and always tear it down (w
 
     with EmbeddedBroker(cores=4) as b:
         env = b.env            # give this to client processes
-        doc = b.status()
+        doc = b.status()       # a neuron_client.wire.status.StatusDoc
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import sys
 import tempfile
 import time
 
-from neuron_client.wire import comm as transport, messages
+from neuron_client.wire.broker_client import BrokerClient
+from neuron_client.wire.status import StatusDoc, to_json
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -44,19 +45,20 @@ class EmbeddedBroker:
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while transport.ping(self.address, 0.5) is None:
+        while self.client().ping(0.5) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the broker did not start; its log:\n{self.read_log()}")
-        self.wait_for(lambda d: all(c["worker"]["ready"] for c in d["cores"]), timeout_s, "workers ready")
+        self.wait_for(lambda d: all(c.worker.ready for c in d.cores), timeout_s, "workers ready")
 
-    def status(self) -> dict:
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(messages.Status(), 10.0).msg.doc
-        finally:
-            ch.close()
+    def client(self, timeout_s: float = 10.0) -> BrokerClient:
+        """A client of this broker (close it, or use it in a ``with``)."""
+        return BrokerClient(self.address, timeout_s)
 
-    def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition") -> dict:
+    def status(self) -> StatusDoc:
+        with self.client() as broker:
+            return broker.status()
+
+    def wait_for(self, predicate, timeout_s: float = 10.0, what: str = "condition") -> StatusDoc:
         """Poll status until ``predicate(doc)`` holds; the doc, or AssertionError naming ``what``."""
         deadline = time.monotonic() + timeout_s
         doc = None
@@ -65,10 +67,11 @@ class EmbeddedBroker:
             if predicate(doc):
                 return doc
             time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; last status: {json.dumps(doc, indent=1)[:3000]}")
+        last = json.dumps(to_json(doc), indent=1)[:3000] if doc is not None else "none"
+        raise AssertionError(f"timed out waiting for {what}; last status: {last}")
 
     def owners(self) -> dict[int, int | None]:
-        return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in self.status()["cores"]}
+        return {c.index: (c.owner.pid if c.owner else None) for c in self.status().cores}
 
     def read_log(self) -> str:
         try:

@@ -1,14 +1,8 @@
-"""``neuron-ls``: list the host's NeuronCores, one row per core: index, device (and host CPUs), state, owner pid and
-command, lease age, models (name, replicas, state), and the memory of the core's worker.
+"""``neuron-ls``: one row per core of the host's broker, and the ``neuron-ls --json`` document (:class:`Listing`).
 
-Usage::
-
-    neuron-ls [--json] [--dir DIR]         # also: neuron-broker ls [--json]
-
-Ownership is per core (a process owns cores, not devices). The broker knows the models loaded on its workers, so a
-model's state is ``loaded``; a lazy or asynchronous load still in progress in a client shows up once it lands.
-``replicas`` counts the cores of the same owner holding a model of the same name. ``--json`` prints a stable
-document (README, "neuron-ls --json schema"). Exit codes: 0, 1 when no broker answers.
+The command's help is :mod:`broker.commands.ls`'s docstring (``neuron-ls`` and ``neuron-broker ls`` are the same
+command). The listing is derived from the broker's status document: its owner and worker parts are the status
+document's records, so that both documents name every field alike (``broker/schemas/ls.schema.json``).
 """
 from __future__ import annotations
 
@@ -16,115 +10,153 @@ import argparse
 import json
 import os
 import sys
+import typing
 
 from neuron_client.wire import config
 from neuron_client.wire.cores import format_visible
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import OwnerStatus, StatusDoc, WorkerStatus, record, to_json
 
 from .status import _age, _bytes, _cut, short_command, table
 
-SCHEMA = 1
+SCHEMA = 2  # 1: index / lease_age_s / memory_bytes (then status said core / age_s / rss); 2: status's names, a timestamp
 HEADERS = ["NC", "DEVICE", "STATE", "OWNER PID", "COMMAND", "LEASE AGE", "MODELS", "WORKER MEMORY"]
 
 
-def listing(doc: dict) -> dict:
+@record
+class LsBroker:
+    pid: int
+    backend: str
+    cores: int
+    address: str
+    draining: bool
+
+
+@record
+class LsModel:
+    """A model name on a core: ``copies`` of it there, ``replicas`` (cores of the same owner holding one)."""
+
+    name: str
+    state: str  # always "loaded": the broker knows only the models its workers hold
+    copies: int
+    bytes: int
+    requests: int
+    replicas: int
+
+
+@record
+class LsCore:
+    index: int
+    device: str
+    gpu: typing.Optional[int]
+    cpus: list[int]
+    state: str
+    owner: typing.Optional[OwnerStatus]  # the status document's parts, field for field
+    models: list[LsModel]
+    worker: WorkerStatus
+
+
+@record
+class LsProcess:
+    pid: int
+    cmd: str
+    cores: list[int]
+    lease_age_s: float
+
+
+@record
+class Listing:
+    """The ``neuron-ls --json`` document (``broker/schemas/ls.schema.json``)."""
+
+    schema: int = SCHEMA
+    timestamp: str  # the status document's: when the broker built it
+    broker: LsBroker
+    cores: list[LsCore]
+    processes: list[LsProcess]
+
+
+def listing(doc: StatusDoc) -> Listing:
     """The ``neuron-ls --json`` document of a broker status document."""
     holding: dict[tuple[int, str], set[int]] = {}  # (owner pid, model name) -> cores holding it
-    for c in doc["cores"]:
-        if c["owner"]:
-            for m in c["models"]:
-                holding.setdefault((c["owner"]["pid"], m["name"]), set()).add(c["core"])
+    for c in doc.cores:
+        if c.owner:
+            for m in c.models:
+                holding.setdefault((c.owner.pid, m.name), set()).add(c.index)
     cores = []
-    for c in doc["cores"]:
-        owner = c["owner"]
-        models: dict[str, dict] = {}
-        for m in c["models"]:
-            entry = models.setdefault(m["name"], {
-                "name": m["name"], "state": "loaded", "copies": 0, "bytes": 0, "requests": 0,
-                "replicas": len(holding.get((owner["pid"], m["name"]), ())) if owner else 1})
-            entry["copies"] += 1
-            entry["bytes"] += m.get("bytes", 0)
-            entry["requests"] += m.get("requests", 0)
-        cores.append({
-            "index": c["core"],
-            "device": c.get("device", ""),
-            "gpu": c.get("gpu"),
-            "cpus": c.get("cpus", []),
-            "state": c["state"],
-            "owner": None if owner is None else {"pid": owner["pid"], "cmd": owner["cmd"],
-                                                 "lease_id": owner["lease_id"], "lease_age_s": owner["age_s"]},
-            "models": list(models.values()),
-            "worker": {"pid": c["worker"]["pid"], "ready": c["worker"]["ready"],
-                       "memory_bytes": c["worker"]["rss"],
-                       "device_memory_bytes": c["worker"].get("device_memory", 0),
-                       "device_util_percent": c["worker"].get("device_util")},
-        })
-    processes = [{"pid": lease["pid"], "cmd": lease["cmd"], "cores": sorted(lease["cores"]),
-                  "lease_age_s": lease["age_s"]} for lease in doc["leases"]]
-    b = doc["broker"]
-    return {"schema": SCHEMA,
-            "broker": {"pid": b["pid"], "backend": b["backend"], "cores": b["cores"], "address": b["address"],
-                       "draining": bool(b.get("draining", False))},
-            "cores": cores,
-            "processes": sorted(processes, key=lambda p: (p["cores"] or [-1])[0])}
+    for c in doc.cores:
+        owner = c.owner
+        models: dict[str, LsModel] = {}
+        for m in c.models:
+            entry = models.get(m.name)
+            if entry is None:
+                entry = models[m.name] = LsModel(
+                    name=m.name, state="loaded", copies=0, bytes=0, requests=0,
+                    replicas=len(holding.get((owner.pid, m.name), ())) if owner else 1)
+            entry.copies += 1
+            entry.bytes += m.bytes
+            entry.requests += m.requests
+        cores.append(LsCore(index=c.index, device=c.device, gpu=c.gpu, cpus=list(c.cpus), state=c.state,
+                            owner=owner, models=list(models.values()), worker=c.worker))
+    processes = [LsProcess(pid=lease.pid, cmd=lease.cmd, cores=sorted(lease.cores), lease_age_s=lease.lease_age_s)
+                 for lease in doc.leases]
+    b = doc.broker
+    return Listing(timestamp=doc.timestamp,
+                   broker=LsBroker(pid=b.pid, backend=b.backend, cores=b.cores, address=b.address,
+                                   draining=b.draining),
+                   cores=cores, processes=sorted(processes, key=lambda p: (p.cores or [-1])[0]))
 
 
-def _device(core: dict) -> str:
-    if core["device"] == "cpu":
-        cpus = f"cpus {format_visible(core['cpus'])}" if core["cpus"] else ""
-        return f"{core['device']} {cpus}".strip()
-    w = core["worker"]  # a GPU: its memory held by this core's worker and the driver's utilisation
-    util = w.get("device_util_percent")
-    mem = _bytes(w.get("device_memory_bytes") or 0)
-    return f"{core['device']} {mem} {'?' if util is None else f'{util:.0f}'}% util"
+def _device(core: LsCore) -> str:
+    if core.device == "cpu":
+        cpus = f"cpus {format_visible(core.cpus)}" if core.cpus else ""
+        return f"{core.device} {cpus}".strip()
+    w = core.worker  # a GPU: its memory held by this core's worker and the driver's utilisation
+    util = w.device_util_percent
+    return f"{core.device} {_bytes(w.device_memory_bytes or 0)} {'?' if util is None else f'{util:.0f}'}% util"
 
 
-def _models(core: dict) -> str:
+def _models(core: LsCore) -> str:
     parts = []
-    for m in core["models"]:
-        copies = f"*{m['copies']}" if m["copies"] > 1 else ""
-        parts.append(f"{m['name']}{copies} x{m['replicas']} {m['state']}")
+    for m in core.models:
+        copies = f"*{m.copies}" if m.copies > 1 else ""
+        parts.append(f"{m.name}{copies} x{m.replicas} {m.state}")
     return ", ".join(parts) or "-"
 
 
-def render(ls: dict) -> str:
+def render(ls: Listing) -> str:
     rows = []
-    for c in ls["cores"]:
-        owner = c["owner"]
-        w = c["worker"]
+    for c in ls.cores:
+        owner, w = c.owner, c.worker
         rows.append([
-            f"nc{c['index']}",
+            f"nc{c.index}",
             _device(c),
-            c["state"] if w["ready"] or c["state"] == "failed" else f"{c['state']} (worker starting)",
-            str(owner["pid"]) if owner else "-",
-            _cut(short_command(owner["cmd"]), 40) if owner else "-",
-            _age(owner["lease_age_s"]) if owner else "-",
+            c.state if w.ready or c.state == "failed" else f"{c.state} (worker starting)",
+            str(owner.pid) if owner else "-",
+            _cut(short_command(owner.cmd), 40) if owner else "-",
+            _age(owner.lease_age_s) if owner else "-",
             _cut(_models(c), 60),
-            _bytes(w["memory_bytes"]) if w["memory_bytes"] else "-",
+            _bytes(w.memory_bytes) if w.memory_bytes else "-",
         ])
-    b = ls["broker"]
-    owned = sum(1 for c in ls["cores"] if c["owner"])
-    head = (f"{b['cores']} NeuronCores ({b['backend']} backend), {owned} owned by {len(ls['processes'])} "
-            f"process(es) · broker pid {b['pid']}{' · DRAINING' if b['draining'] else ''}")
+    b = ls.broker
+    owned = sum(1 for c in ls.cores if c.owner)
+    head = (f"{b.cores} NeuronCores ({b.backend} backend), {owned} owned by {len(ls.processes)} "
+            f"process(es) · broker pid {b.pid}{' · DRAINING' if b.draining else ''}")
     return "\n".join([head, table(HEADERS, rows)])
 
 
-def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) -> dict | None:
+def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) -> StatusDoc | None:
     """The broker's status document, or None when no broker answers within the timeouts (never starts one)."""
-    from neuron_client.wire import comm as transport, messages
+    from neuron_client.wire.broker_client import BrokerClient
     from neuron_client.wire.errors import RequestTimeoutError
 
-    config.ensure_private_dir(directory)  # never talk to whatever another user planted there
-    address = config.broker_address(directory)
-    if transport.ping(address, min(timeout_s, config.BROKER_PING_TIMEOUT_S)) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), timeout_s).msg.doc
-    except RequestTimeoutError:
-        return None
-    finally:
-        ch.close()
+    # verified first: never talk to whatever another user planted there
+    with BrokerClient.of_dir(directory, timeout_s) as broker:
+        if broker.ping(min(timeout_s, config.BROKER_PING_TIMEOUT_S)) is None:
+            return None
+        try:
+            return broker.status()
+        except RequestTimeoutError:
+            return None
 
 
 def not_running(prog: str, directory: str) -> int:
@@ -138,14 +170,17 @@ def run(directory: str, as_json: bool) -> int:
     if doc is None:
         return not_running("neuron-ls", directory)
     ls = listing(doc)
-    print(json.dumps(ls, indent=2) if as_json else render(ls))
+    print(json.dumps(to_json(ls), indent=2) if as_json else render(ls))
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="neuron-ls", description=__doc__,
+    from . import commands
+
+    command = commands.load("ls")
+    p = argparse.ArgumentParser(prog="neuron-ls", description=commands.description(command),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", action="store_true", help="print a stable JSON document instead of a table")
+    command.add_arguments(p)
     p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
     args = p.parse_args(argv)
     try:

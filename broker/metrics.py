@@ -17,7 +17,7 @@ Metrics (labels in braces):
 * ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}``
 * ``neuron_model_loads_total{core}``, ``neuron_model_load_seconds_total{core}``
 * ``neuron_leases_active``, ``neuron_acquires_waiting``, ``neuron_leases_granted_total``,
-  ``neuron_leases_ended_total{reason}`` (reason: released, owner_exited, heartbeat_timeout, operator),
+  ``neuron_leases_ended_total{reason}`` (reason: a :class:`broker.state.EndReason` value),
   ``neuron_leases_reclaimed_total`` (every reason but released)
 * ``neuron_process_cores{pid,cmd}`` (cores per owning process)
 * the broker process's own ``process_*`` metrics.
@@ -33,9 +33,11 @@ import logging
 import os
 import threading
 
+from .state import EndReason
+
 log = logging.getLogger("neuron.broker")
 SCRAPE_WAIT_S = 2.0  # a scrape waits this long for the broker's loop, then serves the last document it has
-END_REASONS = ("released", "owner_exited", "heartbeat_timeout", "operator")
+END_REASONS = tuple(r.value for r in EndReason)
 CMDLINE_MAX_CHARS = 200
 SHOW_CMDLINE = False  # the default of serve(); neuron-broker start --metrics-show-cmdline sets it
 
@@ -48,17 +50,6 @@ def command_label(cmd: str, show_cmdline: bool = False) -> str:
     return os.path.basename(words[0]) if words else ""
 
 
-def end_reason(why: str) -> str:
-    """The metric label of a lease's end from the broker's words for it (``end_lease(lease, why)``)."""
-    if why == "released":
-        return "released"
-    if "operator" in why:
-        return "operator"
-    if "heartbeat" in why:
-        return "heartbeat_timeout"
-    return "owner_exited"
-
-
 class Counters:
     """Lease counters the broker keeps for metrics and status (totals since the broker started)."""
 
@@ -66,11 +57,8 @@ class Counters:
         self.granted = 0
         self.ended = dict.fromkeys(END_REASONS, 0)
 
-    def lease_ended(self, why: str) -> None:
-        self.ended[end_reason(why)] += 1
-
-    def doc(self) -> dict:
-        return {"leases_granted": self.granted, "leases_ended": dict(self.ended)}
+    def lease_ended(self, reason: EndReason) -> None:
+        self.ended[EndReason(reason).value] += 1
 
 
 class Snapshots:
@@ -80,9 +68,9 @@ class Snapshots:
         self.cond = threading.Condition()
         self.wanted = 0
         self.served = 0
-        self.doc: dict | None = None
+        self.doc = None  # the last StatusDoc
 
-    def get(self, timeout_s: float = SCRAPE_WAIT_S) -> dict | None:
+    def get(self, timeout_s: float = SCRAPE_WAIT_S):
         """A fresh document (scrape thread); the last one if the loop does not answer within ``timeout_s``."""
         with self.cond:
             self.wanted += 1
@@ -119,19 +107,19 @@ class BrokerCollector:
         yield from families(doc, self.show_cmdline)
 
 
-def families(doc: dict, show_cmdline: bool = False):
+def families(doc, show_cmdline: bool = False):
     """Prometheus metric families of a broker status document (``cmd`` labels: see :func:`command_label`)."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     from neuron_client.wire.messages import LATENCY_BUCKETS_S
 
-    b = doc["broker"]
+    b = doc.broker
     g = GaugeMetricFamily("neuron_broker_cores", "Cores the broker manages", labels=["backend"])
-    g.add_metric([b["backend"]], b["cores"])
+    g.add_metric([b.backend], b.cores)
     yield g
     yield GaugeMetricFamily("neuron_broker_draining", "1 while the broker grants no new leases",
-                            value=1 if b.get("draining") else 0)
-    yield GaugeMetricFamily("neuron_broker_uptime_seconds", "Seconds since the broker started", value=b["uptime_s"])
+                            value=1 if b.draining else 0)
+    yield GaugeMetricFamily("neuron_broker_uptime_seconds", "Seconds since the broker started", value=b.uptime_s)
 
     state = GaugeMetricFamily("neuron_core_state", "1 for the core's state", labels=["core", "device", "state"])
     owned = GaugeMetricFamily("neuron_core_owned", "1 if a process owns the core", labels=["core"])
@@ -153,48 +141,48 @@ def families(doc: dict, show_cmdline: bool = False):
     load_s = CounterMetricFamily("neuron_model_load_seconds", "Seconds the core's worker spent loading models",
                                  labels=["core"])
     bounds = [str(le) for le in LATENCY_BUCKETS_S] + ["+Inf"]
-    for c in doc["cores"]:
-        core = str(c["core"])
-        perf = c.get("perf") or {}
+    for c in doc.cores:
+        core = str(c.index)
+        perf = c.perf
         for s in ("free", "owned", "failed"):
-            state.add_metric([core, c.get("device", ""), s], 1 if c["state"] == s else 0)
-        owned.add_metric([core], 1 if c["owner"] else 0)
-        if c["owner"]:
-            owner.add_metric([core, str(c["owner"]["pid"]), command_label(c["owner"]["cmd"], show_cmdline)], 1)
-        requests.add_metric([core], c["requests"])
-        errors.add_metric([core], c["errors"])
-        busy.add_metric([core], perf.get("busy_s", 0.0))
-        counts = (perf.get("latency_hist") or {}).get("counts") or [0] * len(bounds)
+            state.add_metric([core, c.device, s], 1 if c.state == s else 0)
+        owned.add_metric([core], 1 if c.owner else 0)
+        if c.owner:
+            owner.add_metric([core, str(c.owner.pid), command_label(c.owner.cmd, show_cmdline)], 1)
+        requests.add_metric([core], c.requests)
+        errors.add_metric([core], c.errors)
+        busy.add_metric([core], perf.busy_s)
+        counts = perf.latency_hist.counts or [0] * len(bounds)
         cumulative, total = [], 0
         for le, n in zip(bounds, counts):
             total += n
             cumulative.append((le, total))
-        latency.add_metric([core], cumulative, perf.get("latency_sum_s", 0.0))
-        quantiles.add_metric([core, "0.5"], perf.get("p50_ms", 0.0) / 1000)
-        quantiles.add_metric([core, "0.99"], perf.get("p99_ms", 0.0) / 1000)
-        queue.add_metric([core], perf.get("queue", 0))
-        models.add_metric([core], len(c["models"]))
-        memory.add_metric([core], c["worker"]["rss"])
-        ready.add_metric([core], 1 if c["worker"]["ready"] else 0)
-        restarts.add_metric([core], c["worker"]["restarts"])
-        loads.add_metric([core], perf.get("loads", 0))
-        load_s.add_metric([core], perf.get("load_s", 0.0))
+        latency.add_metric([core], cumulative, perf.latency_sum_s)
+        quantiles.add_metric([core, "0.5"], perf.p50_ms / 1000)
+        quantiles.add_metric([core, "0.99"], perf.p99_ms / 1000)
+        queue.add_metric([core], perf.queue)
+        models.add_metric([core], len(c.models))
+        memory.add_metric([core], c.worker.memory_bytes)
+        ready.add_metric([core], 1 if c.worker.ready else 0)
+        restarts.add_metric([core], c.worker.restarts)
+        loads.add_metric([core], perf.loads)
+        load_s.add_metric([core], perf.load_s)
     yield from (state, owned, owner, requests, errors, busy, latency, quantiles, queue, models, memory, ready,
                 restarts, loads, load_s)
 
-    yield GaugeMetricFamily("neuron_leases_active", "Leases held now", value=len(doc["leases"]))
-    yield GaugeMetricFamily("neuron_acquires_waiting", "Acquires waiting for cores", value=len(doc["pending"]))
-    yield CounterMetricFamily("neuron_leases_granted", "Leases granted", value=b.get("leases_granted", 0))
+    yield GaugeMetricFamily("neuron_leases_active", "Leases held now", value=len(doc.leases))
+    yield GaugeMetricFamily("neuron_acquires_waiting", "Acquires waiting for cores", value=len(doc.pending))
+    yield CounterMetricFamily("neuron_leases_granted", "Leases granted", value=b.leases_granted)
     ended = CounterMetricFamily("neuron_leases_ended", "Leases ended, by reason", labels=["reason"])
-    ended_counts = b.get("leases_ended") or {}
+    ended_counts = b.leases_ended
     for reason in END_REASONS:
         ended.add_metric([reason], ended_counts.get(reason, 0))
     yield ended
     yield CounterMetricFamily("neuron_leases_reclaimed", "Leases taken back (owner exited, no heartbeat, operator)",
                               value=sum(n for r, n in ended_counts.items() if r != "released"))
     procs = GaugeMetricFamily("neuron_process_cores", "Cores held by each owning process", labels=["pid", "cmd"])
-    for lease in doc["leases"]:
-        procs.add_metric([str(lease["pid"]), command_label(lease["cmd"], show_cmdline)], len(lease["cores"]))
+    for lease in doc.leases:
+        procs.add_metric([str(lease.pid), command_label(lease.cmd, show_cmdline)], len(lease.cores))
     yield procs
 
 

@@ -20,13 +20,13 @@ import time
 
 import psutil
 
-from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm
-from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError, code_of
+from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm, status
+from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
 
 from . import state as st
 from .journal import Journal, JournalError
 from .metrics import Counters, Snapshots
-from .status import perf_doc
+from .status import perf_status
 from .supervisor import RestartPolicy, Supervisor
 
 log = logging.getLogger("neuron.broker")
@@ -35,10 +35,11 @@ REMOTE_OPS = ("ping", "status")  # what an authenticated TCP client may ask
 MAX_CONTROL_MESSAGE_BYTES = 1 << 20  # control messages are small; larger ones get an error reply
 HARD_CONTROL_MESSAGE_BYTES = 16 << 20  # frames larger than this are dropped by ZeroMQ before they are read
 CONTROL_OPS = ("force_release", "drain", "stop", "heartbeat")  # decisions: handed to the state
-STOPPED_CHECK_S = 0.5
-RETIRE_GRACE_S = 0.5  # a retiring worker is SIGKILLed if it has not exited this long after being told
+STOPPED_CHECK_S = 0.5  # the opt-in stopped-owner policy looks this often
+RETIRE_GRACE_S = 2.0  # a retiring worker is SIGKILLed if it has not exited this long after being told (it exits
+# as soon as its last stats have left: worker.main.FINAL_STATS_LINGER_S at most)
 FINAL_STATS_WAIT_S = 1.0  # a retired worker's last stats may arrive just after its exit is seen
-UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end  # the opt-in stopped-owner policy looks this often
+UNLINK_WATCH_S = 10.0  # a former owner's segments are removed if it exits within this long of its lease's end
 
 
 def process_alive(pid: int, create_time: float) -> bool:
@@ -178,7 +179,7 @@ class Broker:
         if kind is st.Reply:
             self.send_reply(eff.to, eff.req_id, eff.msg)
         elif kind is st.ToWorker:
-            transport.send(self.workers_sock, codec.encode(eff.msg), identity=b"core-%d" % eff.core)
+            self.workers.send(eff.msg, to=b"core-%d" % eff.core)
         elif kind is st.JournalRecord:
             try:
                 self.journal.record(eff.lease)
@@ -207,8 +208,7 @@ class Broker:
             self.dispatch(st.WorkerStarted(eff.core, pid))
         elif kind is st.StopWorker:
             if eff.graceful:
-                transport.send(self.workers_sock, codec.encode(messages.Shutdown()),
-                               identity=b"core-%d" % eff.core)
+                self.workers.send(messages.Shutdown(), to=b"core-%d" % eff.core)
             pid = self.supervisor.kill(eff.core, RETIRE_GRACE_S if eff.graceful else 0.0)
             if pid:
                 log.info("core %d: stopping worker pid %d: %s", eff.core, pid, eff.why)
@@ -222,8 +222,7 @@ class Broker:
             entry = self.links.get(where)
             if entry is None:
                 return
-            data = (lease_link.pack_error(msg, req_id) if isinstance(msg, BaseException)
-                    else lease_link.pack(msg, req_id))
+            data = lease_link.pack(msg, req_id)
             try:
                 sent = entry[0].send(data, socket.MSG_DONTWAIT)
                 if sent != len(data):
@@ -233,12 +232,7 @@ class Broker:
                 self.close_link(where)
                 self.dispatch(st.LinkClosed(where))
             return
-        sock = self.remote_sock if kind == "tcp" else self.clients_sock
-        if isinstance(msg, BaseException):
-            text = str(msg) if isinstance(msg, NeuronRuntimeError) else f"{type(msg).__name__}: {msg}"
-            transport.send(sock, codec.encode_error(code_of(msg), text, req_id), identity=where)
-        else:
-            transport.send(sock, codec.encode(msg, req_id), identity=where)
+        (self.remote if kind == "tcp" else self.clients).send(msg, req_id, to=where)
 
     # -- lease links and owner processes ------------------------------------------------------------------------
     def on_listener(self) -> None:
@@ -455,7 +449,7 @@ class Broker:
             self.send_reply(to, rid, exc)
 
     # -- status ----------------------------------------------------------------------------------------------
-    def status_doc(self) -> dict:
+    def status_doc(self) -> status.StatusDoc:
         now = time.monotonic()
         s = self.state
         cores = []
@@ -468,38 +462,39 @@ class Broker:
                 if core == c:
                     stats = retired_counters(stats, self.stats_by_pid[pid]) if pid in self.stats_by_pid else stats
             stats = add_counters(stats, current)
-            cores.append({
-                "core": c,
-                "state": s.core_state(c),
+            cores.append(status.CoreStatus(
+                index=c,
+                state=s.core_state(c),
                 **self.backend.placement(c),
-                "worker": {"pid": slot.pid, "ready": slot.ready, "state": slot.state.value,
-                           "rss": current.rss if current else 0,
-                           "device_memory": current.device_memory if current else 0,
-                           "device_util": current.device_util if current else None,
-                           "busy": current.busy if current else False, "restarts": slot.restarts,
-                           "last_exit": slot.last_exit},
-                "owner": None if lease is None else {"pid": lease.pid, "cmd": lease.cmd, "lease_id": lease.lease_id,
-                                                     "age_s": round(lease.age_s(now), 3),
-                                                     "state": lease.state.value},
-                "models": current.models if current else [],
-                "requests": stats.requests if stats else 0,
-                "errors": stats.errors if stats else 0,
-                "perf": perf_doc(stats),
-            })
-        leases = [{"lease_id": lease.lease_id, "pid": lease.pid, "cmd": lease.cmd, "cores": lease.cores,
-                   "age_s": round(lease.age_s(now), 3), "state": lease.state.value,
-                   "last_seen_s": 0.0}  # kept for schema 1: a lease lives as long as its link, nothing is "seen"
+                worker=status.WorkerStatus(
+                    pid=slot.pid, ready=slot.ready, state=slot.state.value,
+                    memory_bytes=current.rss if current else 0,
+                    device_memory_bytes=current.device_memory if current else 0,
+                    device_util_percent=current.device_util if current else None,
+                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit),
+                owner=None if lease is None else status.OwnerStatus(
+                    pid=lease.pid, cmd=lease.cmd, lease_id=lease.lease_id, lease_age_s=round(lease.age_s(now), 3),
+                    state=lease.state.value),
+                models=list(current.models) if current else [],
+                requests=stats.requests if stats else 0,
+                errors=stats.errors if stats else 0,
+                perf=perf_status(stats),
+            ))
+        leases = [status.LeaseStatus(lease_id=lease.lease_id, pid=lease.pid, cmd=lease.cmd, cores=list(lease.cores),
+                                     lease_age_s=round(lease.age_s(now), 3), state=lease.state.value)
                   for lease in s.leases.values()]
-        pending = [{"pid": s.links[p.link].pid if p.link in s.links else 0, "cmd": p.cmd,
-                    "requested": p.request.describe(), "waited_s": round(now - p.since, 3)} for p in s.pending[:256]]
-        return {"schema": 1,
-                "broker": {"pid": os.getpid(), "backend": self.backend.name, "cores": s.alloc.n_cores,
-                           "address": self.address, "uptime_s": round(now - self.started, 3),
-                           "lease_timeout_s": self.policy.stopped_owner_s, "draining": s.draining,
-                           "recovering_s": round(max(0.0, s.recovering_until - now), 3),
-                           "links": len(s.links), "pending_total": len(s.pending),
-                           "metrics": self.metrics_url, **self.counters.doc()},
-                "cores": cores, "leases": leases, "pending": pending}
+        pending = [status.PendingStatus(pid=s.links[p.link].pid if p.link in s.links else 0, cmd=p.cmd,
+                                        requested=p.request.describe(), waited_s=round(now - p.since, 3))
+                   for p in s.pending[:256]]
+        counters = self.counters
+        broker = status.BrokerStatus(
+            pid=os.getpid(), backend=self.backend.name, cores=s.alloc.n_cores, address=self.address,
+            uptime_s=round(now - self.started, 3), lease_timeout_s=self.policy.stopped_owner_s, draining=s.draining,
+            recovering_s=round(max(0.0, s.recovering_until - now), 3), links=len(s.links),
+            pending_total=len(s.pending), metrics=self.metrics_url, leases_granted=counters.granted,
+            leases_ended=dict(counters.ended))
+        return status.StatusDoc(timestamp=status.timestamp(), broker=broker, cores=cores, leases=leases,
+                                pending=pending)
 
     # -- socket loop -----------------------------------------------------------------------------------------
     def bind_listener(self) -> socket.socket:
@@ -520,17 +515,18 @@ class Broker:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft < hard:  # every owner holds a link and a pidfd here
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        self.clients_sock = transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES)
-        self.workers_sock = transport.router(config.workers_address(self.directory), HARD_CONTROL_MESSAGE_BYTES,
-                                             handover=True)
+        self.clients = transport.Comm(transport.router(self.address, HARD_CONTROL_MESSAGE_BYTES))
+        self.workers = transport.Comm(transport.router(config.workers_address(self.directory),
+                                                       HARD_CONTROL_MESSAGE_BYTES, handover=True))
         self.listener = self.bind_listener()
-        self.remote_sock, self.remote_auth = None, None
-        self.poller = poller = transport.poller(self.clients_sock, self.workers_sock)
+        self.remote, self.remote_auth = None, None
+        self.poller = poller = transport.poller(self.clients.sock, self.workers.sock)
         poller.register(self.listener.fileno(), transport.POLLIN)
         if self.listen:
-            self.remote_sock, self.remote_auth = transport.curve_router(self.listen, self.directory,
-                                                                        HARD_CONTROL_MESSAGE_BYTES)
-            poller.register(self.remote_sock, transport.POLLIN)
+            remote_sock, self.remote_auth = transport.curve_router(self.listen, self.directory,
+                                                                   HARD_CONTROL_MESSAGE_BYTES)
+            self.remote = transport.Comm(remote_sock)
+            poller.register(remote_sock, transport.POLLIN)
             log.info("also listening on %s (CURVE; keys in %s)", self.listen, transport.curve_dir(self.directory))
         restored = []
         for rec in self.journal.load():
@@ -557,14 +553,14 @@ class Broker:
                 for fd in [s for s in ready if isinstance(s, int) and s in self.sentinels]:
                     self.on_sentinel(fd)
                 self.on_links([s for s in ready if isinstance(s, int) and s in self.links])
-                if self.workers_sock in ready:
-                    self.drain(self.workers_sock, self.on_worker_frames, 256)
+                if self.workers.sock in ready:
+                    self.drain(self.workers, self.on_worker_frames, 256)
                 if listener_fd in ready:
                     self.on_listener()
-                if self.clients_sock in ready:
-                    self.drain(self.clients_sock, self.on_client_frames, 64)
-                if self.remote_sock is not None and self.remote_sock in ready:
-                    self.drain(self.remote_sock, lambda parts: self.on_client_frames(parts, remote=True), 64)
+                if self.clients.sock in ready:
+                    self.drain(self.clients, self.on_client_frames, 64)
+                if self.remote is not None and self.remote.sock in ready:
+                    self.drain(self.remote, lambda parts: self.on_client_frames(parts, remote=True), 64)
                 now = time.monotonic()
                 if now - last_check >= LIVENESS_CHECK_S:
                     last_check = now
@@ -585,10 +581,10 @@ class Broker:
             self.shutdown()
 
     @staticmethod
-    def drain(sock, handler, limit: int) -> None:
+    def drain(comm, handler, limit: int) -> None:
         for _ in range(limit):
             try:
-                handler(transport.recv(sock))
+                handler(comm.recv())
             except transport.Again:
                 break
 
@@ -597,7 +593,7 @@ class Broker:
         self.execute(self.state.stop(time.monotonic()))
         for core, slot in self.state.slots.items():
             if slot.ready:
-                transport.send(self.workers_sock, codec.encode(messages.Shutdown()), identity=b"core-%d" % core)
+                self.workers.send(messages.Shutdown(), to=b"core-%d" % core)
         self.supervisor.stop_all()
         self.journal.close()
         for fd in list(self.links):
@@ -605,10 +601,10 @@ class Broker:
         for pid in list(self.pidfds):
             self.unwatch(pid)
         self.listener.close()
-        self.clients_sock.close(linger=0)
-        self.workers_sock.close(linger=0)
-        if self.remote_sock is not None:
-            self.remote_sock.close(linger=0)
+        self.clients.close()
+        self.workers.close()
+        if self.remote is not None:
+            self.remote.close()
             self.remote_auth.stop()
         for path in (self.address, config.workers_address(self.directory), "ipc://" + self.lease_path):
             if path.startswith("ipc://") and os.path.exists(path[6:]):
@@ -642,7 +638,7 @@ def run_foreground(directory: str, backend, lease_timeout_s: float, address: str
     lock = take_instance_lock(directory)
     if lock is None:
         print(f"neuron-broker: a broker already runs in {directory}", file=sys.stderr)
-        return 3
+        return config.EXIT_ALREADY_RUNNING
     metrics_server = None
     if metrics_port is not None:
         from . import metrics

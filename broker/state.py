@@ -213,6 +213,18 @@ class UnlinkSegments:
 # State
 
 
+class EndReason(str, enum.Enum):
+    """Why a lease ended: the ``reason`` label of ``neuron_leases_ended_total`` and the keys of status's
+    ``counters.leases_ended``. The words for the owner and the log are separate (``why``)."""
+
+    RELEASED = "released"  # the owner released it or closed its lease link
+    OWNER_EXITED = "owner_exited"  # the owner's process ended (or left before its grant)
+    OWNER_STOPPED = "owner_stopped"  # stopped by a signal past --lease-timeout
+    WORKER_FAILED = "worker_failed"  # a core's worker kept dying while the grant was being assigned
+    BROKER_RESTART = "broker_restart"  # not re-attached after a broker restart, or workers not ready in time
+    OPERATOR = "operator"  # neuron-broker release
+
+
 class LeaseState(enum.Enum):
     JOURNALING = "journaling"  # cores reserved, the journal write under way
     ASSIGNING = "assigning"  # journalled; waiting for the cores' workers to take the assignment
@@ -320,7 +332,7 @@ class BrokerState:
         self.stopping = False
         self.recovering_until = 0.0  # acquires wait while orphaned leases may still be re-attached
         self.granted = 0
-        self.ended_counts: list[str] = []  # reasons of ended leases since the last drain_ended() (for counters)
+        self.ended_counts: list[EndReason] = []  # reasons of ended leases since the last drain_ended() (for counters)
         self.out: list = []
 
     # -- entry ---------------------------------------------------------------------------------------------------
@@ -404,7 +416,7 @@ class BrokerState:
             elif isinstance(msg, messages.Release):
                 lease = self.leases.get(link.lease_id)
                 if lease is not None and lease.lease_id == msg.lease_id:
-                    self._end_lease(lease, "released", now)
+                    self._end_lease(lease, EndReason.RELEASED, "released", now)
                 self.emit(Reply(to, ev.req_id, messages.Ok()))
             else:
                 raise ProtocolError(f"the lease link carries acquire, reattach and release, not {msg.op!r}")
@@ -418,13 +430,14 @@ class BrokerState:
         self.pending = [p for p in self.pending if p.link != ev.link]
         lease = self.leases.get(link.lease_id)
         if lease is not None and lease.link == ev.link:
-            self._end_lease(lease, "released" if lease.state == LeaseState.ACTIVE else "owner left before its grant",
-                            now, closed=True)
+            active = lease.state == LeaseState.ACTIVE
+            self._end_lease(lease, EndReason.RELEASED if active else EndReason.OWNER_EXITED,
+                            "released" if active else "owner left before its grant", now, closed=True)
         self._unwatch(link.pid)
 
     def on_OwnerExited(self, ev: OwnerExited, now: float) -> None:
         for lease in [le for le in self.leases.values() if le.pid == ev.pid and le.start_time == ev.start_time]:
-            self._end_lease(lease, "owner exited", now)
+            self._end_lease(lease, EndReason.OWNER_EXITED, "owner exited", now)
         for lk in [lk for lk in self.links.values() if lk.pid == ev.pid and lk.start_time == ev.start_time]:
             self.pending = [p for p in self.pending if p.link != lk.link]
             # a forked child may hold the link open; it holds no lease: close it
@@ -437,7 +450,7 @@ class BrokerState:
         if limit <= 0 or now - ev.since < limit:
             return
         for lease in [le for le in self.leases.values() if le.pid == ev.pid and le.state == LeaseState.ACTIVE]:
-            self._end_lease(lease, f"the owner was stopped by a signal for {now - ev.since:.1f}s (the broker's "
+            self._end_lease(lease, EndReason.OWNER_STOPPED, f"the owner was stopped by a signal for {now - ev.since:.1f}s (the broker's "
                                    f"--lease-timeout {limit:g}s policy)", now)
 
     def _unwatch(self, pid: int) -> None:
@@ -605,14 +618,14 @@ class BrokerState:
                 "NEURON_RT_ACQUIRE_TIMEOUT=<seconds> to wait for them")
 
     # -- ending leases ---------------------------------------------------------------------------------------------
-    def _end_lease(self, lease: Lease, why: str, now: float, closed: bool = False) -> None:
+    def _end_lease(self, lease: Lease, reason: EndReason, why: str, now: float, closed: bool = False) -> None:
         self.leases.pop(lease.lease_id, None)
         self.alloc.release(lease.lease_id)
         self.emit(JournalForget(lease.lease_id))
         link = self.links.get(lease.link) if lease.link is not None else None
         if link is not None:
             link.lease_id = ""
-            if not closed and why != "released":
+            if not closed and reason != EndReason.RELEASED:
                 if lease.state == LeaseState.ACTIVE:
                     self.emit(Reply(("link", link.link), 0, messages.LeaseEnded(lease_id=lease.lease_id, reason=why)))
                 else:
@@ -621,10 +634,10 @@ class BrokerState:
         self.ended[lease.lease_id] = why
         while len(self.ended) > RECENTLY_ENDED_KEPT:
             self.ended.pop(next(iter(self.ended)))
-        self.ended_counts.append(why)
+        self.ended_counts.append(reason)
         for core in lease.cores:
             self._retire(self.slots[core], now)
-        if why == "released":
+        if reason == EndReason.RELEASED:
             log.info("pid %d released %s", lease.pid, format_cores(lease.cores))
         else:
             log.warning("lease %s of pid %d (%s) on %s ended: %s", lease.lease_id, lease.pid, lease.cmd[:60],
@@ -739,7 +752,7 @@ class BrokerState:
                       "failed for this lease and gets a fresh worker when it ends", slot.core, len(slot.crashes),
                       self.policy.window_s, lease.lease_id, lease.pid, how)
             if lease.state == LeaseState.ASSIGNING:
-                self._end_lease(lease, f"the worker of core {slot.core} keeps dying ({how})", now)
+                self._end_lease(lease, EndReason.WORKER_FAILED, f"the worker of core {slot.core} keeps dying ({how})", now)
             return
         delay = RESTART_BACKOFF_S[min(len(slot.crashes) - 1, len(RESTART_BACKOFF_S) - 1)]
         slot.next_start = now + delay
@@ -759,11 +772,11 @@ class BrokerState:
                 slot.heard = now  # one stop per silence; its exit follows
         for lease in list(self.leases.values()):
             if lease.state == LeaseState.ORPHANED and now >= lease.deadline:
-                self._end_lease(lease, f"its owner did not re-attach within {self.policy.restart_grace_s:.0f}s "
+                self._end_lease(lease, EndReason.BROKER_RESTART, f"its owner did not re-attach within {self.policy.restart_grace_s:.0f}s "
                                        "of the broker's restart", now)
             elif lease.state == LeaseState.ASSIGNING and now >= lease.deadline:
                 slow = [c for c in lease.cores if self.slots[c].state != SlotState.SERVING]
-                self._end_lease(lease, f"the workers of {format_cores(slow)} did not become ready within "
+                self._end_lease(lease, EndReason.BROKER_RESTART, f"the workers of {format_cores(slow)} did not become ready within "
                                        f"{self.policy.grant_timeout_s:.0f}s", now)
         if self.pending:
             self._serve_pending(now)
@@ -776,7 +789,7 @@ class BrokerState:
                 leases = [le for le in self.leases.values() if le.pid == msg.pid]
                 cores = sorted(c for le in leases for c in le.cores)
                 for le in leases:
-                    self._end_lease(le, f"released by an operator (neuron-broker release --pid {msg.pid})", now)
+                    self._end_lease(le, EndReason.OPERATOR, f"released by an operator (neuron-broker release --pid {msg.pid})", now)
                 self.emit(Reply(ev.to, ev.req_id, messages.ForceReleased(
                     pid=msg.pid, cores=cores, leases=[le.lease_id for le in leases])))
             elif isinstance(msg, messages.Drain):
@@ -815,14 +828,14 @@ class BrokerState:
             self.emit(Reply(("link", lease.link), 0, messages.HeartbeatAck(workers=self.workers_of(lease))))
 
     # -- queries ---------------------------------------------------------------------------------------------------
-    def workers_of(self, lease: Lease) -> list[dict]:
+    def workers_of(self, lease: Lease) -> list[messages.WorkerInfo]:
         """What a lease's owner needs to know of its cores' workers (a changed pid means: load your models again)."""
         out = []
         for c in lease.cores:
             slot = self.slots[c]
             serving = slot.state == SlotState.SERVING and slot.lease_id == lease.lease_id
-            out.append({"core": c, "endpoint": self.worker_address(c), "pid": slot.pid if serving else 0,
-                        "ready": serving, "failed": slot.failed, "last_exit": slot.last_exit})
+            out.append(messages.WorkerInfo(core=c, endpoint=self.worker_address(c), pid=slot.pid if serving else 0,
+                                           ready=serving, failed=slot.failed, last_exit=slot.last_exit))
         return out
 
     def core_state(self, core: int) -> str:

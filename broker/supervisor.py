@@ -49,7 +49,10 @@ def exit_description(code: int | None) -> str:
 
 
 class Supervisor:
-    """Owns the worker processes (one per core at a time, plus ones being stopped)."""
+    """Owns the worker processes: one per core at a time, plus the ones being stopped until they are reaped.
+
+    It decides nothing: :class:`broker.state.BrokerState` says when to start, stop or give up on a worker, and the
+    broker's loop (:class:`broker.server.Broker`) calls it. Workers start by entry point (:data:`WORKER_ENTRY`)."""
 
     def __init__(self, directory: str, backend, shm_threshold: int, max_message_bytes: int = 0):
         self.directory = directory

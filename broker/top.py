@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from neuron_client.wire import config
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import StatusDoc
 
 from .ls import fetch, not_running
 from .status import _age, _bytes, _cut, short_command
@@ -33,7 +34,7 @@ BAR_WIDTH = 10
 
 @dataclass
 class Sample:
-    doc: dict
+    doc: StatusDoc
     at: float  # monotonic
 
 
@@ -46,16 +47,16 @@ class CoreRate:
 def rates(prev: Sample | None, cur: Sample) -> dict[int, CoreRate]:
     """Per-core utilisation and requests per second between two samples (None where unknown, e.g. a new worker)."""
     out = {}
-    before = {c["core"]: c for c in prev.doc["cores"]} if prev else {}
+    before = {c.index: c for c in prev.doc.cores} if prev else {}
     dt = cur.at - prev.at if prev else 0.0
-    for c in cur.doc["cores"]:
-        p = before.get(c["core"])
-        if p is None or dt <= 0 or p["worker"]["pid"] != c["worker"]["pid"]:
-            out[c["core"]] = CoreRate(None, None)
+    for c in cur.doc.cores:
+        p = before.get(c.index)
+        if p is None or dt <= 0 or p.worker.pid != c.worker.pid:
+            out[c.index] = CoreRate(None, None)
             continue
-        busy = c.get("perf", {}).get("busy_s", 0.0) - p.get("perf", {}).get("busy_s", 0.0)
-        reqs = c["requests"] - p["requests"]
-        out[c["core"]] = CoreRate(min(1.0, max(0.0, busy / dt)), max(0.0, reqs / dt))
+        busy = c.perf.busy_s - p.perf.busy_s
+        reqs = c.requests - p.requests
+        out[c.index] = CoreRate(min(1.0, max(0.0, busy / dt)), max(0.0, reqs / dt))
     return out
 
 
@@ -119,18 +120,18 @@ def frame(prev: Sample | None, cur: Sample, width: int = 160, problem: str = "")
     from neuron_client.wire.cores import format_cores
 
     doc = cur.doc
-    b = doc["broker"]
+    b = doc.broker
     r = rates(prev, cur)
     known = [x for x in r.values() if x.util is not None]
     total_rps = sum(x.rps for x in known) if known else None
     mean_util = sum(x.util for x in known) / len(known) if known else None
-    owned = sum(1 for c in doc["cores"] if c["owner"])
+    owned = sum(1 for c in doc.cores if c.owner)
     head = Text()
     head.append("neuron-top", style="bold")
-    head.append(f"  broker pid {b['pid']} · {b['backend']} · {b['cores']} cores, {owned} owned · "
+    head.append(f"  broker pid {b.pid} · {b.backend} · {b.cores} cores, {owned} owned · "
                 f"util {'-' if mean_util is None else f'{mean_util * 100:.0f}%'} · "
-                f"{_rate(total_rps)} req/s · up {_age(b['uptime_s'])} · {time.strftime('%H:%M:%S')}")
-    if b.get("draining"):
+                f"{_rate(total_rps)} req/s · up {_age(b.uptime_s)} · {time.strftime('%H:%M:%S')}")
+    if b.draining:
         head.append("  DRAINING", style="bold yellow")
     head.append("   q quits", style="dim")
     parts = [head]
@@ -139,50 +140,50 @@ def frame(prev: Sample | None, cur: Sample, width: int = 160, problem: str = "")
 
     state_style = {"free": "dim", "owned": "green", "failed": "bold red"}
     rows = []
-    for c in doc["cores"]:
-        perf = c.get("perf", {})
-        rate = r[c["core"]]
-        owner = c["owner"]
+    for c in doc.cores:
+        perf = c.perf
+        rate = r[c.index]
+        owner = c.owner
         rows.append([
-            (f"nc{c['core']}", ""),
-            (c["state"], state_style.get(c["state"], "")),
+            (f"nc{c.index}", ""),
+            (c.state, state_style.get(c.state, "")),
             (bar(rate.util), "cyan" if rate.util else ""),
             (_rate(rate.rps), ""),
-            (_ms(perf.get("p50_ms", 0.0), perf.get("window", 0)), ""),
-            (_ms(perf.get("p99_ms", 0.0), perf.get("window", 0)), ""),
-            (str(perf.get("queue", 0)), ""),
-            (_bytes(c["worker"]["rss"]) if c["worker"]["rss"] else "-", ""),
-            (f"{owner['pid']} {short_command(owner['cmd'])}" if owner else "-", ""),
-            (", ".join(sorted({m["name"] for m in c["models"]})) or "-", ""),
+            (_ms(perf.p50_ms, perf.window), ""),
+            (_ms(perf.p99_ms, perf.window), ""),
+            (str(perf.queue), ""),
+            (_bytes(c.worker.memory_bytes) if c.worker.memory_bytes else "-", ""),
+            (f"{owner.pid} {short_command(owner.cmd)}" if owner else "-", ""),
+            (", ".join(sorted({m.name for m in c.models})) or "-", ""),
         ])
     parts.append(fit_table([("NC", "left", 0), ("STATE", "left", 0), ("UTIL", "left", 0), ("REQ/S", "right", 0),
                             ("P50", "right", 0), ("P99", "right", 0), ("QUEUE", "right", 0), ("MEM", "right", 0),
                             ("OWNER", "left", 2), ("MODELS", "left", 1)], rows, width))
 
-    by_core = {c["core"]: c for c in doc["cores"]}
+    by_core = {c.index: c for c in doc.cores}
     rows = []
-    for lease in sorted(doc["leases"], key=lambda x: (x["cores"] or [-1])[0]):
-        mine = [by_core[n] for n in lease["cores"] if n in by_core]
-        utils = [r[c["core"]].util for c in mine if r[c["core"]].util is not None]
-        rps = [r[c["core"]].rps for c in mine if r[c["core"]].rps is not None]
-        p99 = max((c.get("perf", {}).get("p99_ms", 0.0) for c in mine), default=0.0)
-        window = sum(c.get("perf", {}).get("window", 0) for c in mine)
-        rows.append([(str(lease["pid"]), "bold"), (format_cores(lease["cores"]), ""),
+    for lease in sorted(doc.leases, key=lambda x: (x.cores or [-1])[0]):
+        mine = [by_core[n] for n in lease.cores if n in by_core]
+        utils = [r[c.index].util for c in mine if r[c.index].util is not None]
+        rps = [r[c.index].rps for c in mine if r[c.index].rps is not None]
+        p99 = max((c.perf.p99_ms for c in mine), default=0.0)
+        window = sum(c.perf.window for c in mine)
+        rows.append([(str(lease.pid), "bold"), (format_cores(lease.cores), ""),
                      (f"{sum(utils) / len(utils) * 100:.0f}%" if utils else "-", ""),
                      (_rate(sum(rps)) if rps else "-", ""), (_ms(p99, window), ""),
-                     (_bytes(sum(c["worker"]["rss"] for c in mine)), ""), (_age(lease["age_s"]), ""),
-                     (short_command(lease["cmd"]), "")])
+                     (_bytes(sum(c.worker.memory_bytes for c in mine)), ""), (_age(lease.lease_age_s), ""),
+                     (short_command(lease.cmd), "")])
     parts.append(Text(""))
-    parts.append(Text(f"processes ({len(doc['leases'])})", style="bold"))
+    parts.append(Text(f"processes ({len(doc.leases)})", style="bold"))
     if rows:
         parts.append(fit_table([("PID", "right", 0), ("CORES", "left", 0), ("UTIL", "right", 0),
                                 ("REQ/S", "right", 0), ("P99", "right", 0), ("MEM", "right", 0),
                                 ("LEASE AGE", "right", 0), ("COMMAND", "left", 1)], rows, width))
     else:
         parts.append(Text("  no process holds cores", style="dim"))
-    if doc.get("pending"):
-        parts.append(Text("waiting: " + "; ".join(f"pid {p['pid']} for {p['requested']} ({p['waited_s']:.1f}s)"
-                                                  for p in doc["pending"])))
+    if doc.pending:
+        parts.append(Text("waiting: " + "; ".join(f"pid {p.pid} for {p.requested} ({p.waited_s:.1f}s)"
+                                                  for p in doc.pending)))
     return Group(*parts)
 
 
@@ -269,7 +270,9 @@ def run_live(directory: str, interval_s: float) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="neuron-top", description=__doc__,
+    from .commands import plain
+
+    p = argparse.ArgumentParser(prog="neuron-top", description=plain(__doc__),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between samples")

@@ -21,6 +21,7 @@ The package is laid out by concern; this face names the public API and imports e
 - :mod:`.generation`, :mod:`.distributed` (tensor parallelism), :mod:`.integrations` (Ray), :mod:`.tools` (launch).
 """
 from ._lazy import exports
+from ._torch_hook import when_torch_imported
 
 __version__ = "0.1.0"
 
@@ -43,3 +44,13 @@ __all__ = [
     "trace", "lazy_load", "async_load", "jit", "experimental", "errors", "NeuronModel", "get_runtime", "shutdown",
     "DataParallel", *_ERRORS, "BucketModelConfig", "bucket_model_trace", "generate", "state",
 ]
+
+
+def _register_ops() -> None:
+    """The ops a saved model calls when ``torch.jit.load`` reads it (:mod:`neuron_client.tracing.script`)."""
+    import importlib
+
+    importlib.import_module("neuron_client.tracing.script")  # importing it registers them
+
+
+when_torch_imported(_register_ops)

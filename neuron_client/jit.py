@@ -5,7 +5,7 @@ import os
 
 from neuron_client.models.neuron_model import NeuronModel
 from neuron_client.runtime import placement
-from neuron_client.tracing import meta as trace_meta
+from neuron_client.tracing import meta as trace_meta, script
 from neuron_client.wire.errors import ModelLoadError
 
 
@@ -32,10 +32,11 @@ def load(f, map_location=None, _extra_files=None) -> NeuronModel:
     saved after ``async_load`` starts loading now in the background and its first call waits.
     """
     name, data = _read(f)
-    meta = trace_meta.read_meta(data)
+    parts = script.unwrap(data)  # a self-placing module's graph and record; None: a plain traced file (older form)
+    data, meta = parts if parts is not None else (data, trace_meta.read_meta(data))
     model = NeuronModel(str(name), data, meta, placement.current())
     if meta.get("lazy_load"):
-        model.state = "lazy"
+        model.defer()
         return model
     model.place(background=bool(meta.get("async_load")))
     return model

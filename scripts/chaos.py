@@ -853,7 +853,7 @@ class Run:
         self.lock = threading.Lock()
         self.faults = RWLock()
         self.stop = threading.Event()
-        self.last_doc: dict | None = None
+        self.last_doc = None  # the last StatusDoc
         self.seq = 0
         self.rng = random.Random(args.seed)
         import multiprocessing as mp
@@ -893,14 +893,11 @@ class Run:
             if len(self.violations) < 40:
                 self.violations.append(f"{kind}: {text}")
 
-    def status(self, timeout_s: float = 2.0) -> dict:
-        from neuron_client.wire import comm as transport, messages
+    def status(self, timeout_s: float = 2.0):
+        from neuron_client.wire.broker_client import BrokerClient
 
-        ch = transport.Channel(self.address)
-        try:
-            return ch.request(messages.Status(), timeout_s).msg.doc
-        finally:
-            ch.close()
+        with BrokerClient(self.address) as broker:
+            return broker.status(timeout_s)
 
     # -- processes -------------------------------------------------------------------------------------------
     def start_broker(self) -> None:
@@ -957,11 +954,11 @@ class Run:
 
     # -- faults ----------------------------------------------------------------------------------------------
     def owners_now(self) -> dict[int, list[int]]:
-        doc = self.last_doc or {}
+        doc = self.last_doc
         out: dict[int, list[int]] = {}
-        for lease in doc.get("leases", []):
-            if lease["pid"] in self.clients and lease["state"] == "active":
-                out.setdefault(lease["pid"], []).extend(lease["cores"])
+        for lease in doc.leases if doc is not None else []:
+            if lease.pid in self.clients and lease.state == "active":
+                out.setdefault(lease.pid, []).extend(lease.cores)
         return out
 
     def kill_client(self) -> None:
@@ -1000,7 +997,7 @@ class Run:
                     time.sleep(0.01)
                     continue
                 self.status_rtts.append(now() - t0)
-                if not any(c["owner"] and c["owner"]["pid"] == pid for c in doc["cores"]):
+                if not any(c.owner and c.owner.pid == pid for c in doc.cores):
                     self.free_times.append(now() - t)
                     return
                 time.sleep(0.005)
@@ -1010,9 +1007,9 @@ class Run:
         doc = self.last_doc
         if not doc:
             return
-        core = self.rng.choice(doc["cores"])
-        pid = core["worker"]["pid"]
-        if core["worker"]["ready"] and pid:
+        core = self.rng.choice(doc.cores)
+        pid = core.worker.pid
+        if core.worker.ready and pid:
             self.track(pid, "worker or the broker's forkserver")
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -1038,9 +1035,9 @@ class Run:
                     break
                 time.sleep(0.01)
             time.sleep(0.2)  # a release it began before the stop has reached the broker
-            before = {le["lease_id"] for le in self.status()["leases"] if le["pid"] == pid}
+            before = {le.lease_id for le in self.status().leases if le.pid == pid}
             time.sleep(self.rng.uniform(1.0, 3.0))
-            after = {le["lease_id"] for le in self.status()["leases"] if le["pid"] == pid}
+            after = {le.lease_id for le in self.status().leases if le.pid == pid}
             self.counts["clients stopped (SIGSTOP 1-3 s)"] += 1
             if before - after:
                 self.violate("stopped owner lost its cores", f"pid {pid} lost leases {sorted(before - after)} while "
@@ -1166,11 +1163,11 @@ class Run:
             if self.counts["status reads"] % 5 == 0:
                 self.track_broker_children()
             t = now()
-            for core in doc["cores"]:
-                owner = core["owner"]
-                if not owner or owner["pid"] not in self.procs:
+            for core in doc.cores:
+                owner = core.owner
+                if not owner or owner.pid not in self.procs:
                     continue
-                pid = owner["pid"]
+                pid = owner.pid
                 if self.alive(pid):
                     self.dead_since.pop(pid, None)
                     continue
@@ -1291,7 +1288,7 @@ class Run:
         try:
             def rss():
                 time.sleep(0.7)
-                return self.status(10.0)["cores"][0]["worker"]["rss"]
+                return self.status(10.0).cores[0].worker.memory_bytes
 
             def cycle(n: int) -> None:
                 for _ in range(n):
@@ -1477,10 +1474,10 @@ class Run:
                     doc = self.status(5.0)
                 except Exception:
                     doc = None
-                if doc is not None and not any(c["owner"] for c in doc["cores"]):
+                if doc is not None and not any(c.owner for c in doc.cores):
                     break
                 time.sleep(0.1)
-            leaked_cores = [c["core"] for c in (doc or {"cores": []})["cores"] if c["owner"]]
+            leaked_cores = [c.index for c in (doc.cores if doc is not None else []) if c.owner]
             run_pids = [p for p, (_, what) in self.procs.items() if what in ("client", "fuzzer")]
             leaked_segments = sorted(s for pid in run_pids for s in shm.segments_of(pid))
             before = after = 0

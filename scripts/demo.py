@@ -111,7 +111,7 @@ def main() -> int:
                   f"{r['replicas']} (loaded in {r['load_ms']} ms); {r['requests']} batches at {r['per_s']}/s; "
                   f"outputs match the CPU model: {r['matches_cpu']}; predicted classes {r['class_counts']}")
 
-        busy = status()["cores"][0]["owner"]["pid"]
+        busy = status().cores[0].owner.pid
         out = subprocess.run([sys.executable, __file__, "--conflict", "0"], cwd=ROOT, capture_output=True, text=True,
                              env=dict(env, NEURON_RT_VISIBLE_CORES="0"), timeout=120)
         err = json.loads(out.stdout.splitlines()[-1])["error"]
@@ -124,9 +124,9 @@ def main() -> int:
             proc.stdin.flush()
             proc.wait(30)
         deadline = time.monotonic() + 5
-        while any(c["owner"] for c in status()["cores"]) and time.monotonic() < deadline:
+        while any(c.owner for c in status().cores) and time.monotonic() < deadline:
             time.sleep(0.05)
-        free = sum(1 for c in status()["cores"] if c["owner"] is None)
+        free = sum(1 for c in status().cores if c.owner is None)
         print(f"[demo] both processes exited; {free} of {args.cores} cores are free again")
         return 0
     finally:

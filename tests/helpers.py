@@ -31,7 +31,7 @@ class BrokerProc(EmbeddedBroker):
 
 def wait_free(broker: BrokerProc, timeout_s: float = 10.0):
     """Wait until no core is owned (the previous test's clients released or were reclaimed)."""
-    return broker.wait_for(lambda d: all(c["owner"] is None for c in d["cores"]), timeout_s, "all cores free")
+    return broker.wait_for(lambda d: all(c.owner is None for c in d.cores), timeout_s, "all cores free")
 
 
 class App:
@@ -213,21 +213,17 @@ def worker_request(endpoint: str, msg, timeout_s: float = 5.0):
         ch.close()
 
 
-def local_status(directory: str) -> dict | None:
-    """The status document of the broker in ``directory`` (None when none answers)."""
-    from neuron_client.wire import comm as transport, config, messages
+def local_status(directory: str):
+    """The status document (a neuron_client.wire.status.StatusDoc) of the broker in ``directory`` (None when none
+    answers)."""
+    from neuron_client.wire import config
+    from neuron_client.wire.broker_client import BrokerClient
 
-    address = config.broker_address(directory)
-    if transport.ping(address, 1.0) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), 10.0).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address(directory)) as broker:
+        return broker.status() if broker.ping(1.0) is not None else None
 
 
-def wait_status(directory: str, predicate, timeout_s: float = 15.0, what: str = "condition") -> tuple[dict, float]:
+def wait_status(directory: str, predicate, timeout_s: float = 15.0, what: str = "condition") -> tuple:
     """Poll the status of the broker in ``directory`` until ``predicate(doc)``; (doc, seconds waited)."""
     t0 = time.monotonic()
     doc = None
@@ -237,3 +233,24 @@ def wait_status(directory: str, predicate, timeout_s: float = 15.0, what: str = 
             return doc, time.monotonic() - t0
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what} in {directory}; last status: {doc}")
+
+
+def sample_status_doc(cmd: str = "python app.py", pid: int = 4242):
+    """A small status document as a broker builds it: one core owned by ``pid`` running ``cmd``, one model."""
+    from broker.state import EndReason
+    from broker.status import perf_status
+    from neuron_client.wire import status
+
+    owner = status.OwnerStatus(pid=pid, cmd=cmd, lease_id="0123456789abcdef", lease_age_s=1.0, state="active")
+    worker = status.WorkerStatus(pid=7, ready=True, state="serving", memory_bytes=1 << 20, device_memory_bytes=0,
+                                 device_util_percent=None, busy=False, restarts=0, last_exit="")
+    core = status.CoreStatus(index=0, device="cpu", cpus=[0], intra_op_threads=1, inter_op_threads=1, state="owned",
+                             owner=owner, requests=3, errors=0, perf=perf_status(None), worker=worker,
+                             models=[status.ModelStatus(id=1, name="m.pt", requests=3, bytes=100)])
+    broker = status.BrokerStatus(pid=1, backend="cpu", cores=1, address="ipc:///tmp/x/broker.sock", uptime_s=1.0,
+                                 lease_timeout_s=0.0, draining=False, recovering_s=0.0, links=1, pending_total=0,
+                                 metrics="", leases_granted=1,
+                                 leases_ended={r.value: 0 for r in EndReason})
+    lease = status.LeaseStatus(lease_id=owner.lease_id, pid=pid, cmd=cmd, cores=[0], lease_age_s=1.0, state="active")
+    return status.StatusDoc(timestamp=status.timestamp(), broker=broker, cores=[core], leases=[lease], pending=[
+        status.PendingStatus(pid=pid + 1, cmd="python b.py", requested="nc0", waited_s=0.5)])

@@ -29,7 +29,8 @@ import psutil
 
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 from neuron_client.wire import codec, comm as transport, config, messages, tensors
-from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError, code_of
+from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError
+from neuron_client.wire.procs import pid_running
 from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
 from . import devices
@@ -39,7 +40,8 @@ log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
 LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
 LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
-FINAL_STATS_LINGER_S = 0.05  # a retiring worker gives its last stats this long to leave before it exits
+FINAL_STATS_LINGER_S = 1.0  # a retiring worker waits at most this long for its last stats to leave
+DATA_STOP_WAIT_S = 0.5  # ... and this long for its data thread to finish the request in hand and close its socket
 MAX_BACKLOG = 32  # requests taken off the socket ahead of the one running (the queue depth the stats report)
 
 
@@ -85,6 +87,14 @@ class WorkerConfig:
 
 
 class Worker:
+    """One core's worker process: runs its owner's models, and no one else's.
+
+    Owns: its one owner (set once by the broker's ``Assign``: lease id, token hash, the owner's pid and uid; a worker
+    never serves a second owner, the broker starts a fresh one), the :class:`~worker.store.ModelStore`, the owner's
+    shared-memory segments it maps, and its counters (sent to the broker as ``WorkerStats``). The data thread serves
+    requests; the control thread talks to the broker. Only the broker starts or stops it.
+    """
+
     def __init__(self, cfg: WorkerConfig, device: str):
         self.cfg = cfg
         self.core = cfg.core
@@ -104,6 +114,7 @@ class Worker:
         self.load_s = 0.0
         self.stats_dirty = threading.Event()
         self.stopping = threading.Event()
+        self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
@@ -198,7 +209,9 @@ class Worker:
                 self.busy = False
             if env.op == "call":
                 self.requests += 1
-            out = codec.encode(reply, rid, sink)
+            # encoded here, not by Comm.send: a reply that cannot travel (an output dtype the wire does not carry)
+            # must become this request's error, counted as one
+            out = codec.encode_reply(reply, rid, sink)
             if env.op == "call" and received:
                 self.times.record(time.perf_counter() - received, time.monotonic())
             return out
@@ -209,7 +222,7 @@ class Worker:
             if not isinstance(exc, NeuronRuntimeError):
                 log.exception("core %d: unexpected error", self.core)
                 exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
-            return codec.encode_error(code_of(exc), str(exc), rid)
+            return codec.encode_reply(exc, rid)
         finally:
             self.stats_dirty.set()
 
@@ -218,17 +231,17 @@ class Worker:
 
         torch.set_grad_enabled(False)  # inference only; cheaper than entering inference_mode on every call
         hard = 2 * self.cfg.max_message_bytes if self.cfg.max_message_bytes else 0
-        sock = transport.router(config.worker_address(self.cfg.directory, self.core), hard)
+        comm = transport.Comm(transport.router(config.worker_address(self.cfg.directory, self.core), hard))
         control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
         control.start()
         backlog: collections.deque = collections.deque()  # (identity, frames, received): FIFO, like the socket
         try:
             while not self.stopping.is_set():
-                if not backlog and not sock.poll(DATA_POLL_MS, transport.POLLIN):
+                if not backlog and not comm.poll(DATA_POLL_MS):
                     continue
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
-                while len(backlog) < MAX_BACKLOG and transport.readable(sock):
-                    msg = transport.recv(sock)
+                while len(backlog) < MAX_BACKLOG and comm.readable():
+                    msg = comm.recv()
                     if len(msg) >= 2:
                         backlog.append((msg[0], msg[1:], time.perf_counter()))
                 if not backlog:
@@ -236,11 +249,13 @@ class Worker:
                 identity, frames, received = backlog.popleft()
                 self.queued = len(backlog)
                 reply = self.handle(frames, received)
-                transport.send(sock, reply, identity=identity)
+                comm.send_frames(reply, to=identity)
         finally:
             self.store.clear()
             self.segments.clear()
-            sock.close(linger=0)
+            comm.close()
+            self.data_closed.set()
+        control.join(DATA_STOP_WAIT_S + FINAL_STATS_LINGER_S + 1.0)  # its exit_after_flush ends the process
 
     # -- control plane ---------------------------------------------------------------------------------------
     def stats(self) -> messages.WorkerStats:
@@ -257,15 +272,29 @@ class Worker:
                                     queue=self.queued, loads=self.loads, load_s=self.load_s, pid=os.getpid(),
                                     **devices.device_stats(self.store.device))
 
+    def exit_after_flush(self, ctl) -> None:
+        """Exit once the last stats have left: ``os._exit`` would drop what ZeroMQ's I/O thread still holds, so the
+        context is terminated first (it returns when every queued message is sent or the linger runs out), which
+        needs the data thread's socket closed too. A data thread busy past its wait (a long call) is not waited for:
+        the stats then get the linger as a plain sleep, and the broker's SIGKILL ends whatever remains."""
+        closed = self.data_closed.wait(DATA_STOP_WAIT_S)
+        ctl.close(linger=int(FINAL_STATS_LINGER_S * 1000))
+        if closed:
+            transport.context().term()
+        else:
+            time.sleep(FINAL_STATS_LINGER_S)
+        os._exit(0)  # whatever of the owner still runs, ends here
+
     def control_loop(self) -> None:
-        ctl = transport.dealer(config.workers_address(self.cfg.directory), identity=b"core-%d" % self.core)
+        ctl = transport.Comm(transport.dealer(config.workers_address(self.cfg.directory),
+                                              identity=b"core-%d" % self.core))
         endpoint = config.worker_address(self.cfg.directory, self.core)
-        transport.send(ctl, codec.encode(messages.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint)))
+        ctl.send(messages.WorkerReady(core=self.core, pid=os.getpid(), endpoint=endpoint))
         last_stats = 0.0
         try:
             while not self.stopping.is_set():
-                if ctl.poll(100, transport.POLLIN):
-                    frames = transport.recv(ctl)
+                if ctl.poll(100):
+                    frames = ctl.recv()
                     try:
                         env = codec.decode(frames)
                     except ProtocolError as exc:
@@ -273,24 +302,22 @@ class Worker:
                         continue
                     if isinstance(env.msg, messages.Assign):
                         if self.assign(env.msg):
-                            transport.send(ctl, codec.encode(messages.Assigned(core=self.core,
-                                                                                  lease_id=env.msg.lease_id)))
+                            ctl.send(messages.Assigned(core=self.core, lease_id=env.msg.lease_id))
                     elif isinstance(env.msg, messages.Shutdown):  # its owner left (or the broker stops)
                         self.stopping.set()  # the data thread takes no further request
-                        transport.send(ctl, codec.encode(self.stats()))  # the last word on its counters
-                        time.sleep(FINAL_STATS_LINGER_S)  # ZeroMQ's I/O thread sends it; _exit does not wait
-                        os._exit(0)  # whatever of the owner still runs, ends here
+                        ctl.send(self.stats())  # the last word on its counters
+                        self.exit_after_flush(ctl)
                 now = time.monotonic()
                 if self.stats_dirty.is_set() or now - last_stats > config.WORKER_STATS_INTERVAL_S:
                     if now - last_stats > 0.05:
                         self.stats_dirty.clear()
                         last_stats = now
-                        transport.send(ctl, codec.encode(self.stats()))
-                if not psutil.pid_exists(self.cfg.broker_pid):
+                        ctl.send(self.stats())
+                if not pid_running(self.cfg.broker_pid):
                     log.warning("core %d: broker (pid %d) is gone; exiting", self.core, self.cfg.broker_pid)
                     os._exit(0)
         finally:
-            ctl.close(linger=0)
+            ctl.close()
 
 
 def run(**settings) -> None:

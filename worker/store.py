@@ -15,6 +15,8 @@ import torch
 
 from neuron_client.distributed import collectives
 from neuron_client.wire.errors import ModelLoadError, ProtocolError, UnknownModelError
+from neuron_client.wire.messages import GroupSpec
+from neuron_client.wire.status import ModelStatus
 
 from . import groups
 from .weights import restore as restore_weights
@@ -62,6 +64,12 @@ def _trim_heap() -> None:
 
 
 class ModelStore:
+    """The models loaded in one worker: id -> TorchScript module, its name, its tensor-parallel group, its counters.
+
+    Owns the loaded modules and the process groups their ranks joined. Changed only by the worker's data thread
+    (``load``, ``unload``, ``clear`` when the worker stops); the control thread reads :meth:`info` for the stats.
+    """
+
     def __init__(self, core: int, device: str, rendezvous_dir: str | None = None):
         self.core = core
         self.device = device
@@ -69,7 +77,7 @@ class ModelStore:
         self.models: dict[int, Entry] = {}
         self._ids = itertools.count(1)
 
-    def load(self, name: str, data: bytes, weights: dict | None = None, group: dict | None = None
+    def load(self, name: str, data: bytes, weights: dict | None = None, group: GroupSpec | None = None
              ) -> tuple[int, float]:
         """Load a TorchScript file; put separated ``weights`` into it; join tensor-parallel ``group``."""
         t0 = time.monotonic()
@@ -96,9 +104,10 @@ class ModelStore:
         return model_id, time.monotonic() - t0
 
     @staticmethod
-    def _group_spec(group) -> tuple[str, int, int]:
-        ok = isinstance(group, dict) and set(group) == {"name", "rank", "size"}
-        name, rank, size = (group.get("name"), group.get("rank"), group.get("size")) if ok else (None, None, None)
+    def _group_spec(group: GroupSpec) -> tuple[str, int, int]:
+        """The group's (name, rank, size); the codec checked their types, this checks their values."""
+        ok = isinstance(group, GroupSpec)
+        name, rank, size = (group.name, group.rank, group.size) if ok else (None, None, None)
         if not (ok and isinstance(name, str) and GROUP_NAME.match(name) and type(size) is int
                 and 1 <= size <= MAX_GROUP_SIZE and type(rank) is int and 0 <= rank < size):
             raise ProtocolError("load: 'group' must be {name: [A-Za-z0-9_-]{1,64}, rank: 0..size-1, "
@@ -143,8 +152,8 @@ class ModelStore:
             gc.collect()
             _trim_heap()
 
-    def info(self) -> list[dict]:
-        return [{"id": e.model_id, "name": e.name, "requests": e.requests, "bytes": e.nbytes}
+    def info(self) -> list[ModelStatus]:
+        return [ModelStatus(id=e.model_id, name=e.name, requests=e.requests, bytes=e.nbytes)
                 for e in self.models.values()]
 
 

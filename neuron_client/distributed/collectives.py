@@ -26,6 +26,8 @@ import threading
 
 import torch
 
+from neuron_client._ops import define_ops
+
 COLLECTIVE_TIMEOUT_S = 30.0  # a collective (or the rendezvous) waiting longer than this for a peer fails
 TRACE_TAG = "tp"  # the group tag traced graphs record
 
@@ -152,21 +154,8 @@ def _all_gather(x: torch.Tensor, dim: int, world_size: int, group: str) -> torch
     return g.all_gather(x, dim)
 
 
-def _register_ops() -> None:
-    try:
-        torch.ops.neuron.all_reduce  # noqa: B018 - already registered (module imported twice under two names)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("neuron", "DEF")
-    lib.define("all_reduce(Tensor x, str group) -> Tensor")
-    lib.define("all_gather(Tensor x, int dim, int world_size, str group) -> Tensor")
-    lib.impl("all_reduce", _all_reduce, "CompositeExplicitAutograd")
-    lib.impl("all_gather", _all_gather, "CompositeExplicitAutograd")
-    globals()["_lib"] = lib  # the registration lives as long as the library object
-
-
-_register_ops()
+define_ops("neuron", {"all_reduce": ("(Tensor x, str group) -> Tensor", _all_reduce),
+                      "all_gather": ("(Tensor x, int dim, int world_size, str group) -> Tensor", _all_gather)})
 
 
 def all_reduce(x: torch.Tensor, tag: str = TRACE_TAG) -> torch.Tensor:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import uuid
 import warnings
-import weakref
 from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass, field
 
@@ -22,9 +21,9 @@ import torch
 
 from neuron_client.runtime import placement
 from neuron_client.runtime.lease import Runtime, _pid_running, get_runtime
-from neuron_client.wire import config, messages, tensors
-from neuron_client.wire.errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, RequestTimeoutError,
-                                       WorkerUnavailableError)
+from neuron_client.models.placed import LoadState, PlacedModel
+from neuron_client.wire import config, messages
+from neuron_client.wire.errors import ModelLoadError, NeuronRuntimeError, RequestTimeoutError, WorkerUnavailableError
 
 from . import collectives
 
@@ -65,21 +64,27 @@ class _Loaded:
     ranks: list = field(default_factory=list)  # _Placed, in rank order
 
 
-class TensorParallelModel:
+class TensorParallelModel(PlacedModel):
+    """One graph per rank on N contiguous cores of the process, called as one model.
+
+    Owns its shards (each rank's graph and weights), the loaded instance (its process-group name and each rank's
+    core, model id and worker) and its re-forming after a failure. Its load state, per-core tally and finalizer are
+    :class:`~neuron_client.models.placed.PlacedModel`'s. Changed by its own methods only (``load``, ``unload``, and
+    calls, which re-form a broken group); ``parallel_model_trace`` / ``parallel_model_load`` build it.
+    """
+
     def __init__(self, shards: list[RankShard], name: str = "tp_model"):
         if not shards:
             raise ValueError("a tensor-parallel model needs at least one rank")
+        super().__init__(name)
         self.shards = shards
-        self.name = name
         self.tp_degree = len(shards)
-        self.state = "unloaded"
         self._loaded: _Loaded | None = None
         self._ncs: list[int] | None = None
         self._runtime: Runtime | None = None
         self._broken: str | None = None
         self._cleanup = None  # future of the unload that follows a failed call
         self._lock = threading.Lock()  # loading / re-forming
-        self._finalizer = None
         self.shared_weights: dict | None = None  # with separated weights: those identical on every rank
         self.load_s: float | None = None  # parallel_model_load: seconds from reading the files to loaded
 
@@ -124,12 +129,12 @@ class TensorParallelModel:
 
     def _load_ranks(self, rt: Runtime, ncs: list[int]) -> None:
         group = f"tp{self.tp_degree}-{uuid.uuid4().hex[:20]}"
-        self.state = "loading"
+        self._to(LoadState.LOADING)
         futures = [rt.submit(self._load_rank, rt, shard, nc, group) for shard, nc in zip(self.shards, ncs)]
         done, _ = wait(futures, timeout=config.LOAD_TIMEOUT_S, return_when=FIRST_EXCEPTION)
         failed = [f for f in futures if f in done and f.exception() is not None]
         if failed or len(done) < len(futures):
-            self.state = "failed"
+            self._to(LoadState.FAILED)
             rt.submit(self._discard_after, rt, futures)  # the others fail at the rendezvous or are unloaded
             exc = failed[0].exception() if failed else RequestTimeoutError(
                 f"loading {self.name} took longer than {config.LOAD_TIMEOUT_S:.0f}s")
@@ -137,16 +142,15 @@ class TensorParallelModel:
             raise ModelLoadError(f"loading rank {rank} of tensor-parallel model {self.name} on neuroncore "
                                  f"{rt.global_core(ncs[rank])} failed: {exc}") from None
         self._loaded = _Loaded(group=group, ranks=[f.result() for f in futures])
-        for nc in ncs:
-            rt.models_per_core[nc] += 1
+        self._hold(rt, ncs)
         self._broken = None
-        self.state = "loaded"
-        self._finalizer = weakref.finalize(self, rt.unload_later, [(p.core, p.model_id) for p in self._loaded.ranks])
+        self._to(LoadState.LOADED)
+        self._track(rt, [(p.core, p.model_id) for p in self._loaded.ranks])
 
     def _load_rank(self, rt: Runtime, shard: RankShard, nc: int, group: str) -> _Placed:
         core = rt.global_core(nc)
-        pid = rt.worker(core)["pid"]
-        spec = {"name": group, "rank": shard.rank, "size": self.tp_degree} if self.tp_degree > 1 else None
+        pid = rt.worker(core).pid
+        spec = messages.GroupSpec(name=group, rank=shard.rank, size=self.tp_degree) if self.tp_degree > 1 else None
         weights = dict(shard.weights) if shard.weights is not None else None
         carried = [shard.data, *(weights.values() if weights else ())]
         reply = rt.channel(core).request(
@@ -171,15 +175,12 @@ class TensorParallelModel:
 
     def _unload_locked(self) -> None:
         loaded, self._loaded = self._loaded, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        self.state = "unloaded"
+        self._untrack()
+        self._unhold()
+        self._to(LoadState.UNLOADED)
         rt = self._runtime
         if loaded is None or rt is None:
             return
-        for p in loaded.ranks:
-            rt.models_per_core[p.nc] -= 1
         if not rt.closed:
             for p in loaded.ranks:
                 _unload_one(rt, p)
@@ -197,7 +198,7 @@ class TensorParallelModel:
         if old is not None:
             for p in old.ranks:
                 w = rt.worker(p.core)
-                if w["pid"] != p.worker_pid or not _pid_running(p.worker_pid):
+                if w.pid != p.worker_pid or not _pid_running(p.worker_pid):
                     rt.await_worker(p.core, not_pid=p.worker_pid)
         self._unload_locked()
         self._load_ranks(rt, self._ncs)
@@ -220,24 +221,12 @@ class TensorParallelModel:
             else:
                 # a worker that died between calls: the broker's word may still be on its way, the kernel's is not
                 replaced = [p.core for p in self._loaded.ranks
-                            if rt.worker(p.core)["pid"] != p.worker_pid or not _pid_running(p.worker_pid)]
+                            if rt.worker(p.core).pid != p.worker_pid or not _pid_running(p.worker_pid)]
                 if replaced:
                     self._reform(f"neuroncores {replaced} got fresh workers")
             return self._loaded
 
     # -- calls -----------------------------------------------------------------------------------------------
-    def check_shapes(self, args: tuple) -> None:
-        specs = self.input_specs
-        if specs is None:
-            return
-        given = [{"shape": list(t.shape), "dtype": tensors.dtype_name(t.dtype)} for t in tensors.walk_tensors(args)]
-        if given != specs:
-            def fmt(ss):
-                return ", ".join(f"{s['dtype']}{s['shape']}" for s in ss) or "none"
-
-            raise InputShapeError(f"{self.name} was traced for inputs ({fmt(specs)}) but got ({fmt(given)}); traced "
-                                  "models have static shapes: pad the input or trace again for this shape")
-
     def __call__(self, *args):
         self.check_shapes(args)
         loaded = self._ready()
@@ -295,7 +284,7 @@ def _call_one(rt: Runtime, p: _Placed, args: tuple, timeout_s: float):
 
 
 def _unload_one(rt: Runtime, p: _Placed) -> None:
-    if rt.closed or rt.worker(p.core)["pid"] != p.worker_pid:
+    if rt.closed or rt.worker(p.core).pid != p.worker_pid:
         return  # a fresh worker holds nothing of ours
     try:
         rt.channel(p.core).request(messages.Unload(token=rt.token, model_id=p.model_id), UNLOAD_TIMEOUT_S)

@@ -92,12 +92,12 @@ def parallel_model_trace(func, example_inputs, tp_degree: int = 1, inline_weight
         with parallel_state.rank_context(rank, tp_degree):
             model, io_aliases = _model_of(func(), rank)
             if bucket_config is None:  # io_aliases: state buffers stay on the rank's core (neuron_client.tracing.io_aliases)
-                traced = tracing.trace(model, example, input_output_aliases=io_aliases or None, **trace_kwargs)
+                traced = tracing.trace_graph(model, example, input_output_aliases=io_aliases or None, **trace_kwargs)
             elif io_aliases:
                 raise ValueError("io_aliases with bucket_config: give the state as the BucketModelConfig's "
                                  "shared_state_buffer (sliced per bucket by its preprocessor) instead")
             else:  # one packaged model per rank: its buckets' graphs and the kernel (neuron_client.tracing.bucketing)
-                traced = bucketing.bucket_model_trace(model, [_example_tuple(e) for e in example_inputs],
+                traced = bucketing.package_buckets(model, [_example_tuple(e) for e in example_inputs],
                                                       bucket_config, **trace_kwargs)
             del model
         per_rank.append(None if inline_weights_to_neff else wsep.strip(traced))

@@ -137,10 +137,10 @@ def trace_decoder(decoder: CachedDecoder, buckets=(1, 2, 3, 4, 6, 8, 16, 32, 64)
     if resident:
         config = bucketing.BucketModelConfig(bucketing.sequence_length_kernel, (buckets, 1, 1),
                                              shared_state_buffer=[decoder.k_cache, decoder.v_cache])
-        packaged = bucketing.bucket_model_trace(lambda: (decoder, decoder.io_aliases()), examples, config)
+        packaged = bucketing.package_buckets(lambda: (decoder, decoder.io_aliases()), examples, config)
     else:
         config = bucketing.BucketModelConfig(bucketing.sequence_length_kernel, (buckets, 1, 1))
-        packaged = bucketing.bucket_model_trace(_CacheAsInputs(decoder), examples, config)
+        packaged = bucketing.package_buckets(_CacheAsInputs(decoder), examples, config)
     max_length = min(decoder.max_positions, decoder.cache_length - buckets[-1])  # room for a bucket's padding
     if max_length < 1:
         raise ValueError(f"a cache of {decoder.cache_length} positions leaves no room after padding to "

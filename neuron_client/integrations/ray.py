@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("neuron_client.integrations.ray needs Ray: pip install 'ray[serve]' (or this project's [ray] extra)") from exc
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config
+from neuron_client.wire import config
 from neuron_client.wire.cores import format_cores, parse_visible_cores
 from neuron_client.wire.errors import BrokerUnavailableError, NeuronCoreSpecError, NeuronRuntimeError
 
@@ -202,49 +202,33 @@ def ensure_brokers(base_dir: str | None = None, timeout_s: float = ENSURE_TIMEOU
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _status_on_node(node_id: str) -> dict | None:
-    from neuron_client.wire import messages
+def _status_on_node(node_id: str):
+    from neuron_client.wire.broker_client import BrokerClient
 
-    address = config.broker_address(node_broker_dir(node_id))
-    if transport.ping(address, config.BROKER_PING_TIMEOUT_S) is None:
-        return None
-    ch = transport.Channel(address)
-    try:
-        return ch.request(messages.Status(), config.BROKER_REQUEST_TIMEOUT_S).msg.doc
-    finally:
-        ch.close()
+    with BrokerClient(config.broker_address(node_broker_dir(node_id))) as broker:
+        if broker.ping() is None:
+            return None
+        return broker.status()
 
 
-def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict | None:
-    """The status document of a node's broker (``None`` if none answers), fetched by a task pinned to the node."""
+def node_status(node_id: str, timeout_s: float = STATUS_TIMEOUT_S):
+    """The status document of a node's broker (a :class:`~neuron_client.wire.status.StatusDoc`; ``None`` if none
+    answers), fetched by a task pinned to the node."""
     return ray.get(_status_on_node.options(scheduling_strategy=_pinned(node_id)).remote(node_id), timeout=timeout_s)
 
 
-def owners(doc: dict) -> dict[int, int | None]:
+def owners(doc) -> dict[int, int | None]:
     """core -> owner pid (``None`` when free) in a status document."""
-    return {c["core"]: (c["owner"]["pid"] if c["owner"] else None) for c in doc["cores"]}
+    return {c.index: (c.owner.pid if c.owner else None) for c in doc.cores}
 
 
 def stop_local_brokers(infos, timeout_s: float = 10.0) -> None:
     """Stop brokers of this machine that :func:`ensure_brokers` reported (their workers too); for tests and
     single-machine clusters. Asks each to stop, then kills its process group."""
-    import signal
+    from neuron_client.wire.procs import stop_processes
 
-    for info in infos:
-        directory, pid = info["directory"], info["pid"]
-        if autostart.running_pid(directory) != pid:
-            continue
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and autostart.running_pid(directory) == pid:
-            time.sleep(0.05)
-        try:
-            os.killpg(pid, signal.SIGKILL)  # the broker leads its own session; its workers are in the group
-        except (ProcessLookupError, PermissionError):
-            pass
+    stop_processes([info["pid"] for info in infos if autostart.running_pid(info["directory"]) == info["pid"]],
+                   grace_s=timeout_s, groups=True)  # a broker leads its own session; its workers are in the group
 
 
 # -- actors ------------------------------------------------------------------------------------------------------

@@ -16,16 +16,14 @@ Mirrors ``torch_neuronx.DataParallel`` (seed 002, reference-behaviour section 4)
 """
 from __future__ import annotations
 
-import io
 import re
 import warnings
-
-import torch
+import weakref
 
 from neuron_client.models import batching
-from neuron_client.models.neuron_model import NeuronModel, Replica
+from neuron_client.models.neuron_model import Replica, as_neuron_model
+from neuron_client.models.placed import LoadState
 from neuron_client.runtime.lease import get_runtime
-from neuron_client.tracing import meta as trace_meta
 from neuron_client.wire.errors import InputShapeError, NeuronRuntimeError
 
 _NC = re.compile(r"nc:(\d+)")
@@ -67,20 +65,7 @@ def parse_device_ids(device_ids, num_cores: int) -> list[int]:
     return ids
 
 
-def _as_neuron_model(model) -> NeuronModel:
-    """A NeuronModel as given, or a lazy one made from a traced TorchScript module (the seed passes the trace)."""
-    if isinstance(model, NeuronModel):
-        return model
-    if isinstance(model, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        torch.jit.save(model, buf)
-        data = buf.getvalue()
-        name = getattr(model, "original_name", None) or type(model).__name__
-        nm = NeuronModel(f"{name}.pt", data, trace_meta.read_meta(data))
-        nm.state = "lazy"
-        return nm
-    raise TypeError(f"DataParallel expects a model from neuron_client.jit.load (or a traced TorchScript module from "
-                    f"neuron_client.trace), got {type(model).__name__}")
+_as_neuron_model = as_neuron_model  # the seed passes a trace, a loaded module or a NeuronModel
 
 
 class DataParallel:
@@ -90,6 +75,12 @@ class DataParallel:
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
         self.module = _as_neuron_model(model)
+        holder = self.module.__dict__.get("_data_parallel")
+        if holder is not None and holder() is not None:
+            # another DataParallel placed this model on its cores: this one keeps a placement of its own (moving
+            # the shared model back and forth would reload it on every alternating call)
+            self.module = self.module.copy()
+        self.module._data_parallel = weakref.ref(self)
         self.dim = dim
         self._runtime = get_runtime()
         self.device_ids = parse_device_ids(device_ids, self._runtime.num_cores)
@@ -100,7 +91,8 @@ class DataParallel:
             if why:
                 warnings.warn(f"dynamic batching is disabled for DataParallel because {why}", stacklevel=2)
                 self.set_dynamic_batching = False
-        self._place()
+        self._placed = None
+        self._place(wait=False)
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def _traced_size(self) -> int | None:
@@ -128,20 +120,24 @@ class DataParallel:
             return "the model was traced with an empty batch"
         return None
 
-    def _place(self) -> None:
-        """Put a replica on each of ``device_ids`` (a lazy model loads straight there; a placed one is moved)."""
+    def _place(self, wait: bool = True) -> None:
+        """Put a replica on each of ``device_ids`` (a lazy model loads straight there; a placed one is moved). A
+        model saved with ``async_load`` loads in the background unless ``wait``: the first call waits for it."""
         m = self.module
-        if m.state in ("loading", "failed"):
+        if m.state in (LoadState.LOADING, LoadState.FAILED):
             m.wait_loaded()  # an async load in flight finishes first; a failed one raises its error
-        have = sorted(r.nc for r in m.replicas) if m.state == "loaded" else None
+        have = sorted(r.nc for r in m.replicas) if m.state is LoadState.LOADED else None
         if have != self.device_ids:
-            m.load_onto(self.device_ids)
+            background = not wait and bool(m.meta.get("async_load"))
+            m.load_onto(self.device_ids, background=background)
+            if background:
+                return  # the first call finds it loading and waits
         self._placed = m.replicas  # the list object: load and unload replace it
         by_nc = {r.nc: r for r in m.replicas}
         self._replicas = [by_nc[nc] for nc in self.device_ids]
 
     def _replicas_for_call(self) -> list[Replica]:
-        if self.module.state != "loaded" or self.module.replicas is not self._placed:
+        if self.module.state is not LoadState.LOADED or self.module.replicas is not self._placed:
             self._place()  # the model was unloaded or moved since: put it back
         return self._replicas
 

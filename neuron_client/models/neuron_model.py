@@ -7,9 +7,9 @@ background; the first call waits), as the file's flags say.
 """
 from __future__ import annotations
 
+import io
 import threading
 import warnings
-import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -18,8 +18,9 @@ import torch
 from neuron_client.runtime import placement
 from neuron_client.runtime.lease import Runtime, get_runtime
 from neuron_client.wire import config, messages, tensors
-from neuron_client.wire.errors import (InputShapeError, ModelLoadError, NeuronRuntimeError, UnknownModelError,
-                                       WorkerUnavailableError)
+from neuron_client.wire.errors import ModelLoadError, NeuronRuntimeError, UnknownModelError, WorkerUnavailableError
+
+from .placed import LoadState, PlacedModel
 
 
 @dataclass
@@ -33,21 +34,27 @@ class Replica:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one recovery at a time
 
 
-class NeuronModel:
+class NeuronModel(PlacedModel):
+    """One traced graph and its replicas on the process's cores: the object ``neuron_client.jit.load`` returns.
+
+    Owns its replicas (which core, which model id in which worker, calls in flight), the round-robin choice among them,
+    and their recovery onto a core's fresh worker. Its load state, its count in the runtime's per-core tally and its
+    finalizer are :class:`~.placed.PlacedModel`'s. Changed by its own methods only: ``place`` / ``load_onto`` (this
+    process's code, :mod:`neuron_client.experimental`, DataParallel), ``unload``, and calls (which recover replicas).
+    """
+
     def __init__(self, name: str, data: bytes, meta: dict, where: placement.Placement | None = None):
-        self.name = name
+        super().__init__(name)
         self.meta = meta
         self._data = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         self._where = where or placement.current()
         self.replicas: list[Replica] = []
-        self.state = "unloaded"
         self._rr = 0
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._local = threading.local()
         self._runtime: Runtime | None = None
-        self._finalizer = None
         self.static_shapes = True
         self.output_device: str | torch.device | None = None  # outputs arrive on the host; set to move them
 
@@ -65,6 +72,13 @@ class NeuronModel:
     def last_core(self) -> int | None:
         """The global core that served this thread's most recent call."""
         return getattr(self._local, "last_core", None)
+
+    def copy(self) -> "NeuronModel":
+        """Another model of the same file (sharing its bytes), not placed: one placement per copy."""
+        other = NeuronModel(self.name, b"", self.meta, self._where)
+        other._data = self._data
+        other.static_shapes, other.output_device = self.static_shapes, self.output_device
+        return other
 
     # -- loading ---------------------------------------------------------------------------------------------
     def place(self, where: placement.Placement | None = None, background: bool = False) -> None:
@@ -88,11 +102,10 @@ class NeuronModel:
     def _start(self, rt: Runtime, ncs: list[int], background: bool) -> None:
         with self._lock:
             self._runtime = rt
-            self.state = "loading"
+            self._to(LoadState.LOADING)
             self._ready.clear()
             self._load_error = None
-            for nc in ncs:
-                rt.models_per_core[nc] += 1
+            self._hold(rt, ncs)
         if background:
             threading.Thread(target=self._load, args=(rt, ncs), name=f"load-{self.name}", daemon=True).start()
         else:
@@ -102,7 +115,7 @@ class NeuronModel:
     def _load(self, rt: Runtime, ncs: list[int]) -> None:
         def one(nc: int) -> Replica:
             core = rt.global_core(nc)
-            pid = rt.worker(core)["pid"]
+            pid = rt.worker(core).pid
             return Replica(core=core, nc=nc, model_id=self._load_on(rt, core), worker_pid=pid)
 
         try:
@@ -113,14 +126,13 @@ class NeuronModel:
                 replicas = [f.result() for f in futures]
             with self._lock:
                 self.replicas = replicas
-                self.state = "loaded"
-            self._finalizer = weakref.finalize(self, rt.unload_later, [(r.core, r.model_id) for r in replicas])
+                self._to(LoadState.LOADED)
+                self._track(rt, [(r.core, r.model_id) for r in replicas])
         except BaseException as exc:
             with self._lock:
-                self.state = "failed"
+                self._to(LoadState.FAILED)
                 self._load_error = exc
-                for nc in ncs:
-                    rt.models_per_core[nc] -= 1
+                self._unhold()
         finally:
             self._ready.set()
 
@@ -133,12 +145,12 @@ class NeuronModel:
         """Load replica ``r`` again on its core's fresh worker (the previous one died or was replaced)."""
         w = rt.await_worker(r.core, not_pid=r.worker_pid)
         r.model_id = self._load_on(rt, r.core)
-        old, r.worker_pid, r.stale = r.worker_pid, w["pid"], False
-        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w['pid']}; the previous one, pid {old}, {why}); "
+        old, r.worker_pid, r.stale = r.worker_pid, w.pid, False
+        warnings.warn(f"neuroncore {r.core} has a fresh worker (pid {w.pid}; the previous one, pid {old}, {why}); "
                       f"{self.name} was loaded on it again", RuntimeWarning, stacklevel=3)
 
     def wait_loaded(self, timeout_s: float = config.LOAD_TIMEOUT_S) -> None:
-        if self.state == "lazy" or self.state == "unloaded":
+        if self.state in (LoadState.LAZY, LoadState.UNLOADED):
             self.place(background=False)
         if not self._ready.wait(timeout_s):
             raise ModelLoadError(f"{self.name} did not finish loading within {timeout_s:.0f}s")
@@ -153,13 +165,9 @@ class NeuronModel:
         with self._lock:
             replicas, self.replicas = self.replicas, []
             rt = self._runtime
-            if self._finalizer is not None:
-                self._finalizer.detach()
-                self._finalizer = None
-            if rt is not None:
-                for r in replicas:
-                    rt.models_per_core[r.nc] -= 1
-            self.state = "unloaded"
+            self._untrack()
+            self._unhold()
+            self._to(LoadState.UNLOADED)
         if rt is not None and replicas and not rt.closed:
             for r in replicas:
                 try:
@@ -178,39 +186,12 @@ class NeuronModel:
             chosen.in_flight += 1
             return chosen
 
-    def _expected(self):
-        """The traced inputs as (shape, dtype) pairs, computed once."""
-        exp = self.__dict__.get("_expected_cache")
-        if exp is None and self.input_specs is not None:
-            exp = self._expected_cache = [(tuple(s["shape"]), tensors.DTYPES.get(s["dtype"])) for s in self.input_specs]
-        return exp
-
-    def check_shapes(self, args: tuple) -> None:
-        if not self.static_shapes:
-            return
-        expected = self._expected()
-        if expected is None:
-            return
-        if len(args) == len(expected) and all(isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d
-                                              for a, (s, d) in zip(args, expected)):
-            return  # the common case: flat tensor arguments of the traced shapes
-        given = [(tuple(t.shape), t.dtype) for t in tensors.walk_tensors(args)]
-        if given != expected:
-            def fmt(pairs):
-                return ", ".join(f"{tensors.dtype_name(d) if d is not None else '?'}{list(s)}" for s, d in pairs) \
-                    or "none"
-
-            raise InputShapeError(
-                f"{self.name} was traced for inputs ({fmt(expected)}) but got ({fmt(given)}); traced models have "
-                "static shapes: pad or split the input, trace again for this shape, or use DataParallel's dynamic "
-                "batching or a bucketed model")
-
     def run(self, args: tuple, replica: Replica | None = None):
         """Run one call on ``replica`` (default: the next in round-robin order); no shape check.
 
         A replica whose worker was replaced since it was loaded (a crash, a broker restart) is loaded again first.
         """
-        if self.state != "loaded":
+        if self.state is not LoadState.LOADED:
             self.wait_loaded()
         rt = self._runtime
         r = replica
@@ -220,10 +201,10 @@ class NeuronModel:
             with self._lock:
                 r.in_flight += 1
         try:
-            if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
+            if r.stale or rt.worker(r.core).pid != r.worker_pid:
                 with r.lock:
-                    if r.stale or rt.worker(r.core)["pid"] != r.worker_pid:
-                        self._recover(rt, r, rt.worker(r.core).get("last_exit") or "exited")
+                    if r.stale or rt.worker(r.core).pid != r.worker_pid:
+                        self._recover(rt, r, rt.worker(r.core).last_exit or "exited")
             try:
                 out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
             except WorkerUnavailableError:
@@ -255,7 +236,7 @@ class NeuronModel:
         return bucketing.unpack_outputs(self.run(args), self.meta)
 
     def __call__(self, *args):
-        if self.state != "loaded":
+        if self.state is not LoadState.LOADED:
             self.wait_loaded()
         if self.bucketed:  # the kernel in the worker pads and picks the bucket: no static shapes to check
             return self._run_bucketed(args)
@@ -266,7 +247,7 @@ class NeuronModel:
 
     def submit(self, *args) -> Future:
         """Run a call in the background; returns a ``concurrent.futures.Future`` of its outputs."""
-        if self.state != "loaded":
+        if self.state is not LoadState.LOADED:
             self.wait_loaded()
         if self.bucketed:
             return self._runtime.submit(self._run_bucketed, args)
@@ -276,3 +257,33 @@ class NeuronModel:
     def __repr__(self) -> str:
         where = f"cores {self.cores}" if self.replicas else self.state
         return f"NeuronModel({self.name!r}, {where})"
+
+
+def as_neuron_model(model, placed_only: bool = False) -> NeuronModel:
+    """The NeuronModel a user's object stands for: itself; the model behind a module ``torch.jit.load`` placed; or
+    (unless ``placed_only``) a new, lazy one made from a traced module that was not loaded from a file."""
+    if isinstance(model, NeuronModel):
+        return model
+    if isinstance(model, torch.jit.ScriptModule):
+        from neuron_client.tracing import meta as trace_meta, script
+
+        placed = script.model_of(model)
+        if placed is not None:
+            return placed
+        if not placed_only:
+            if script.is_placed_script(model):
+                data, meta = script.parts_of(model)
+                name = (meta.get(script.SCRIPT_KEY) or {}).get("name") or "model.pt"
+            else:  # a plain traced module
+                buf = io.BytesIO()
+                torch.jit.save(model, buf)
+                data = buf.getvalue()
+                meta = trace_meta.read_meta(data)
+                name = f"{getattr(model, 'original_name', None) or type(model).__name__}.pt"
+            nm = NeuronModel(name, data, meta)
+            nm.defer()
+            return nm
+        raise TypeError("this traced module runs in this process: save it with torch.jit.save and load it with "
+                        "torch.jit.load (after import neuron_client) or neuron_client.jit.load, then place that")
+    raise TypeError(f"expected a model from torch.jit.load or neuron_client.jit.load (or a traced module from "
+                    f"neuron_client.trace), got {type(model).__name__}")

@@ -13,8 +13,15 @@ import subprocess
 import sys
 import time
 
-from neuron_client.wire import comm as transport, config
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import BrokerUnavailableError
+from neuron_client.wire.procs import pid_running
+
+
+def _ping(address: str, timeout_s: float):
+    with BrokerClient(address) as broker:
+        return broker.ping(timeout_s)
 
 
 def running_pid(directory: str) -> int:
@@ -24,13 +31,7 @@ def running_pid(directory: str) -> int:
             pid = int(f.read().strip() or 0)
     except (OSError, ValueError):
         return 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return 0
-    except PermissionError:
-        pass
-    return pid
+    return pid if pid > 0 and pid_running(pid) else 0
 
 
 # Before 3.11 (no -P): drop sys.path[0] (the working directory) before importing the broker.
@@ -77,7 +78,7 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
     if detach:
         done = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
                               timeout=timeout_s, cwd=directory)
-        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        pong = _ping(address, config.BROKER_PING_TIMEOUT_S)
         if pong is None:
             raise BrokerUnavailableError(
                 f"could not start the broker in {directory} (exit {done.returncode}): "
@@ -89,11 +90,11 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         code = proc.poll()
-        pong = transport.ping(address, 0.5)
+        pong = _ping(address, 0.5)
         if pong is not None:
             return pong
         if code is not None:
-            if code == 3:  # another broker won the race; it answers soon
+            if code == config.EXIT_ALREADY_RUNNING:  # another broker won the race; it answers soon
                 continue
             raise BrokerUnavailableError(
                 f"the broker exited with code {code} while starting; see {config.log_file(directory)}")
@@ -114,7 +115,7 @@ def ensure_broker(directory: str | None = None, cores: int | None = None, detach
     if not explicit:  # before trusting its pid file or talking to its socket: another user may have planted them
         config.ensure_private_dir(directory)
     if explicit or running_pid(directory):
-        pong = transport.ping(address, config.BROKER_PING_TIMEOUT_S)
+        pong = _ping(address, config.BROKER_PING_TIMEOUT_S)
         if pong is not None:
             return pong
         if explicit:
@@ -128,7 +129,7 @@ def ensure_broker(directory: str | None = None, cores: int | None = None, detach
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         if running_pid(directory):
-            pong = transport.ping(address, config.BROKER_START_TIMEOUT_S)
+            pong = _ping(address, config.BROKER_START_TIMEOUT_S)
             if pong is not None:
                 return pong
         return spawn_broker(directory, cores, detach=detach)

@@ -53,9 +53,9 @@ class WorkerChannel:
         return tensors.TensorSource(frames, shm=self._reply_segments, copy_shm=True)
 
     def request(self, msg, timeout_s: float, carried=()):
-        self._worker_pid = self.runtime.workers[self.core]["pid"]
+        self._worker_pid = self.runtime.workers[self.core].pid
         if not self._worker_pid:  # being replaced: wait (bounded) for the fresh one rather than send into nothing
-            self._worker_pid = self.runtime.await_worker(self.core, not_pid=0)["pid"]
+            self._worker_pid = self.runtime.await_worker(self.core, not_pid=0).pid
         need = shm.reserve_bytes(carried, self.threshold) if carried else 0
         sink = None
         if need:
@@ -68,9 +68,9 @@ class WorkerChannel:
             # the lease lives: the request reached a fresh worker before the broker gave it its owner; once it has
             # one (or another), ask again, once
             w = self.runtime.await_worker(self.core, not_pid=0)
-            if w["pid"] == self._worker_pid and self._worker_pid:
+            if w.pid == self._worker_pid and self._worker_pid:
                 raise
-            self._worker_pid = w["pid"]
+            self._worker_pid = w.pid
             return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
 
     def call(self, model_id: int, args: tuple, timeout_s: float):

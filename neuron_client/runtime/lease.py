@@ -21,7 +21,8 @@ import psutil
 
 from neuron_client.runtime import autostart
 from neuron_client.runtime.channels import WorkerChannel
-from neuron_client.wire import comm as transport, config, cores, lease_link, messages
+from neuron_client.wire import config, cores, lease_link, messages
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import (BrokerUnavailableError, LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError,
                                        WorkerUnavailableError)
 from neuron_client.wire.procs import pid_running
@@ -46,6 +47,15 @@ def acquire_timeout_s(env) -> float:
 
 
 class Runtime:
+    """This process's lease on its cores, and its way to their workers. One per process (:func:`get_runtime`).
+
+    Owns: the lease (its token, its cores, the lease link kept open to the broker and the thread that reads the
+    broker's pushes on it and re-attaches after a broker restart), the workers' endpoints as the broker last told them,
+    one :class:`~neuron_client.runtime.channels.WorkerChannel` per thread and core, ``models_per_core`` (changed only
+    by :class:`~neuron_client.models.placed.PlacedModel`), and the pool that runs background loads and calls. Created by
+    :func:`get_runtime` (or tests); closed by :meth:`close`, :func:`shutdown` or the process's exit.
+    """
+
     def __init__(self, env=None):
         env = os.environ if env is None else env
         self.pid = os.getpid()
@@ -67,7 +77,7 @@ class Runtime:
         self.token: str = granted.token
         self.cores: list[int] = list(granted.cores)
         self.max_message_bytes: int = granted.max_message_bytes
-        self.workers: dict[int, dict] = {w["core"]: w for w in granted.workers}  # pushed by the broker on change
+        self.workers: dict[int, messages.WorkerInfo] = {w.core: w for w in granted.workers}  # pushed on change
         self.lost: str | None = None
         self.closed = False
         self._local = threading.local()
@@ -168,25 +178,22 @@ class Runtime:
             return link
         return None
 
-    def _update_workers(self, workers: list[dict]) -> None:
+    def _update_workers(self, workers: list[messages.WorkerInfo]) -> None:
         with self._lock:
             for w in workers:
-                self.workers[w["core"]] = w
+                self.workers[w.core] = w
 
-    def worker(self, core: int) -> dict:
+    def worker(self, core: int) -> messages.WorkerInfo:
         return self.workers[core]
 
     def refresh_workers(self) -> None:
         """Ask the broker now for the lease's workers (heartbeats do it every interval anyway)."""
-        ch = transport.Channel(self.address)
-        try:
-            ack = ch.request(messages.Heartbeat(lease_id=self.lease_id), config.BROKER_PING_TIMEOUT_S).msg
-            self._update_workers(ack.workers)
-        except LeaseLostError as exc:
-            self.lost = str(exc)
-            raise
-        finally:
-            ch.close()
+        with BrokerClient(self.address) as broker:
+            try:
+                self._update_workers(broker.heartbeat(self.lease_id, config.BROKER_PING_TIMEOUT_S))
+            except LeaseLostError as exc:
+                self.lost = str(exc)
+                raise
 
     def worker_died(self, core: int, pid: int) -> WorkerUnavailableError:
         """The error for a call in flight on a worker that died; this thread's channel to it is dropped."""
@@ -204,26 +211,27 @@ class Runtime:
             except NeuronRuntimeError:
                 break
             w = self.workers[core]
-            if w["pid"] != pid or w["last_exit"]:
-                cause = f"it ended with {w['last_exit']}" if w["last_exit"] else cause
+            if w.pid != pid or w.last_exit:
+                cause = f"it ended with {w.last_exit}" if w.last_exit else cause
                 break
             time.sleep(0.05)
         return WorkerUnavailableError(
             f"the worker of neuroncore {core} (pid {pid}) died while serving this request: {cause}; the broker "
             "starts a fresh one and your models are loaded on it again at the next call")
 
-    def await_worker(self, core: int, not_pid: int, timeout_s: float = config.WORKER_START_TIMEOUT_S) -> dict:
+    def await_worker(self, core: int, not_pid: int,
+                     timeout_s: float = config.WORKER_START_TIMEOUT_S) -> messages.WorkerInfo:
         """Wait until ``core`` has a live, ready worker other than ``not_pid`` (a restarted one)."""
         deadline = time.monotonic() + timeout_s
         while True:
             w = self.workers[core]
-            if w.get("failed"):
+            if w.failed:
                 raise WorkerUnavailableError(
                     f"neuroncore {core} failed for this process: its worker kept dying under this lease (last: "
-                    f"{w.get('last_exit') or 'unknown'}), which points at a model it ran. The broker restarts it no "
+                    f"{w.last_exit or 'unknown'}), which points at a model it ran. The broker restarts it no "
                     "more for this lease; the core returns to service with a fresh worker once this process releases "
                     "its cores")
-            if w["pid"] and w["pid"] != not_pid and w.get("ready", True) and _pid_running(w["pid"]):
+            if w.pid and w.pid != not_pid and w.ready and _pid_running(w.pid):
                 return w
             if time.monotonic() > deadline:
                 raise WorkerUnavailableError(
@@ -271,7 +279,7 @@ class Runtime:
             chans = self._local.channels = {}
         ch = chans.get(core)
         if ch is None:
-            ch = chans[core] = WorkerChannel(self, core, self.workers[core]["endpoint"])
+            ch = chans[core] = WorkerChannel(self, core, self.workers[core].endpoint)
             with self._lock:
                 self._channels.append(ch)
         return ch

@@ -30,9 +30,11 @@ import time
 from dataclasses import dataclass, field
 
 from neuron_client.runtime import autostart
-from neuron_client.wire import comm as transport, config, messages
+from neuron_client.wire import config
+from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.cores import format_cores, format_visible
 from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.status import StatusDoc
 
 EXIT_BAD_REQUEST = 2
 POLL_S = 0.05
@@ -75,14 +77,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _status(directory: str) -> dict | None:
-    ch = transport.Channel(config.broker_address(directory))
-    try:
-        return ch.request(messages.Status(), STATUS_TIMEOUT_S).msg.doc
-    except NeuronRuntimeError:
-        return None
-    finally:
-        ch.close()
+def _status(directory: str) -> StatusDoc | None:
+    with BrokerClient(config.broker_address(directory), STATUS_TIMEOUT_S) as broker:
+        try:
+            return broker.status()
+        except NeuronRuntimeError:
+            return None
 
 
 def plan(nproc: int, per_proc: int, num_cores: bool, first: int, total: int, backend: str,
@@ -109,12 +109,12 @@ def plan(nproc: int, per_proc: int, num_cores: bool, first: int, total: int, bac
     return [list(range(first + r * per_proc, first + (r + 1) * per_proc)) for r in range(nproc)]
 
 
-def check_free(cores_per_rank: list, per_proc: int, doc: dict | None) -> None:
+def check_free(cores_per_rank: list, per_proc: int, doc: StatusDoc | None) -> None:
     """Fail early when cores the ranks need are held by other processes (they would fail to start anyway)."""
     if doc is None or os.environ.get(config.ENV_ACQUIRE_TIMEOUT, "").strip():
         return
-    owner = {c["core"]: c["owner"] for c in doc["cores"] if c["owner"]}
-    free = [c["core"] for c in doc["cores"] if c["state"] == "free"]
+    owner = {c.index: c.owner for c in doc.cores if c.owner}
+    free = [c.index for c in doc.cores if c.state == "free"]
     if cores_per_rank[0] is None:
         need = per_proc * len(cores_per_rank)
         if len(free) < need:
@@ -127,7 +127,7 @@ def check_free(cores_per_rank: list, per_proc: int, doc: dict | None) -> None:
     for rank, cores in enumerate(cores_per_rank):
         for c in cores:
             if c in owner:
-                entry = held.setdefault(owner[c]["pid"], ([], set(), owner[c]["cmd"]))
+                entry = held.setdefault(owner[c].pid, ([], set(), owner[c].cmd))
                 entry[0].append(c)
                 entry[1].add(rank)
     busy = [f"{format_cores(cs)} (for rank {', '.join(map(str, sorted(ranks)))}) held by pid {pid} {cmd[:60]!r}"
@@ -168,6 +168,12 @@ def _describe_exit(returncode: int) -> str:
 
 
 class Launcher:
+    """``neuron-run``'s ranks: starts each with its cores in its environment, forwards signals, restarts a failed
+    rank up to ``max_restarts`` times, and stops the rest when one fails for good.
+
+    Owns the rank processes and their restart counts. Only :func:`main` drives it (one per ``neuron-run``).
+    """
+
     def __init__(self, cmd: list[str], ranks: list[Rank], max_restarts: int, stop_timeout_s: float,
                  directory: str):
         self.cmd = cmd
@@ -240,7 +246,7 @@ class Launcher:
         deadline = time.monotonic() + RECLAIM_WAIT_S
         while time.monotonic() < deadline:
             doc = _status(self.directory)
-            if doc is None or all(lease["pid"] != pid for lease in doc["leases"]):
+            if doc is None or all(lease.pid != pid for lease in doc.leases):
                 return
             time.sleep(0.1)
 
@@ -255,7 +261,7 @@ class Launcher:
         doc = _status(self.directory)
         if doc is None:
             return
-        owners = {lease["pid"]: lease["cores"] for lease in doc["leases"]}
+        owners = {lease.pid: lease.cores for lease in doc.leases}
         for r in live:
             if not r.holds:
                 r.holds = any(pid in owners for pid in _tree(r.proc.pid))

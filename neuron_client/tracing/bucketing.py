@@ -454,6 +454,18 @@ def _share_weights(module, skip: set) -> int:
 
 def bucket_model_trace(func, example_inputs, bucket_config: BucketModelConfig, trim_outputs: bool = True,
                        **kwargs) -> torch.jit.ScriptModule:
+    """One model for every bucket of ``example_inputs`` (see :func:`package_buckets`), in the self-placing form of
+    :mod:`neuron_client.tracing.script`: ``torch.jit.load`` of its file places it on the loading process's cores."""
+    from neuron_client.tracing import script
+
+    packaged = package_buckets(func, example_inputs, bucket_config, trim_outputs, **kwargs)
+    meta = trace_meta.get_meta(packaged)
+    first = tuple(example_inputs[0]) if isinstance(example_inputs[0], (tuple, list)) else (example_inputs[0],)
+    return script.wrap(packaged, first, meta, "bucketed.pt", local=lambda *args: unpack_outputs(packaged(*args), meta))
+
+
+def package_buckets(func, example_inputs, bucket_config: BucketModelConfig, trim_outputs: bool = True,
+                    **kwargs) -> torch.jit.ScriptModule:
     """Trace ``func``'s model once per bucket and package the graphs with the kernel into one TorchScript model.
 
     ``func``: a function returning the model or ``(model, io_aliases)`` (called once, or once per bucket with

@@ -56,6 +56,7 @@ class _Stub:
 
     def __init__(self, *args, **kwargs):
         self.state = None
+        self.args = args  # a tensor's reference: (storage id, offset, size, ...)
 
     def __setstate__(self, state):
         self.state = state
@@ -75,20 +76,46 @@ class _MetaUnpickler(pickle.Unpickler):
         return _Stub
 
     def persistent_load(self, pid):
+        return pid  # a storage's id: ("storage", type, key, location, numel)
+
+
+def read_state(data: bytes):
+    """(the top module's pickled state, ``storage(ref) -> bytes | None``) of a saved TorchScript file, read without
+    running anything in it; None if it is no TorchScript file. ``storage`` gives a 1-d uint8 tensor's bytes."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+        names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if not names:
+            return None
+        top = _MetaUnpickler(io.BytesIO(z.read(names[0]))).load()
+    except Exception:
         return None
+    prefix = names[0].split("/")[0]
+
+    def storage(ref):
+        args = getattr(ref, "args", None)
+        try:
+            (_, _, key, _, _), offset, size = args[0][:5], args[1], args[2]
+            blob = z.read(f"{prefix}/data/{key}")
+            n = 1
+            for d in size:
+                n *= int(d)
+            return blob[int(offset):int(offset) + n]
+        except Exception:
+            return None
+
+    return getattr(top, "state", None), storage
 
 
 def read_meta(data: bytes) -> dict:
-    """The ``neuron_meta`` record of a saved TorchScript file's bytes; ``{}`` if it has none."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
-            if not names:
-                return {}
-            top = _MetaUnpickler(io.BytesIO(z.read(names[0]))).load()
-    except Exception:
+    """The ``neuron_meta`` record of a saved TorchScript file's bytes (a self-placing module's, or a plain traced
+    module's attribute); ``{}`` if it has none."""
+    got = read_state(data)
+    if got is None:
         return {}
-    state = getattr(top, "state", None)
+    state = got[0]
+    if isinstance(state, tuple) and len(state) == 3 and isinstance(state[1], str):  # tracing.script's module
+        state = {META_ATTR: state[1]}
     if isinstance(state, dict) and isinstance(state.get(META_ATTR), str):
         try:
             meta = json.loads(state[META_ATTR])

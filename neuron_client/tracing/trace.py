@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from neuron_client.tracing.meta import META_FORMAT, set_meta, tensor_specs, update_meta
+from neuron_client.tracing.meta import META_FORMAT, get_meta, set_meta, tensor_specs, update_meta
 
 
 def trace(model, example_inputs, *, input_output_aliases=None, **trace_kwargs) -> torch.jit.ScriptModule:
-    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) with ``torch.jit.trace``, recording input shapes.
+    """Trace ``model`` on ``example_inputs`` (a tensor or a tuple) for the cores, as ``torch_neuronx.trace`` does.
 
-    ``input_output_aliases`` ({state buffer: output index}) keeps those buffers on the core between calls, updated
-    from the aliased outputs, which the call then no longer returns (see :mod:`neuron_client.tracing.io_aliases`).
+    Returns the self-placing module of :mod:`neuron_client.tracing.script`: called here, it runs the graph in this
+    process; saved with ``torch.jit.save`` and loaded with ``torch.jit.load`` (after ``import neuron_client``) or
+    ``neuron_client.jit.load``, it is placed on the loading process's cores. ``input_output_aliases`` ({state buffer:
+    output index}) keeps those buffers on the core between calls, updated from the aliased outputs, which the call
+    then no longer returns (see :mod:`neuron_client.tracing.io_aliases`).
     """
+    from neuron_client.tracing import script
+
+    examples = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    graph = trace_graph(model, examples, input_output_aliases=input_output_aliases, **trace_kwargs)
+    name = getattr(model, "__name__", None) if not isinstance(model, torch.nn.Module) else type(model).__name__
+    return script.wrap(graph, examples, get_meta(graph), f"{name or 'model'}.pt")
+
+
+def trace_graph(model, example_inputs, *, input_output_aliases=None, **trace_kwargs) -> torch.jit.ScriptModule:
+    """The traced graph itself (what a worker runs), with its record (input shapes, load flags, io_aliases)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     if input_output_aliases:

@@ -8,13 +8,17 @@ becomes an extension holding its items. Nothing is ever pickled.
 
 The message types are :mod:`neuron_client.wire.messages`'. :func:`encode` turns one into frames, :func:`decode` turns
 frames back into a typed message or raises :class:`ProtocolError` with a clear reason: bad input never gets further
-than this module. Tensor bytes are :mod:`neuron_client.wire.tensors`' business, imported the first time a tensor
+than this module. A field may hold a *record*, a dataclass that is no message (the status document and its parts,
+a lease's workers, a model's statistics, a tensor-parallel group): it travels as a map of its fields, and
+:func:`decode` checks that map field by field, as strictly as a message's body, and builds the dataclass, so that
+code reads attributes, never string keys. ``list[Record]``, ``Optional[Record]`` and ``dict[str, Record]`` nest. Tensor bytes are :mod:`neuron_client.wire.tensors`' business, imported the first time a tensor
 travels: torch is not loaded by a process that only exchanges control messages.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +68,9 @@ def _default(sink):
                 return value
         if torch is not None and isinstance(obj, torch.dtype):
             return _tensors().dtype_name(obj)
+        names = _record_fields(type(obj))
+        if names is not None:  # a record: the map of its fields
+            return {name: getattr(obj, name) for name in names}
         raise ProtocolError(f"a value of type {type(obj).__name__} cannot travel; use tensors, numbers, strings, "
                             "None, tuples, lists and dicts")
 
@@ -82,6 +89,17 @@ def encode(msg, req_id: int = 0, sink=None) -> list:
 
 def encode_error(code: str, text: str, req_id: int = 0) -> list:
     return encode(Error(code=code, message=text), req_id)
+
+
+def encode_reply(reply, req_id: int = 0, sink=None, max_text: int | None = None) -> list:
+    """The frames of a reply: a message, or an exception as an :class:`Error` with its code (our errors' own words;
+    anything else named by its type) so that the peer raises the same exception; its text cut at ``max_text``."""
+    if isinstance(reply, BaseException):
+        from .errors import NeuronRuntimeError, code_of
+
+        text = str(reply) if isinstance(reply, NeuronRuntimeError) else f"{type(reply).__name__}: {reply}"
+        return encode_error(code_of(reply), text[:max_text], req_id)
+    return encode(reply, req_id, sink)
 
 
 @dataclass
@@ -155,7 +173,7 @@ def _checker(hint):
     """A fast ``value -> bool`` type check for a field annotation (built once per message type)."""
     if hint is Any:
         return None
-    if typing.get_origin(hint) is typing.Union:
+    if _is_union(hint):
         parts = [_checker(h) for h in typing.get_args(hint)]
         if any(p is None for p in parts):
             return None
@@ -166,19 +184,167 @@ def _checker(hint):
         return lambda v: type(v) is float or type(v) is int
     if hint is int:
         return lambda v: type(v) is int
+    if hint is bool:
+        return lambda v: type(v) is bool
     base = typing.get_origin(hint) or hint
     return lambda v: isinstance(v, base)
 
 
+def _is_union(hint) -> bool:
+    return typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType)
+
+
+def _is_record(hint) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint) and "op" not in hint.__dict__
+
+
+def _holds_record(hint) -> bool:
+    return _is_record(hint) or any(_holds_record(h) for h in typing.get_args(hint))
+
+
+def _record_fields(cls):
+    """The field names of a record type (cached), or None when ``cls`` is no record."""
+    names = _RECORD_FIELDS.get(cls)
+    if names is None and cls not in _RECORD_FIELDS:
+        names = tuple(f.name for f in dataclasses.fields(cls)) if _is_record(cls) else None
+        _RECORD_FIELDS[cls] = names
+    return names
+
+
+_RECORD_FIELDS: dict[type, tuple | None] = {}
+
+
+class _Bad(Exception):
+    """A record's field that does not fit: (path, reason), made a ProtocolError naming the message by decode."""
+
+
+def _type_name(hint) -> str:
+    if _is_record(hint):
+        return f"a map ({hint.__name__})"
+    if _is_union(hint):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a map"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _converter(hint):
+    """``(value, path) -> value`` for an annotation that holds records: checks ``value`` all the way down and builds
+    the records; raises :class:`_Bad` naming the path of the first value that does not fit."""
+    if _is_record(hint):
+        return _record_converter(hint)
+    if _is_union(hint):
+        args = typing.get_args(hint)
+        nullable = type(None) in args
+        rest = [h for h in args if h is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"a record field may be Optional[X], not {hint}")
+        inner, expected = _converter(rest[0]), _type_name(hint)
+
+        def optional(v, path):
+            if v is None and nullable:
+                return None
+            try:
+                return inner(v, path)
+            except _Bad as bad:
+                if bad.args[0] == path and bad.args[1].startswith("has the wrong type"):
+                    raise _Bad(path, f"has the wrong type ({type(v).__name__}; expected {expected})") from None
+                raise
+
+        return optional
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        item = _converter(args[0]) if args else _converter(Any)
+
+        def items(v, path):
+            if type(v) is not list:
+                raise _Bad(path, f"has the wrong type ({type(v).__name__}; expected a list)")
+            return [item(x, f"{path}[{i}]") for i, x in enumerate(v)]
+
+        return items
+    if origin is dict:
+        key = _converter(args[0]) if args else _converter(Any)
+        value = _converter(args[1]) if args else _converter(Any)
+
+        def entries(v, path):
+            if type(v) is not dict:
+                raise _Bad(path, f"has the wrong type ({type(v).__name__}; expected a map)")
+            return {key(k, f"{path} key {k!r}"): value(x, f"{path}[{k!r}]") for k, x in v.items()}
+
+        return entries
+    check, expected = _checker(hint), _type_name(hint)
+    if check is None:
+        return lambda v, path: v
+
+    def plain(v, path):
+        if not check(v):
+            raise _Bad(path, f"has the wrong type ({type(v).__name__}; expected {expected})")
+        return v
+
+    return plain
+
+
+_RECORD_CONVERTERS: dict[type, Any] = {}
+
+
+def _record_converter(cls):
+    conv = _RECORD_CONVERTERS.get(cls)
+    if conv is not None:
+        return conv
+    fields = []
+
+    def record(v, path):
+        if type(v) is not dict:
+            raise _Bad(path, f"has the wrong type ({type(v).__name__}; expected a map ({cls.__name__}))")
+        unexpected = v.keys() - names
+        if unexpected:
+            raise _Bad(path, f"has unexpected fields {sorted(map(str, unexpected))} (a {cls.__name__} has "
+                             f"{', '.join(sorted(names))})")
+        kwargs = {}
+        for name, convert, required in fields:
+            if name in v:
+                kwargs[name] = convert(v[name], f"{path}.{name}")
+            elif required:
+                raise _Bad(path, f"is missing field {name!r} (a {cls.__name__})")
+        return cls(**kwargs)
+
+    _RECORD_CONVERTERS[cls] = record  # before the fields: a record may (through Optional) hold its own type
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        fields.append((f.name, _converter(hints[f.name]),
+                       f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
+    names = frozenset(f[0] for f in fields)
+    return record
+
+
+def build(cls, value, what: str = ""):
+    """The record ``cls`` built from ``value`` (a map, e.g. parsed JSON), checked as :func:`decode` checks it;
+    :class:`ProtocolError` names the first field that does not fit."""
+    try:
+        return _record_converter(cls)(value, what or cls.__name__)
+    except _Bad as bad:
+        path, reason = bad.args
+        raise ProtocolError(f"{path} {reason}") from None
+
+
 def _schema(cls):
-    """(field names, [(name, check, required)]) of a message type, computed once."""
+    """(field names, [(name, check, required, convert)], names in order) of a message type, computed once.
+    ``convert`` is None for a field of plain values (checked by ``check``), else it checks and builds records."""
     schema = cls.__dict__.get("_schema_cache")
     if schema is None:
         hints = typing.get_type_hints(cls)
         fields = dataclasses.fields(cls)
-        schema = (frozenset(f.name for f in fields),
-                  [(f.name, _checker(hints[f.name]), f.default is dataclasses.MISSING) for f in fields],
-                  tuple(f.name for f in fields))
+        checks = []
+        for f in fields:
+            hint = hints[f.name]
+            convert = _converter(hint) if _holds_record(hint) else None
+            checks.append((f.name, None if convert else _checker(hint), f.default is dataclasses.MISSING, convert))
+        schema = (frozenset(f.name for f in fields), checks, tuple(f.name for f in fields))
         cls._schema_cache = schema
     return schema
 
@@ -225,12 +391,18 @@ def decode(frames, source=None) -> Envelope:
     names, checks, _ = _schema(cls)
     if not names.issuperset(body):
         raise ProtocolError(f"{op}: unexpected fields {sorted(map(str, set(body) - names))}")
-    for name, check, required in checks:
+    for name, check, required, convert in checks:
         if name not in body:
             if required:
                 raise ProtocolError(f"{op}: missing field {name!r}")
             continue
-        if check is not None and not check(body[name]):
+        if convert is not None:
+            try:
+                body[name] = convert(body[name], name)
+            except _Bad as bad:
+                path, reason = bad.args
+                raise ProtocolError(f"{op}: field {path!r} {reason}") from None
+        elif check is not None and not check(body[name]):
             raise ProtocolError(f"{op}: field {name!r} has the wrong type ({type(body[name]).__name__})")
     return Envelope(req_id=req_id, msg=cls(**body), op=op)
 

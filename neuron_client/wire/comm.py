@@ -86,6 +86,38 @@ def send(sock: zmq.Socket, frames, identity: bytes | None = None) -> bool:
         return False
 
 
+class Comm:
+    """A ZeroMQ socket that speaks messages: :meth:`send` owns the encoding (a message or an exception, with its
+    request id), so no caller pairs the codec with the socket. ``sock`` stays reachable for polling."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+
+    def send(self, reply, req_id: int = 0, to: bytes | None = None, sink=None) -> bool:
+        """Encode ``reply`` (a message, or an exception: an error reply) and send it without blocking, to the peer
+        ``to`` on a ROUTER; False if the peer is gone or its queue is full."""
+        return send(self.sock, codec.encode_reply(reply, req_id, sink), identity=to)
+
+    def send_frames(self, frames, to: bytes | None = None) -> bool:
+        """Send a reply already encoded (by :func:`codec.encode_reply`), without blocking."""
+        return send(self.sock, frames, identity=to)
+
+    def recv(self):
+        """One waiting message as ``bytes`` frames (a ROUTER's start with the sender's identity)."""
+        return self.sock.recv_multipart(flags=zmq.NOBLOCK)
+
+    def readable(self) -> bool:
+        return readable(self.sock)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
 def recv(sock: zmq.Socket):
     """One waiting message as ``bytes`` frames (tensors are decoded over them without another copy)."""
     return sock.recv_multipart(flags=zmq.NOBLOCK)
@@ -277,15 +309,3 @@ class Channel:
             self.sock.close(linger=0)
         except Exception:
             pass
-
-
-def ping(endpoint: str, timeout_s: float):
-    """The broker's :class:`messages.Pong`, or None if nothing answers in time."""
-    ch = Channel(endpoint)
-    try:
-        env = ch.request(messages.Ping(), timeout_s)
-        return env.msg if isinstance(env.msg, messages.Pong) else None
-    except (RequestTimeoutError, ProtocolError):
-        return None
-    finally:
-        ch.close()

@@ -18,6 +18,9 @@ ENV_CALL_TIMEOUT = "NEURON_CALL_TIMEOUT"
 
 # Control plane.
 BROKER_PING_TIMEOUT_S = 2.0
+# Exit codes of ``neuron-broker`` (the client's autostart reads the second).
+EXIT_NOT_RUNNING = 1  # a command found no broker answering
+EXIT_ALREADY_RUNNING = 3  # start: another broker holds the directory's instance lock
 BROKER_REQUEST_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 45.0  # an acquire waits this long for its grant (the broker gives up on slow workers after 30 s)
 BROKER_START_TIMEOUT_S = 60.0

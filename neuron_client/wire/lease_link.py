@@ -18,7 +18,7 @@ import struct
 import time
 
 from neuron_client.wire import codec, messages
-from neuron_client.wire.errors import BrokerUnavailableError, NeuronRuntimeError, ProtocolError, RequestTimeoutError
+from neuron_client.wire.errors import BrokerUnavailableError, ProtocolError, RequestTimeoutError
 
 MAX_LINK_MESSAGE_BYTES = 64 * 1024  # control messages are small; a longer frame closes the link
 _LEN = struct.Struct("!I")
@@ -52,23 +52,18 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a connected AF_UNIX socket, from the kernel."""
     return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
 
+MAX_ERROR_TEXT = 4000  # an error's words on the link (its frames are bounded)
 
-def pack(msg, req_id: int = 0) -> bytes:
-    frames = codec.encode(msg, req_id)
+
+def pack(reply, req_id: int = 0) -> bytes:
+    """One frame of the lease link: a message, or an exception as an error reply."""
+    frames = codec.encode_reply(reply, req_id, max_text=MAX_ERROR_TEXT)
     if len(frames) != 1:
-        raise ProtocolError(f"{msg.op}: the lease link carries no tensors")
+        raise ProtocolError(f"{reply.op}: the lease link carries no tensors")
     body = bytes(frames[0])
     if len(body) > MAX_LINK_MESSAGE_BYTES:
-        raise ProtocolError(f"{msg.op}: {len(body)} bytes exceed the lease link's limit of {MAX_LINK_MESSAGE_BYTES}")
-    return _LEN.pack(len(body)) + body
-
-
-def pack_error(exc: BaseException, req_id: int) -> bytes:
-    from neuron_client.wire import codec
-    from neuron_client.wire.errors import code_of
-
-    text = str(exc) if isinstance(exc, NeuronRuntimeError) else f"{type(exc).__name__}: {exc}"
-    body = bytes(codec.encode_error(code_of(exc), text[:4000], req_id)[0])
+        raise ProtocolError(f"{getattr(reply, 'op', 'error')}: {len(body)} bytes exceed the lease link's limit of "
+                            f"{MAX_LINK_MESSAGE_BYTES}")
     return _LEN.pack(len(body)) + body
 
 
@@ -124,8 +119,33 @@ class LeaseLink:
         try:
             self.sock.sendall(pack(msg, rid))
         except OSError as exc:
+            said = self._last_word()
+            if said is not None:  # the broker refused the link and said why before closing it
+                raise said from None
             raise BrokerUnavailableError(f"the broker closed the lease link: {exc}") from None
         return rid
+
+    def _last_word(self) -> Exception | None:
+        """The error the broker sent before it closed the link, if one is waiting to be read."""
+        try:
+            self.sock.settimeout(0.0)
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.inbox += self.reader.feed(data)
+        except (OSError, ProtocolError):
+            pass
+        for frame in self.inbox:
+            try:
+                env = codec.decode([frame])
+            except ProtocolError:
+                continue
+            if isinstance(env.msg, messages.Error):
+                from neuron_client.wire.errors import from_code
+
+                return from_code(env.msg.code, env.msg.message)
+        return None
 
     def recv(self, timeout_s: float | None):
         """The next message from the broker (an :class:`codec.Envelope`; error replies raise); None on timeout.

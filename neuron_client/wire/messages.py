@@ -1,13 +1,17 @@
 """The messages of the wire format: every message type, declared once as a dataclass with its op name.
 
-How they travel is :mod:`neuron_client.wire.codec`'s; this module imports neither msgpack nor torch, so the broker and
-the operator commands can name messages without paying for either.
+A field that holds a document is typed by a *record* (a dataclass that is no message): :class:`WorkerInfo`,
+:class:`GroupSpec` here, the status document's parts in :mod:`neuron_client.wire.status`. The decoder checks and
+builds them like a message's body. How they travel is :mod:`neuron_client.wire.codec`'s; this module imports neither
+msgpack nor torch, so the broker and the operator commands can name messages without paying for either.
 """
 from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
 from typing import Any
+
+from .status import ModelStatus, StatusDoc, record
 
 PROTOCOL_VERSION = 1
 
@@ -24,6 +28,31 @@ def message(op: str):
         return cls
 
     return register
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Records: the typed parts of messages.
+
+
+@record
+class WorkerInfo:
+    """What a lease's owner knows of one of its cores' workers (a changed pid means: load your models again)."""
+
+    core: int
+    endpoint: str
+    pid: int  # 0: no worker serves the lease on this core now
+    ready: bool = True
+    failed: bool = False  # the core's worker kept dying under this lease: it is restarted no more for it
+    last_exit: str = ""  # how the last worker of the core ended ("" if none did)
+
+
+@record
+class GroupSpec:
+    """A tensor-parallel rank's process group: the worker joins group ``name`` as ``rank`` of ``size``."""
+
+    name: str
+    rank: int
+    size: int
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -79,7 +108,7 @@ class Granted:
     lease_id: str
     token: str
     cores: list  # global core ids, ascending
-    workers: list  # [{"core", "endpoint", "pid", "ready", "failed", "last_exit"}] in core order
+    workers: list[WorkerInfo]  # in core order
     heartbeat_s: float  # unused since leases live as long as their owner's lease link; kept for older clients
     lease_timeout_s: float  # the broker's opt-in stopped-owner policy (0: off)
     max_message_bytes: int = 0  # the workers' limit for one data message (0: none)
@@ -92,7 +121,7 @@ class Heartbeat:
 
 @message("heartbeat_ack")
 class HeartbeatAck:
-    workers: list  # the lease's cores' workers now: [{"core", "endpoint", "pid", "ready", "failed", "last_exit"}]
+    workers: list[WorkerInfo]  # the lease's cores' workers now
 
 
 @message("release")
@@ -107,7 +136,7 @@ class Status:
 
 @message("status_reply")
 class StatusReply:
-    doc: dict
+    doc: StatusDoc
 
 
 @message("stop")
@@ -164,7 +193,7 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 @message("worker_stats")
 class WorkerStats:
     core: int
-    models: list  # [{"id", "name", "requests", "bytes"}]
+    models: list[ModelStatus]
     requests: int
     errors: int
     rss: int
@@ -216,9 +245,9 @@ class Load:
     token: str
     name: str
     data: Any  # uint8 tensor: the TorchScript file's bytes (the worker never opens client-named paths)
-    # A tensor-parallel rank: {"name": group name, "rank": int, "size": int}. The worker joins that process group
-    # (all ranks load at once, so the rendezvous completes) and runs the model's collectives in it.
-    group: typing.Optional[dict] = None
+    # A tensor-parallel rank. The worker joins that process group (all ranks load at once, so the rendezvous
+    # completes) and runs the model's collectives in it.
+    group: typing.Optional[GroupSpec] = None
     # Weight separation: {name: tensor} of the weights kept apart from a weight-less graph, put into it on load.
     weights: Any = None
 

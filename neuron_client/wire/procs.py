@@ -16,8 +16,9 @@ def pid_running(pid: int) -> bool:
         return False
 
 
-def stop_processes(pids, grace_s: float = 2.0, sig: int = signal.SIGTERM) -> None:
-    """Send ``sig`` to each pid, wait up to ``grace_s`` for them to exit, then SIGKILL the rest."""
+def stop_processes(pids, grace_s: float = 2.0, sig: int = signal.SIGTERM, groups: bool = False) -> None:
+    """Send ``sig`` to each pid, wait up to ``grace_s`` for them to exit, then SIGKILL the rest. With ``groups``
+    (each pid leads its own process group, e.g. a broker and its workers), SIGKILL what is left of each group."""
     pids = [p for p in pids if p]
     for pid in pids:
         try:
@@ -33,3 +34,8 @@ def stop_processes(pids, grace_s: float = 2.0, sig: int = signal.SIGTERM) -> Non
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+    for pid in pids if groups else ():
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

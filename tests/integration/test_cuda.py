@@ -31,8 +31,8 @@ def test_cuda_backend_without_a_gpu_fails_clearly(tmp_path):
 def test_cores_sliced_from_one_gpu(fresh_broker, apps, models_dir, tmp_path):
     b = fresh_broker(2, extra=["--backend", "cuda", "--cores-per-gpu", "2"])
     doc = b.status()
-    assert [c["device"] for c in doc["cores"]] == ["cuda:0", "cuda:0"]
-    assert all(c["memory_fraction"] == 0.5 for c in doc["cores"])
+    assert [c.device for c in doc.cores] == ["cuda:0", "cuda:0"]
+    assert all(c.memory_fraction == 0.5 for c in doc.cores)
     app = apps(b)
     app.ok("acquire", env={"NEURON_RT_NUM_CORES": "2"})
     loaded = app.ok("load", path=os.path.join(models_dir, "affine.pt"), context="multicore")
@@ -48,5 +48,5 @@ def test_cores_sliced_from_one_gpu(fresh_broker, apps, models_dir, tmp_path):
     oom = app.do("call", model=hog, args=[{"zeros": [1]}, {"tensor": int(total * 0.75 / 4)}], timeout_s=180)
     assert oom.get("error") == "ModelExecutionError" and "out of memory" in oom["message"].lower(), oom
     assert app.ok("call", model=hog, args=[{"zeros": [1]}, {"tensor": 1000}])["sum"] == 0  # the core still serves
-    doc = b.wait_for(lambda d: d["cores"][0]["worker"]["device_memory"] > 0, 10, "device memory reported")
-    assert doc["cores"][0]["worker"]["device_memory"] > 0
+    doc = b.wait_for(lambda d: d.cores[0].worker.device_memory_bytes > 0, 10, "device memory reported")
+    assert doc.cores[0].worker.device_memory_bytes > 0

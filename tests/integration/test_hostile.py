@@ -24,8 +24,8 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def owner_of(broker, core):
-    c = broker.status()["cores"][core]
-    return c["owner"]["pid"] if c["owner"] else None
+    c = broker.status().cores[core]
+    return c.owner.pid if c.owner else None
 
 
 def endpoint(broker, core):
@@ -61,7 +61,7 @@ def test_forked_child_does_not_keep_the_parents_lease(broker):
         assert owner_of(broker, 4) == proc.pid
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        broker.wait_for(lambda d: d["cores"][4]["owner"] is None, 10, "core 4 freed although a child lives")
+        broker.wait_for(lambda d: d.cores[4].owner is None, 10, "core 4 freed although a child lives")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
@@ -73,11 +73,11 @@ def test_pid_comes_from_the_kernel_not_the_message(broker):
     try:
         granted = link.request(messages.Acquire(cmd="spoof", pid=1, create_time=0.0, visible=[5]), 30)
         assert granted.cores == [5]
-        owner = broker.status()["cores"][5]["owner"]
-        assert owner["pid"] == os.getpid()
+        owner = broker.status().cores[5].owner
+        assert owner.pid == os.getpid()
     finally:
         link.close()
-    broker.wait_for(lambda d: d["cores"][5]["owner"] is None, 10, "core 5 freed when the link closed")
+    broker.wait_for(lambda d: d.cores[5].owner is None, 10, "core 5 freed when the link closed")
 
 
 def test_free_core_serves_nobody_and_unknown_tokens_are_refused_at_once(broker, owners, models_dir):
@@ -121,7 +121,7 @@ def test_stolen_token_is_useless_after_its_lease_and_on_other_cores(broker, owne
     with pytest.raises(NotOwnerError):
         worker_request(endpoint(broker, 1), messages.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
     a.do("release")
-    broker.wait_for(lambda d: d["cores"][0]["worker"]["state"] == "fresh", 10, "core 0 has a fresh worker")
+    broker.wait_for(lambda d: d.cores[0].worker.state == "fresh", 10, "core 0 has a fresh worker")
     with pytest.raises(NotOwnerError, match="it is free"):
         worker_request(endpoint(broker, 0), messages.Call(token=stolen, model_id=1, args=(torch.ones(1),)), 2.0)
 
@@ -158,7 +158,7 @@ def test_next_owner_gets_a_fresh_worker(broker, owners, models_dir):
     second = b.do("secrets")["workers"]["2"]
     assert second["pid"] != first_pid and second["ready"]
     assert not psutil_running(first_pid)
-    assert broker.status()["cores"][2]["models"] == []
+    assert broker.status().cores[2].models == []
 
 
 def psutil_running(pid):
@@ -185,14 +185,14 @@ def test_crashes_fail_the_core_for_their_lease_only(fresh_broker, owners, models
     a = owners(b)
     a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
     for _ in range(2):
-        pid = b.wait_for(lambda d: d["cores"][1]["worker"]["ready"], 30, "worker ready")["cores"][1]["worker"]["pid"]
+        pid = b.wait_for(lambda d: d.cores[1].worker.ready, 30, "worker ready").cores[1].worker.pid
         os.kill(pid, signal.SIGKILL)
-        b.wait_for(lambda d, pid=pid: d["cores"][1]["worker"]["pid"] != pid, 30, "worker replaced or failed")
-    b.wait_for(lambda d: d["cores"][1]["state"] == "failed", 30, "core 1 failed for this lease")
+        b.wait_for(lambda d, pid=pid: d.cores[1].worker.pid != pid, 30, "worker replaced or failed")
+    b.wait_for(lambda d: d.cores[1].state == "failed", 30, "core 1 failed for this lease")
     a.do("release")
-    doc = b.wait_for(lambda d: d["cores"][1]["state"] == "free" and d["cores"][1]["worker"]["ready"], 30,
+    doc = b.wait_for(lambda d: d.cores[1].state == "free" and d.cores[1].worker.ready, 30,
                      "core 1 back in service with a fresh worker")
-    assert doc["cores"][0]["state"] == "free"
+    assert doc.cores[0].state == "free"
     c = owners(b)
     c.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
     m = c.do("load", path=os.path.join(models_dir, "affine.pt"))["model"]
@@ -237,7 +237,7 @@ def test_lease_link_refuses_garbage_and_huge_frames(broker):
         data = s.recv(65536)
         assert data, "no error reply"
         s.close()
-    broker.wait_for(lambda d: d["broker"]["links"] == 0, 10, "the broker closed both garbage links")
+    broker.wait_for(lambda d: d.broker.links == 0, 10, "the broker closed both garbage links")
     link = lease_link.LeaseLink(broker.directory, 5.0)
     try:
         assert link.request(messages.Acquire(cmd="after garbage", visible=[0]), 30).cores == [0]
@@ -254,7 +254,7 @@ def test_locked_journal_refuses_the_grant_cleanly_and_leaks_nothing(broker, owne
         got = a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "4"})
         assert got.get("error") == "NeuronRuntimeError" and "journal" in got["message"], got
         doc = broker.status()
-        assert doc["cores"][4]["owner"] is None and not doc["leases"]
+        assert doc.cores[4].owner is None and not doc.leases
     finally:
         db.execute("ROLLBACK")
         db.close()
@@ -289,8 +289,8 @@ def test_broker_restart_does_not_revive_a_lease_released_while_it_was_down(tmp_p
         taker = owners(second)
         got = taker.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
         assert got.get("cores") == [1], got
-        second.wait_for(lambda d: d["cores"][0]["owner"] and d["cores"][0]["owner"]["pid"] == keeper.pid
-                        and d["cores"][0]["owner"]["state"] == "active", 30, "the keeper re-attached")
+        second.wait_for(lambda d: d.cores[0].owner and d.cores[0].owner.pid == keeper.pid
+                        and d.cores[0].owner.state == "active", 30, "the keeper re-attached")
     finally:
         first.stop()
         if second is not None:
@@ -305,7 +305,7 @@ def test_corrupt_journal_is_set_aside_and_the_broker_starts(tmp_path):
         f.write(b"SQLite format 3\x00" + os.urandom(4000))
     b = BrokerProc(directory, 1)
     try:
-        assert b.status()["broker"]["recovering_s"] > 0
+        assert b.status().broker.recovering_s > 0
         assert any(name.startswith("leases.db.unreadable-") for name in os.listdir(directory))
         assert "set aside" in b.read_log()
     finally:
@@ -353,8 +353,8 @@ def test_full_disk_refuses_grants_cleanly_and_the_broker_carries_on(tiny_disk, o
         c = owners(b)
         got = c.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
         assert got.get("error") == "NeuronRuntimeError" and "disk is full" in got["message"], got
-        assert b.status()["cores"][1]["owner"] is None
-        assert b.proc.poll() is None and b.status()["cores"][0]["owner"]["pid"] == a.pid
+        assert b.status().cores[1].owner is None
+        assert b.proc.poll() is None and b.status().cores[0].owner.pid == a.pid
         os.unlink(filler)
         d = owners(b)
         assert d.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})["cores"] == [1]
@@ -377,7 +377,7 @@ def test_deleted_journal_gives_no_live_owners_core_away(tmp_path, owners):
         taker = owners(second)
         got = taker.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
         assert got.get("error") == "NeuronCoreUnavailableError" and f"pid {keeper.pid}" in got["message"], got
-        assert second.status()["cores"][0]["owner"]["pid"] == keeper.pid
+        assert second.status().cores[0].owner.pid == keeper.pid
         assert "journal" in second.read_log()
     finally:
         first.stop()
@@ -395,13 +395,13 @@ def test_lease_links_per_process_are_bounded(broker):
     try:
         for _ in range(MAX_LINKS_PER_PID):
             links.append(lease_link.LeaseLink(broker.directory, 5.0))
-        broker.wait_for(lambda d: d["broker"]["links"] >= MAX_LINKS_PER_PID, 10, "the links counted")
+        broker.wait_for(lambda d: d.broker.links >= MAX_LINKS_PER_PID, 10, "the links counted")
         extra = lease_link.LeaseLink(broker.directory, 5.0)
         links.append(extra)
         with pytest.raises(NeuronCoreUnavailableError, match="per process"):
             extra.request(messages.Acquire(cmd="one too many", visible=[0]), 10)
-        assert broker.status()["broker"]["links"] == MAX_LINKS_PER_PID
+        assert broker.status().broker.links == MAX_LINKS_PER_PID
     finally:
         for link in links:
             link.close()
-    broker.wait_for(lambda d: d["broker"]["links"] == 0, 10, "links closed")
+    broker.wait_for(lambda d: d.broker.links == 0, 10, "links closed")

@@ -43,7 +43,7 @@ def test_client_segments_removed_after_kill(broker, apps, models_dir):
     seg = shm.Segment(f"nrt-{app.pid}-abc-0", 4096, create=True)
     seg.close()
     app.kill()
-    broker.wait_for(lambda d: d["cores"][0]["owner"] is None, 5, "core 0 reclaimed")
+    broker.wait_for(lambda d: d.cores[0].owner is None, 5, "core 0 reclaimed")
     # the broker unlinks them at its next liveness tick (0.1 s) once the process is gone, which may come just after
     # the status that shows core 0 free
     broker.wait_for(lambda d: shm.segments_of(app.pid) == [], 2, "the dead client's segments removed")
@@ -53,14 +53,14 @@ def test_client_segments_removed_after_kill(broker, apps, models_dir):
 def test_status_shows_owner_models_and_requests(broker, client, models_dir):
     client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "5"})
     client.ok("load", path=os.path.join(models_dir, "affine.pt"))
-    doc = broker.wait_for(lambda d: d["cores"][5]["models"], 5, "model listed on core 5")
-    core = doc["cores"][5]
-    assert core["state"] == "owned"
-    assert core["owner"]["pid"] == client.pid and "-m tests.procs.inference" in core["owner"]["cmd"]
-    assert core["owner"]["age_s"] >= 0
-    assert core["models"][0]["name"] == "affine.pt"
-    assert core["worker"]["pid"] > 0 and core["worker"]["rss"] > 0
-    assert doc["cores"][4]["state"] == "free" and doc["cores"][4]["owner"] is None
+    doc = broker.wait_for(lambda d: d.cores[5].models, 5, "model listed on core 5")
+    core = doc.cores[5]
+    assert core.state == "owned"
+    assert core.owner.pid == client.pid and "-m tests.procs.inference" in core.owner.cmd
+    assert core.owner.lease_age_s >= 0
+    assert core.models[0].name == "affine.pt"
+    assert core.worker.pid > 0 and core.worker.memory_bytes > 0
+    assert doc.cores[4].state == "free" and doc.cores[4].owner is None
 
     env = dict(broker.env)
     table = subprocess.run([sys.executable, "-m", "broker", "status"], env=env, capture_output=True, text=True,
@@ -71,17 +71,18 @@ def test_status_shows_owner_models_and_requests(broker, client, models_dir):
     js = subprocess.run([sys.executable, "-m", "broker", "status", "--json"], env=env, capture_output=True,
                         text=True, timeout=60, cwd=ROOT)
     doc = json.loads(js.stdout)
-    assert doc["schema"] == 1 and len(doc["cores"]) == 8
-    assert {"core", "state", "device", "cpus", "worker", "owner", "models", "requests"} <= set(doc["cores"][0])
+    assert doc["schema"] == 2 and len(doc["cores"]) == 8 and doc["timestamp"].endswith("Z")
+    assert {"index", "state", "device", "cpus", "worker", "owner", "models", "requests"} <= set(doc["cores"][0])
+    assert doc["cores"][5]["owner"]["lease_age_s"] >= 0 and doc["cores"][5]["worker"]["memory_bytes"] > 0
 
 
 def test_requests_counted_per_core(broker, client, models_dir):
-    before = broker.status()["cores"][0]["requests"]
+    before = broker.status().cores[0].requests
     client.ok("acquire")
     m = client.ok("load", path=os.path.join(models_dir, "affine.pt"))
     assert m["cores"] == [0]
     client.ok("call", model=m["model"], shape=[2, 4])  # one call on nc0
-    broker.wait_for(lambda d: d["cores"][0]["requests"] == before + 1, 5, "one more request on core 0")
+    broker.wait_for(lambda d: d.cores[0].requests == before + 1, 5, "one more request on core 0")
 
 
 def test_status_without_broker_says_how_to_start(tmp_path):
@@ -127,9 +128,10 @@ def test_autostart_once_under_a_race_and_opt_out(tmp_path, apps):
         assert len(set(owned)) == n  # n processes asking together, n distinct cores, one broker
         with open(os.path.join(directory, "broker.log")) as f:
             assert f.read().count("serving") == 1
-        from neuron_client.wire import comm as transport
+        from neuron_client.wire.broker_client import BrokerClient
 
-        pong = transport.ping(f"ipc://{directory}/broker.sock", 5)
+        with BrokerClient(f"ipc://{directory}/broker.sock") as client:
+            pong = client.ping(5)
         assert pong.cores == os.cpu_count()
     finally:
         subprocess.run([sys.executable, "-m", "broker", "stop"], env=dict(os.environ, NEURON_BROKER_DIR=directory),

@@ -77,13 +77,13 @@ class Ops:
             self.app = App(self.broker, "ops")
             assert self.app.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "0-1"})["cores"] == [0, 1]
             self.app.served = self.app.ok("serve", path=os.path.join(self.models_dir, "affine.pt"))
-            self.broker.wait_for(lambda d: d["cores"][0]["models"] and d["cores"][1]["models"], 10,
+            self.broker.wait_for(lambda d: d.cores[0].models and d.cores[1].models, 10,
                                  "the served model on nc0 and nc1")
         return self.app
 
     def others_gone(self) -> None:
         keep = {self.app.pid} if self.app and self.app.alive() else set()
-        self.broker.wait_for(lambda d: {lease["pid"] for lease in d["leases"]} <= keep, 10, "test clients gone")
+        self.broker.wait_for(lambda d: {lease.pid for lease in d.leases} <= keep, 10, "test clients gone")
 
     def close(self) -> None:
         if self.app is not None:
@@ -147,7 +147,7 @@ def test_ls_table_and_json(ops, capsys):
     js = run(ops.broker, NEURON_LS + ["--json"])
     assert js.returncode == 0, js.stderr
     doc = json.loads(js.stdout)
-    assert doc["schema"] == 1 and doc["broker"]["cores"] == 4 and doc["broker"]["draining"] is False
+    assert doc["schema"] == 2 and doc["broker"]["cores"] == 4 and doc["broker"]["draining"] is False
     nc0, nc2 = doc["cores"][0], doc["cores"][2]
     assert set(nc0) >= {"index", "device", "cpus", "state", "owner", "models", "worker"}
     assert nc0["index"] == 0 and nc0["state"] == "owned" and nc0["device"] == "cpu"
@@ -163,6 +163,38 @@ def test_ls_table_and_json(ops, capsys):
 
     assert cli.main(["--dir", ops.broker.directory, "ls"]) == 0
     assert "affine.pt x2 loaded" in capsys.readouterr().out
+
+
+def test_json_documents_of_a_real_broker_follow_their_schemas(ops, owners):
+    """`neuron-broker status --json` and `neuron-ls --json` as printed, with an owner, models, counters and a
+    waiting acquire in them, validate against broker/schemas; both carry the schema version and a timestamp."""
+    import jsonschema
+
+    from broker import schemas
+
+    pid = ops.serving().served["pid"]
+    ops.broker.wait_for(lambda d: d.cores[0].requests > 0, 10, "calls counted on nc0")
+    waiting = owners(ops.broker)  # a process of this test only: killed below, its acquire still waiting
+    try:
+        waiting.send("acquire", env={"NEURON_RT_VISIBLE_CORES": "0", "NEURON_RT_ACQUIRE_TIMEOUT": "30"})
+        ops.broker.wait_for(lambda d: d.pending, 30, "a waiting acquire")
+        status = run(ops.broker, NEURON_BROKER + ["status", "--json"])
+        listing = run(ops.broker, NEURON_LS + ["--json"])
+    finally:
+        waiting.close()
+    assert status.returncode == 0 and listing.returncode == 0, status.stderr + listing.stderr
+    doc, ls_doc = json.loads(status.stdout), json.loads(listing.stdout)
+    jsonschema.validate(doc, schemas.load("status"))
+    jsonschema.validate(ls_doc, schemas.load("ls"))
+    assert doc["schema"] == ls_doc["schema"] == 2
+    assert doc["timestamp"].endswith("Z") and ls_doc["timestamp"].endswith("Z")
+    assert doc["pending"] and doc["cores"][0]["owner"]["pid"] == pid and doc["cores"][0]["models"]
+    # one set of names: the owner and worker parts are the same in both documents
+    for key in ("owner", "worker"):
+        a, b = doc["cores"][0][key], ls_doc["cores"][0][key]
+        assert set(a) == set(b) and a["pid"] == b["pid"]
+    assert doc["cores"][0]["index"] == ls_doc["cores"][0]["index"] == 0
+    assert {"lease_age_s", "memory_bytes"} <= set(doc["cores"][0]["owner"]) | set(doc["cores"][0]["worker"])
 
 
 def test_ls_without_broker_says_how_to_start(tmp_path):
@@ -222,8 +254,8 @@ def test_release_pid_takes_cores_back(ops, client):
     out = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(client.pid)])
     assert out.returncode == 0, out.stderr
     assert f"released nc3 of pid {client.pid}" in out.stdout
-    doc = ops.broker.wait_for(lambda d: d["cores"][3]["owner"] is None, 5, "nc3 free")
-    assert doc["cores"][3]["state"] == "free"
+    doc = ops.broker.wait_for(lambda d: d.cores[3].owner is None, 5, "nc3 free")
+    assert doc.cores[3].state == "free"
     client.ok("lost", wait_s=10)  # wait for the lease thread to hear of it (within ~0.2 s)
     result = client.do("call", model=m, shape=[2, 4])
     assert result.get("error") == "LeaseLostError", result
@@ -240,7 +272,7 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
     drain = subprocess.Popen(NEURON_BROKER + ["drain", "--timeout", "60"], env=tool_env(ops.broker), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        ops.broker.wait_for(lambda d: d["broker"]["draining"], 30, "draining")
+        ops.broker.wait_for(lambda d: d.broker.draining, 30, "draining")
         refused = client.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})
         assert refused.get("error") == "BrokerDrainingError" and "draining" in refused["message"], refused
         status = run(ops.broker, NEURON_BROKER + ["status"])
@@ -255,7 +287,7 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
             drain.kill()
             drain.communicate()
         run(ops.broker, NEURON_BROKER + ["drain", "--cancel"])
-    assert not ops.broker.status()["broker"]["draining"]
+    assert not ops.broker.status().broker.draining
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
@@ -263,7 +295,7 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
 
 def test_metrics_endpoint(ops):
     pid = ops.serving().served["pid"]
-    ops.broker.wait_for(lambda d: d["cores"][0]["requests"] > 0 and d["cores"][0]["perf"]["window"] > 0, 10,
+    ops.broker.wait_for(lambda d: d.cores[0].requests > 0 and d.cores[0].perf.window > 0, 10,
                         "calls counted on nc0")
     families = scrape(ops.port)
     assert sample(families, "neuron_broker_cores", backend="cpu") == 4
@@ -284,10 +316,10 @@ def test_metrics_endpoint(ops):
     assert sample(families, "neuron_model_load_seconds", "neuron_model_load_seconds_total", core="0") > 0
     assert sample(families, "neuron_leases_granted") >= 1
     assert {s.labels["reason"] for s in families["neuron_leases_ended"].samples} == {
-        "released", "owner_exited", "heartbeat_timeout", "operator"}
+        "released", "owner_exited", "owner_stopped", "worker_failed", "broker_restart", "operator"}
     assert sample(families, "neuron_process_cores", pid=str(pid)) == 2
     assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
-    assert ops.broker.status()["broker"]["metrics"] == f"http://127.0.0.1:{ops.port}/metrics"
+    assert ops.broker.status().broker.metrics == f"http://127.0.0.1:{ops.port}/metrics"
 
 
 # -- neuron-run ----------------------------------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_broker_refuses_a_lease_link_from_another_user(attacker, shared):
                              extra_groups=[], capture_output=True, text=True, timeout=30)
         assert out.stdout.strip() in ("b''",) or out.stdout.startswith("closed"), out
         doc = b.status()
-        assert doc["cores"][0]["owner"] is None and doc["leases"] == []
+        assert doc.cores[0].owner is None and doc.leases == []
         assert f"uid {attacker.uid}" in b.read_log()
     finally:
         b.stop()

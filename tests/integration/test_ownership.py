@@ -90,16 +90,16 @@ def test_kill_9_owner_frees_cores_within_about_a_second(broker, client, apps, mo
     holder = apps(broker)
     holder.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "6-7"})
     holder.ok("load", path=os.path.join(models_dir, "affine.pt"))
-    doc = broker.wait_for(lambda d: d["cores"][6]["models"], 5, "model on core 6")
-    assert doc["cores"][6]["owner"]["pid"] == holder.pid
+    doc = broker.wait_for(lambda d: d.cores[6].models, 5, "model on core 6")
+    assert doc.cores[6].owner.pid == holder.pid
     killed_at = time.monotonic()
     holder.kill(signal.SIGKILL)
-    doc = broker.wait_for(lambda d: d["cores"][6]["owner"] is None and d["cores"][7]["owner"] is None, 5,
+    doc = broker.wait_for(lambda d: d.cores[6].owner is None and d.cores[7].owner is None, 5,
                           "cores 6-7 reclaimed")
     reclaim_s = time.monotonic() - killed_at
     assert reclaim_s < 1.5, f"reclaimed after {reclaim_s:.2f}s"
     # the worker dropped the dead owner's model
-    broker.wait_for(lambda d: not d["cores"][6]["models"], 5, "model unloaded from core 6")
+    broker.wait_for(lambda d: not d.cores[6].models, 5, "model unloaded from core 6")
     # and another process can take the cores at once
     assert client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "6-7"})["cores"] == [6, 7]
 
@@ -124,7 +124,7 @@ def test_opt_in_policy_reclaims_an_owner_stopped_by_a_signal(fresh_broker, apps)
     os.kill(holder.pid, signal.SIGSTOP)
     try:
         stopped_at = time.monotonic()
-        b.wait_for(lambda d: d["cores"][1]["owner"] is None, 10, "core 1 reclaimed from a stopped owner")
+        b.wait_for(lambda d: d.cores[1].owner is None, 10, "core 1 reclaimed from a stopped owner")
         assert time.monotonic() - stopped_at >= 1.0
     finally:
         os.kill(holder.pid, signal.SIGCONT)
@@ -134,7 +134,7 @@ def test_opt_in_wait_gets_cores_when_the_owner_exits(broker, client, apps):
     holder, other = apps(broker, wait=False), apps(broker, wait=False)
     holder.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
     client.send("acquire", env={"NEURON_RT_VISIBLE_CORES": "1", "NEURON_RT_ACQUIRE_TIMEOUT": "30"})
-    broker.wait_for(lambda d: d["pending"], 30, "a waiting acquire")
+    broker.wait_for(lambda d: d.pending, 30, "a waiting acquire")
     holder.kill()
     assert client.read(60).get("cores") == [1]
     # without enough time, the wait ends in the conflict error (the client holds core 1 now)

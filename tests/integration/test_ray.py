@@ -113,7 +113,7 @@ def outsider(rc, kept):
 
 
 def all_free(doc) -> bool:
-    return all(c["owner"] is None for c in doc["cores"])
+    return all(c.owner is None for c in doc.cores)
 
 
 def kill_all(actors) -> None:
@@ -137,8 +137,8 @@ def test_one_broker_per_node_with_the_nodes_cores(rc):
     assert len({i["pid"] for i in rc.brokers}) == 2
     for info in rc.brokers:
         doc = local_status(info["directory"])
-        assert doc["broker"]["pid"] == info["pid"] and doc["broker"]["cores"] == 2
-        assert nray.node_status(info["node_id"])["broker"]["pid"] == info["pid"]  # the same, asked on the node
+        assert doc.broker.pid == info["pid"] and doc.broker.cores == 2
+        assert nray.node_status(info["node_id"]).broker.pid == info["pid"]  # the same, asked on the node
     again = nray.ensure_brokers(base_dir=rc.base)  # idempotent: finds them
     assert {(i["node_id"], i["pid"]) for i in again} == {(i["node_id"], i["pid"]) for i in rc.brokers}
     assert not any(i["started"] for i in again)
@@ -275,7 +275,7 @@ def test_a_task_holds_its_cores_for_the_with_block_only(rc, model_bytes):
     torch.testing.assert_close(y, x * 2 + 1)
     assert cores == ray_cores and len(cores) == 1
     doc = local_status(rc.dirs[rc.b])
-    assert all_free(doc), doc["leases"]  # the task's worker lives on (Ray reuses it) but holds nothing
+    assert all_free(doc), doc.leases  # the task's worker lives on (Ray reuses it) but holds nothing
 
 
 def test_an_actor_without_neuron_cores_is_refused(rc):

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from neuron_client.wire import codec, comm as transport, messages
+from neuron_client.wire.broker_client import BrokerClient
 from tests.helpers import ROOT, BrokerProc
 
 
@@ -38,8 +39,8 @@ def test_worker_killed_under_a_call_fails_fast_and_recovers(fresh_broker, apps, 
     assert again["same"]
     assert app.ok("worker", core=core)["pid"] != worker_pid
     assert any("fresh worker" in w and "loaded on it again" in w for w in again.get("warnings", [])), again
-    doc = b.status()["cores"][core]
-    assert doc["worker"]["restarts"] == 1 and "SIGKILL" in doc["worker"]["last_exit"]
+    doc = b.status().cores[core]
+    assert doc.worker.restarts == 1 and "SIGKILL" in doc.worker.last_exit
 
 
 def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, apps, models_dir):
@@ -56,7 +57,7 @@ def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, apps, models_dir)
         first.proc.wait(10)
         second = BrokerProc(directory, 4)  # an operator starts it again
         doc = second.status()
-        assert doc["cores"][0]["owner"]["pid"] == holder.pid  # restored from the journal
+        assert doc.cores[0].owner.pid == holder.pid  # restored from the journal
         out = other.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1-2"})
         assert out.get("error") == "NeuronCoreUnavailableError" and f"held by pid {holder.pid}" in out["message"], out
         time.sleep(2.5)  # past the lease timeout: the owner's heartbeats reached the new broker
@@ -69,7 +70,7 @@ def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, apps, models_dir)
         assert any("loaded on it again" in w for w in after.get("warnings", [])), after
         assert second.owners()[0] == holder.pid
         holder.kill()
-        second.wait_for(lambda d: d["cores"][0]["owner"] is None, 5, "cores freed after the owner died")
+        second.wait_for(lambda d: d.cores[0].owner is None, 5, "cores freed after the owner died")
     finally:
         first.stop()
         if second is not None:
@@ -145,7 +146,8 @@ CASES = {
 def test_broker_answers_bad_messages_with_errors(broker, case):
     reply = _exchange(broker.address, CASES[case])
     assert reply is not None and _is_error_reply(reply), case
-    assert transport.ping(broker.address, 5) is not None
+    with broker.client() as client:
+        assert client.ping(5) is not None
 
 
 def _call_frames(tensor_ref, data: bytes, **body):
@@ -174,7 +176,7 @@ def test_worker_answers_bad_messages_with_errors(broker, case):
     assert reply is not None and _is_error_reply(reply), case
     env = codec.decode(reply)
     assert env.req_id in (3, 4)  # the error echoes the request id
-    assert broker.status()["cores"][7]["worker"]["ready"]
+    assert broker.status().cores[7].worker.ready
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -187,8 +189,8 @@ def test_fuzz_broker_and_worker_sockets(broker8, frames):
 
 def test_fuzzed_processes_are_still_alive(broker8):
     doc = broker8.status()
-    assert all(c["worker"]["ready"] for c in doc["cores"])
-    assert all(c["worker"]["restarts"] == 0 for c in doc["cores"])
+    assert all(c.worker.ready for c in doc.cores)
+    assert all(c.worker.restarts == 0 for c in doc.cores)
 
 
 def test_broker_refuses_a_directory_others_can_write(tmp_path):
@@ -236,12 +238,11 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
 
     # anything else over TCP is refused with an error reply
     monkeypatch.setenv("NEURON_BROKER_KEYS", keys)
-    ch = transport.Channel(endpoint)
-    try:
+    with BrokerClient(endpoint) as client:
         with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
-            ch.request(messages.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
-    finally:
-        ch.close()
+            client.request(messages.Acquire(pid=os.getpid(), create_time=0.0, cmd="x"), 5)
+        with pytest.raises(Exception, match="over TCP the broker answers ping, status only"):
+            client.drain()
 
     # a key pair the broker has not authorised gets no answer at all
     stranger = tmp_path / "stranger"
@@ -250,7 +251,8 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
     with open(os.path.join(keys, "server.key"), "rb") as f:
         (stranger / "server.key").write_bytes(f.read())
     monkeypatch.setenv("NEURON_BROKER_KEYS", str(stranger))
-    assert transport.ping(endpoint, 2.0) is None
+    with BrokerClient(endpoint) as client:
+        assert client.ping(2.0) is None
 
     # nor does a client without CURVE
     sock = transport.context().socket(zmq.DEALER)
@@ -261,4 +263,4 @@ def test_tcp_only_when_asked_and_only_with_curve(fresh_broker, tmp_path, monkeyp
         assert not sock.poll(2000)
     finally:
         sock.close()
-    assert b.status()["broker"]["cores"] == 1  # and the broker carries on
+    assert b.status().broker.cores == 1  # and the broker carries on

@@ -72,7 +72,7 @@ def loader(broker4, kept):
 
 
 def restarts(broker) -> dict:
-    return {c["core"]: c["worker"]["restarts"] for c in broker.status()["cores"]}
+    return {c.index: c.worker.restarts for c in broker.status().cores}
 
 
 @pytest.mark.parametrize("name,tp,cores", [("inline2", 2, [0, 1]), ("sep2", 2, [0, 1]), ("sep4", 4, [0, 1, 2, 3])])

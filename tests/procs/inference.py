@@ -96,14 +96,22 @@ MODULES = ("affine", "slow", "slower", "wide")
 
 
 @harness.command
-def save(name: str, directory: str, lazy: bool = False, asynchronous: bool = False) -> dict:
+def save(name: str, directory: str, lazy: bool = False, asynchronous: bool = False, graph: bool = False) -> dict:
+    """``torch.jit.save`` of ``neuron_client.trace`` of a module of :data:`MODULES`; with ``graph``, of the plain
+    traced graph instead (``tracing.trace_graph``: a file whose program is the module's own, not the self-placing
+    wrapper's, as :func:`broken_copy` needs)."""
     m, example = module(name)
-    traced = neuron_client.trace(m, example)
+    if graph:
+        from neuron_client.tracing import trace as tracing
+
+        traced = tracing.trace_graph(m, example)
+    else:
+        traced = neuron_client.trace(m, example)
     if lazy:
         neuron_client.lazy_load(traced)
     if asynchronous:
         neuron_client.async_load(traced)
-    flags = "-lazy" * lazy + "-async" * asynchronous
+    flags = "-lazy" * lazy + "-async" * asynchronous + "-graph" * graph
     path = os.path.join(directory, f"{name}{flags}-{os.getpid()}.pt")
     torch.jit.save(traced, path)
     return {"path": path}
@@ -111,7 +119,8 @@ def save(name: str, directory: str, lazy: bool = False, asynchronous: bool = Fal
 
 @harness.command
 def broken_copy(path: str) -> dict:
-    """A copy of a saved model with its metadata but without its program: it cannot be loaded."""
+    """A copy of a saved model with its metadata but without its program: it cannot be loaded. Start from a plain
+    graph file (``save(graph=True)``): a self-placing file's program is the wrapper's, not the model's."""
     broken = os.path.join(os.path.dirname(path), f"broken-{os.path.basename(path)}")
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(broken, "w") as dst:
         for item in src.infolist():

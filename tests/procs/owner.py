@@ -20,6 +20,7 @@ this package import them): a lease, models loaded on it, calls.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -68,7 +69,7 @@ def _release_and_restore() -> None:
 def secrets() -> dict:
     rt = runtime()
     return {"lease_id": rt.lease_id, "token": rt.token, "cores": rt.cores,
-            "workers": {str(k): v for k, v in rt.workers.items()}}
+            "workers": {str(k): dataclasses.asdict(v) for k, v in rt.workers.items()}}
 
 
 @harness.command
@@ -84,7 +85,7 @@ def lost(wait_s: float = 0.0) -> dict:
 
 @harness.command
 def worker(core: int) -> dict:
-    return dict(runtime().worker(core))
+    return dataclasses.asdict(runtime().worker(core))
 
 
 def context_of(context):

@@ -14,9 +14,16 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import neuron_client
-from neuron_client.tracing import bucketing, io_aliases as state, meta as trace_meta
-from neuron_client.tracing.bucketing import BucketModelConfig, bucket_model_trace
+from neuron_client.tracing import bucketing, io_aliases as state, meta as trace_meta, script
+from neuron_client.tracing.bucketing import BucketModelConfig, bucket_model_trace, package_buckets
 from neuron_client.wire import codec, messages
+
+
+def roundtrip_graph(placed):
+    """The saved bytes of a self-placing module, without loading it (torch.jit.load would place it on cores)."""
+    buf = io.BytesIO()
+    torch.jit.save(placed, buf)
+    return None, buf.getvalue()
 
 
 def roundtrip(module):
@@ -53,7 +60,7 @@ def causal():
 @pytest.fixture(scope="module")
 def packaged(causal):
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, bucket_kernel_constant_args=((4, 8, 16),))
-    return bucket_model_trace(lambda: (causal, {}), [ids(4), ids(8), ids(16)], cfg)
+    return package_buckets(lambda: (causal, {}), [ids(4), ids(8), ids(16)], cfg)
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------
@@ -177,27 +184,27 @@ def test_meta_records_the_buckets_and_the_output_structure(packaged):
 
 def test_untrimmed_outputs_keep_the_bucket_length(causal):
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),))
-    m = bucket_model_trace(causal, [ids(4), ids(8)], cfg, trim_outputs=False)
+    m = package_buckets(causal, [ids(4), ids(8)], cfg, trim_outputs=False)
     assert m(*ids(5))[0].shape == (1, 8, 8)
 
 
 def test_examples_must_fit_their_buckets_in_order(causal):
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),))
     with pytest.raises(ValueError, match="sends bucket 0's example inputs .* to bucket 1"):
-        bucket_model_trace(causal, [ids(8), ids(4)], cfg)
+        package_buckets(causal, [ids(8), ids(4)], cfg)
     with pytest.raises(ValueError, match="to bucket 0 with shapes"):
-        bucket_model_trace(causal, [ids(3), ids(8)], cfg)
+        package_buckets(causal, [ids(3), ids(8)], cfg)
     with pytest.raises(ValueError, match="one tuple of inputs per bucket"):
-        bucket_model_trace(causal, [], cfg)
+        package_buckets(causal, [], cfg)
     with pytest.raises(ValueError, match="func_kwargs must be a list of 2 dicts"):
-        bucket_model_trace(lambda: causal, [ids(4), ids(8)],
+        package_buckets(lambda: causal, [ids(4), ids(8)],
                            BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), func_kwargs=[{}]))
 
 
 def test_weights_are_stored_once(causal):
     big = Causal(d=256).eval()
-    one = bucket_model_trace(big, [ids(4)], BucketModelConfig(bucketing.sequence_length_kernel, ((4,),)))
-    two = bucket_model_trace(big, [ids(4), ids(8)], BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),)))
+    one = package_buckets(big, [ids(4)], BucketModelConfig(bucketing.sequence_length_kernel, ((4,),)))
+    two = package_buckets(big, [ids(4), ids(8)], BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),)))
     weights = sum(p.numel() * 4 for p in big.parameters())
     s1, s2 = len(roundtrip(one)[1]), len(roundtrip(two)[1])
     assert s1 > weights and s2 - s1 < weights / 4
@@ -212,7 +219,7 @@ def test_separately_built_models_share_identical_weights(causal):
         return m.eval()
 
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), func_kwargs=[{"width": 4}, {"width": 8}])
-    m = bucket_model_trace(build_model, [ids(4), ids(8)], cfg)
+    m = package_buckets(build_model, [ids(4), ids(8)], cfg)
     assert trace_meta.get_meta(m)["deduplicated_weight_bytes"] == sum(t.numel() * 4 for t in state_dict.values())
     loaded, _ = roundtrip(m)
     assert torch.allclose(loaded(*ids(6))[0], causal(*ids(6))[0], atol=1e-6)
@@ -239,7 +246,7 @@ def test_shared_state_buffer_is_sliced_per_bucket_and_updated_in_place():
 
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), shared_state_buffer=[torch.zeros(1, 8)],
                             func_kwargs=[{"n": 4}, {"n": 8}])
-    m, data = roundtrip(bucket_model_trace(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg))
+    m, data = roundtrip(package_buckets(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg))
     meta = trace_meta.read_meta(data)
     assert meta["io_aliases"] == {"shared_state[0]": 1} and meta["outputs"] == ["tuple", ["t"]]
     shadow = torch.zeros(1, 8)
@@ -272,7 +279,7 @@ def test_custom_state_preprocessor_factory():
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), shared_state_buffer=[torch.zeros(1, 8)],
                             shared_state_buffer_preprocessor=lambda: torch.jit.script(reversed_slices),
                             func_kwargs=[{"n": 4}, {"n": 8}])
-    m = bucket_model_trace(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg)
+    m = package_buckets(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg)
     m(torch.ones(1, 4))
     assert torch.equal(m.shared_state[0], torch.tensor([[0.0] * 4 + [1.0] * 4]))
 
@@ -285,13 +292,13 @@ def test_shared_state_must_fit():
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),), shared_state_buffer=[torch.zeros(1, 6)],
                             func_kwargs=[{"n": 4}, {"n": 8}])
     with pytest.raises(ValueError, match="does not fit in the shared state buffer"):
-        bucket_model_trace(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg)
+        package_buckets(get, [torch.zeros(1, 4), torch.zeros(1, 8)], cfg)
 
 
 def test_bucket_models_own_state_without_a_shared_buffer():
     m = Counter(4)
     cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4,),))
-    packaged, _ = roundtrip(bucket_model_trace(lambda: (m, {m.mem: 1}), [torch.zeros(1, 4)], cfg))
+    packaged, _ = roundtrip(package_buckets(lambda: (m, {m.mem: 1}), [torch.zeros(1, 4)], cfg))
     packaged(torch.ones(1, 2))
     (out,) = packaged(torch.ones(1, 2))
     assert torch.equal(out, torch.full((1, 2), 2.0))
@@ -311,11 +318,13 @@ class Accumulate(torch.nn.Module):
 def test_trace_with_input_output_aliases_keeps_state_in_the_graph():
     m = Accumulate()
     traced = neuron_client.trace(m, torch.ones(3), input_output_aliases={m.total: 1})
-    loaded, data = roundtrip(traced)
+    assert not m.total.any()  # the trace left the module's state as it found it
+    assert [float(traced(torch.ones(3))[0]) for _ in range(3)] == [3.0, 6.0, 9.0]  # run here, state in the graph
+    _, data = roundtrip_graph(traced)
+    loaded = torch.jit.load(io.BytesIO(script.parts_of(traced)[0]))  # the graph a worker runs: from the traced state
     assert [float(loaded(torch.ones(3))[0]) for _ in range(3)] == [3.0, 6.0, 9.0]
     meta = trace_meta.read_meta(data)
     assert meta["io_aliases"] == {"model.total": 1} and meta["state_bytes"] == 12
-    assert not m.total.any()  # the trace left the module's state as it found it
 
 
 def test_io_alias_errors():

@@ -9,20 +9,17 @@ import urllib.request
 import pytest
 
 from broker import cli, metrics
+from neuron_client.wire import status
+from tests.helpers import sample_status_doc
 
 SECRET_CMD = "/opt/venv/bin/python /srv/app/serve.py --db-password hunter2 --token=s3cr3t"
 
 
-def status_doc(cmd: str = SECRET_CMD) -> dict:
-    owner = {"pid": 4242, "cmd": cmd, "lease_id": "L1"}
-    core = {"core": 0, "device": "cpu", "state": "owned", "owner": owner, "requests": 3, "errors": 0, "perf": {},
-            "models": [], "worker": {"rss": 1, "ready": True, "restarts": 0}}
-    return {"broker": {"backend": "cpu", "cores": 1, "uptime_s": 1.0, "leases_granted": 1,
-                       "leases_ended": {"released": 0}},
-            "cores": [core], "leases": [{"pid": 4242, "cmd": cmd, "cores": [0]}], "pending": []}
+def status_doc(cmd: str = SECRET_CMD) -> status.StatusDoc:
+    return sample_status_doc(cmd)
 
 
-def render(doc: dict, **kwargs) -> str:
+def render(doc: status.StatusDoc, **kwargs) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
     class One:
@@ -117,8 +114,11 @@ def test_cli_passes_the_flag_on(monkeypatch, tmp_path):
     class Pong:
         pid, cores, backend = 1, 1, "cpu"
 
-    monkeypatch.setattr(cli.autostart, "running_pid", lambda d: 0)
-    monkeypatch.setattr(cli.autostart, "spawn_broker", spawn_broker)
-    monkeypatch.setattr(cli, "fetch_status", lambda d: {"broker": {}})
+    from broker.commands import _shared
+    from neuron_client.runtime import autostart
+
+    monkeypatch.setattr(autostart, "running_pid", lambda d: 0)
+    monkeypatch.setattr(autostart, "spawn_broker", spawn_broker)
+    monkeypatch.setattr(_shared, "fetch_status", lambda d: status_doc())
     cli.main(["--dir", str(tmp_path), "start", "--cores", "1", "--metrics-port", "0", "--metrics-show-cmdline"])
     assert "--metrics-show-cmdline" in seen["extra"]

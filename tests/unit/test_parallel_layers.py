@@ -387,18 +387,36 @@ def test_load_message_carries_group_and_weights():
 
     w = {"a.weight": torch.randn(3, 2), "b": torch.arange(4)}
     msg = messages.Load(token="t", name="m[tp1/2]", data=torch.zeros(5, dtype=torch.uint8),
-                        group={"name": "tp2-abc", "rank": 1, "size": 2}, weights=w)
+                        group=messages.GroupSpec(name="tp2-abc", rank=1, size=2), weights=w)
     back = codec.decode(codec.encode(msg, 7)).msg
-    assert back.group == {"name": "tp2-abc", "rank": 1, "size": 2}
+    assert back.group == messages.GroupSpec(name="tp2-abc", rank=1, size=2)
     assert sorted(back.weights) == ["a.weight", "b"] and torch.equal(back.weights["a.weight"], w["a.weight"])
     plain = codec.decode(codec.encode(messages.Load(token="t", name="m", data=torch.zeros(1, dtype=torch.uint8))))
     assert plain.msg.group is None and plain.msg.weights is None  # older clients' loads decode as before
+
+
+@pytest.mark.parametrize("group, match", [
+    ({"name": "g", "rank": 0}, "field 'group' is missing field 'size'"),
+    ({"name": "g", "rank": True, "size": 2}, r"field 'group.rank' has the wrong type \(bool; expected int\)"),
+    ({"name": "g", "rank": 0, "size": 1, "extra": 1}, r"field 'group' has unexpected fields \['extra'\]"),
+    (["g", 0, 1], r"field 'group' has the wrong type \(list; expected a map \(GroupSpec\) or null\)"),
+])
+def test_load_message_with_a_malformed_group_is_refused_by_the_decoder(group, match):
+    import msgpack
+
+    from neuron_client.wire import codec
+    from neuron_client.wire.errors import ProtocolError
+
+    head = msgpack.packb({"v": 1, "op": "load", "body": {"token": "t", "name": "m", "data": 0, "group": group}})
+    with pytest.raises(ProtocolError, match=match):
+        codec.decode([head])
 
 
 def test_model_store_restores_weights_joins_and_drops_groups(tiny, tmp_path):
     """The worker side in-process: a weight-less rank graph plus its weights, a (one-rank) group, unload."""
     from neuron_client.distributed import trace
     from neuron_client.wire.errors import ModelLoadError, ProtocolError
+    from neuron_client.wire.messages import GroupSpec
     from worker.store import ModelStore
 
     ref, get_model, x = tiny
@@ -408,7 +426,7 @@ def test_model_store_restores_weights_joins_and_drops_groups(tiny, tmp_path):
     rendezvous.mkdir()
     store = ModelStore(0, "cpu", rendezvous_dir=str(rendezvous))
     blob = shard.data.numpy().tobytes()
-    model_id, _ = store.load("tiny", blob, weights=shard.weights, group={"name": "g1", "rank": 0, "size": 1})
+    model_id, _ = store.load("tiny", blob, weights=shard.weights, group=GroupSpec(name="g1", rank=0, size=1))
     entry = store.get(model_id)
     assert entry.group is not None and collectives.registered() == ["g1"]
     assert not os.listdir(rendezvous)  # the rendezvous file is gone once every rank joined
@@ -416,8 +434,8 @@ def test_model_store_restores_weights_joins_and_drops_groups(tiny, tmp_path):
         torch.testing.assert_close(entry.module(x), ref(x).detach(), atol=1e-5, rtol=1e-5)
     store.unload(model_id)
     assert collectives.registered() == []
-    for bad in ({"name": "../x", "rank": 0, "size": 1}, {"name": "g", "rank": 1, "size": 1},
-                {"name": "g", "rank": 0}, {"name": "g", "rank": True, "size": 2}):
+    for bad in (GroupSpec(name="../x", rank=0, size=1), GroupSpec(name="g", rank=1, size=1),
+                GroupSpec(name="g", rank=0, size=0), {"name": "g", "rank": 0, "size": 1}):  # values; not a GroupSpec
         with pytest.raises(ProtocolError, match="'group'"):
             store.load("tiny", blob, weights=shard.weights, group=bad)
     with pytest.raises(ModelLoadError, match="missing"):

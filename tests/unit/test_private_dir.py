@@ -152,7 +152,7 @@ def test_the_client_checks_the_directory_before_it_trusts_anything_there(tmp_pat
     directory = planted(tmp_path)
     talked = []
     monkeypatch.delenv(config.ENV_BROKER_ADDRESS, raising=False)
-    monkeypatch.setattr(autostart.transport, "ping", lambda address, timeout: talked.append(address))
+    monkeypatch.setattr(autostart, "_ping", lambda address, timeout: talked.append(address))
     monkeypatch.setattr(autostart.subprocess, "Popen", lambda *a, **k: talked.append(a))
     monkeypatch.setattr(autostart.subprocess, "run", lambda *a, **k: talked.append(a))
     for call in (lambda: autostart.ensure_broker(directory), lambda: autostart.ensure_broker(directory, detach=True),

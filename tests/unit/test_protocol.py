@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import enum
 import math
+import re
 import typing
 
 import msgpack
@@ -16,6 +17,8 @@ from neuron_client.wire import codec, messages, tensors
 from neuron_client.wire.codec import EXT_SHM_TENSOR, EXT_TENSOR, EXT_TUPLE, decode, encode
 from neuron_client.wire.errors import ProtocolError
 from neuron_client.wire.messages import MESSAGES, PROTOCOL_VERSION
+from neuron_client.wire.status import ModelStatus
+from tests.helpers import sample_status_doc
 from neuron_client.wire.tensors import TensorSink, TensorSource
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -150,14 +153,14 @@ def example_messages():
         "acquire": messages.Acquire(pid=1, create_time=123.5, cmd="python x.py", visible=[0, 2], count=None,
                                     wait_s=2.5),
         "granted": messages.Granted(lease_id="ab", token="cd", cores=[2, 3],
-                                    workers=[{"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9}],
+                                    workers=[messages.WorkerInfo(core=2, endpoint="ipc:///tmp/w2", pid=9)],
                                     heartbeat_s=0.5, lease_timeout_s=5.0),
         "heartbeat": messages.Heartbeat(lease_id="ab"),
-        "heartbeat_ack": messages.HeartbeatAck(workers=[{"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9,
-                                                         "ready": True, "failed": False, "last_exit": None}]),
+        "heartbeat_ack": messages.HeartbeatAck(workers=[messages.WorkerInfo(
+            core=2, endpoint="ipc:///tmp/w2", pid=9, ready=True, failed=False, last_exit="signal 9")]),
         "release": messages.Release(lease_id="ab"),
         "status": messages.Status(),
-        "status_reply": messages.StatusReply(doc={"cores": [{"core": 0, "owner": None}], "pid": 3}),
+        "status_reply": messages.StatusReply(doc=sample_status_doc()),
         "stop": messages.Stop(),
         "drain": messages.Drain(resume=True),
         "force_release": messages.ForceRelease(pid=4321),
@@ -165,14 +168,15 @@ def example_messages():
         "ok": messages.Ok(),
         "error": messages.Error(code="PROTOCOL", message="bad"),
         "worker_ready": messages.WorkerReady(core=1, pid=77, endpoint="ipc:///tmp/w1"),
-        "worker_stats": messages.WorkerStats(core=1, models=[{"id": 1, "name": "m", "requests": 3, "bytes": 10}],
+        "worker_stats": messages.WorkerStats(core=1, models=[ModelStatus(id=1, name="m", requests=3, bytes=10)],
                                              requests=3, errors=0, rss=1 << 40, busy=True),
         "assign": messages.Assign(lease_id="ab", token_hash="0" * 64, owner_pid=7, owner_uid=1000),
         "assigned": messages.Assigned(core=1, lease_id="ab"),
         "reattach": messages.Reattach(lease_id="ab", token="t"),
         "lease_ended": messages.LeaseEnded(lease_id="ab", reason="released by an operator"),
         "shutdown": messages.Shutdown(),
-        "load": messages.Load(token="tok", name="m.pt", data=torch.tensor([1, 2, 3], dtype=torch.uint8)),
+        "load": messages.Load(token="tok", name="m.pt", data=torch.tensor([1, 2, 3], dtype=torch.uint8),
+                              group=messages.GroupSpec(name="tp2-x", rank=1, size=2)),
         "loaded": messages.Loaded(model_id=4, load_s=0.25),
         "unload": messages.Unload(token="tok", model_id=4),
         "call": messages.Call(token="tok", model_id=4, args=(t, [t, None], {"k": (1, 2.0)}), reply_shm="nrt-1-ab-0",
@@ -492,8 +496,17 @@ def test_body_must_be_a_map(body):
         decode(pack_header({"v": 1, "op": "ping", "body": body}))
 
 
+def plain(value):
+    """A record as the map it travels as (tensors left alone)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value
+
+
 def body_of(msg) -> dict:
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return {f.name: plain(getattr(msg, f.name)) for f in dataclasses.fields(msg)}
 
 
 def encodable_body(msg) -> dict:
@@ -536,6 +549,10 @@ def wrong_values(hint):
         for h in hints:
             if h is type(None) and v is None:
                 return True
+            if codec._is_record(h) and type(v) is dict:
+                return True  # the right type; a malformed map is the nested tests' business
+            if typing.get_origin(h) is list and type(v) is list:
+                return True
             if h is float and type(v) in (int, float):
                 return True
             if h in (int, str, list, dict, bool) and type(v) is h:
@@ -573,6 +590,105 @@ def test_tensor_where_a_field_wants_a_string():
               b"\x00"]
     with pytest.raises(ProtocolError, match="wrong type"):
         decode(frames)
+
+
+# ---- records: typed documents inside messages -------------------------------------------------------------------
+
+
+def granted_body(**worker) -> dict:
+    w = {"core": 2, "endpoint": "ipc:///tmp/w2", "pid": 9, **worker}
+    return {"lease_id": "ab", "token": "cd", "cores": [2], "workers": [w], "heartbeat_s": 0.2, "lease_timeout_s": 0.0}
+
+
+def test_records_are_built_from_their_maps():
+    env = decode(pack_header({"v": 1, "op": "granted", "body": granted_body(ready=False)}))
+    w = env.msg.workers[0]
+    assert type(w) is messages.WorkerInfo and (w.core, w.pid, w.ready, w.failed, w.last_exit) == (2, 9, False, False, "")
+    env = decode(pack_header({"v": 1, "op": "worker_stats", "body": {
+        "core": 0, "models": [{"id": 1, "name": "m", "requests": 2, "bytes": 3}], "requests": 2, "errors": 0,
+        "rss": 1, "busy": False}}))
+    assert env.msg.models == [ModelStatus(id=1, name="m", requests=2, bytes=3)]
+
+
+@pytest.mark.parametrize("body, match", [
+    (granted_body(pid="9"), r"granted: field 'workers\[0\]\.pid' has the wrong type \(str; expected int\)"),
+    (granted_body(ready=1), r"field 'workers\[0\]\.ready' has the wrong type \(int; expected bool\)"),
+    (granted_body(extra=1), r"field 'workers\[0\]' has unexpected fields \['extra'\] \(a WorkerInfo has core, "),
+    ({**granted_body(), "workers": [{"core": 2, "pid": 9}]},
+     r"field 'workers\[0\]' is missing field 'endpoint' \(a WorkerInfo\)"),
+    ({**granted_body(), "workers": [[2, "e", 9]]},
+     r"field 'workers\[0\]' has the wrong type \(list; expected a map \(WorkerInfo\)\)"),
+    ({**granted_body(), "workers": {"core": 2}}, r"field 'workers' has the wrong type \(dict; expected a list\)"),
+])
+def test_a_malformed_record_is_refused_naming_its_path(body, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(pack_header({"v": 1, "op": "granted", "body": body}))
+
+
+def status_body(**change) -> dict:
+    """A status_reply body, its document as a map, with ``change`` applied: {"path.to.field": value}."""
+    doc = plain(sample_status_doc())
+    for path, value in change.items():
+        *parents, leaf = path.split(".")
+        node = doc
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return {"doc": doc}
+
+
+DELETE = object()
+
+
+def test_the_status_document_decodes_into_its_records():
+    from neuron_client.wire import status
+
+    sent = sample_status_doc()
+    doc = decode(encode(messages.StatusReply(doc=sent))).msg.doc
+    assert type(doc) is status.StatusDoc and doc == sent
+    assert type(doc.cores[0].worker) is status.WorkerStatus and type(doc.cores[0].perf.latency_hist) is \
+        status.LatencyHistogram and type(doc.leases[0]) is status.LeaseStatus
+    assert doc.cores[0].owner.pid == 4242 and doc.cores[0].models[0].name == "m.pt" and doc.pending[0].requested == "nc0"
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"cores.0.worker.pid": "7"}, r"status_reply: field 'doc\.cores\[0\]\.worker\.pid' has the wrong type "
+                                  r"\(str; expected int\)"),
+    ({"cores.0.owner": 5}, r"field 'doc\.cores\[0\]\.owner' has the wrong type \(int; expected a map \(OwnerStatus\) "
+                           r"or null\)"),
+    ({"cores.0.perf.latency_hist.counts": [1, "x"]},
+     r"field 'doc\.cores\[0\]\.perf\.latency_hist\.counts\[1\]' has the wrong type \(str; expected int\)"),
+    ({"cores.0.perf.surprise": 1}, r"field 'doc\.cores\[0\]\.perf' has unexpected fields \['surprise'\]"),
+    ({"broker.leases_ended": {"released": 1.5}},
+     r"field \"doc\.broker\.leases_ended\['released'\]\" has the wrong type \(float; expected int\)"),
+    ({"broker": DELETE}, r"field 'doc' is missing field 'broker' \(a StatusDoc\)"),
+    ({"cores.0.worker.memory_bytes": DELETE}, r"field 'doc\.cores\[0\]\.worker' is missing field 'memory_bytes'"),
+    ({"cores": {"0": {}}}, r"field 'doc\.cores' has the wrong type \(dict; expected a list\)"),
+    ({"cores.0.rss": 1}, r"field 'doc\.cores\[0\]' has unexpected fields \['rss'\]"),  # schema 1's name
+])
+def test_a_malformed_status_document_is_refused_naming_the_field(change, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(pack_header({"v": 1, "op": "status_reply", "body": status_body(**change)}))
+
+
+def test_status_document_json_round_trip():
+    from neuron_client.wire import status
+
+    doc = sample_status_doc()
+    assert status.from_json(status.to_json(doc)) == doc
+    with pytest.raises(ProtocolError, match=r"^StatusDoc\.cores\[0\]\.index has the wrong type"):
+        status.from_json(dict(status.to_json(doc), cores=[dict(status.to_json(doc)["cores"][0], index="0")]))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", status.timestamp())
+    assert status.timestamp(0.5) == "1970-01-01T00:00:00.500Z"
+
+
+def test_codec_build_checks_a_map_as_decode_does():
+    assert codec.build(messages.WorkerInfo, {"core": 1, "endpoint": "e", "pid": 2}).pid == 2
+    with pytest.raises(ProtocolError, match=r"^WorkerInfo\.core has the wrong type \(str; expected int\)$"):
+        codec.build(messages.WorkerInfo, {"core": "1", "endpoint": "e", "pid": 2})
 
 
 # ---- tensor references -----------------------------------------------------------------------------------------

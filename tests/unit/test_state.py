@@ -111,6 +111,7 @@ def test_link_close_ends_the_lease_at_once_and_retires_its_workers():
     assert [e.core for e in loop.effects if isinstance(e, st.StopWorker)] == [0, 1]
     assert all(loop.s.slots[c].pid not in old and loop.s.slots[c].state == st.SlotState.FRESH for c in (0, 1))
     assert g.lease_id not in loop.journal
+    assert loop.s.ended_counts == [st.EndReason.RELEASED]
 
 
 def test_owner_exit_ends_the_lease_even_if_a_forked_child_keeps_the_link_open():
@@ -120,6 +121,7 @@ def test_owner_exit_ends_the_lease_even_if_a_forked_child_keeps_the_link_open():
     loop.effects = []
     loop.feed(st.OwnerExited(500, 1.0))
     assert loop.owners() == [None, None]
+    assert loop.s.ended_counts == [st.EndReason.OWNER_EXITED]
     assert any(isinstance(e, st.CloseLink) and e.link == 1 for e in loop.effects)
     assert any(isinstance(e, st.UnlinkSegments) and e.pid == 500 for e in loop.effects)
 
@@ -250,6 +252,7 @@ def test_operator_release_pushes_the_reason_and_frees_the_cores():
     reply = [e.msg for e in loop.effects if isinstance(e, st.Reply) and e.to == ("zmq", b"op")][0]
     assert reply.cores == [0, 1] and reply.leases == [g.lease_id]
     assert loop.owners() == [None, None]
+    assert loop.s.ended_counts == [st.EndReason.OPERATOR]
     # the effects are ordered: the owner hears the reason before its workers are stopped
     kinds = [type(e) for e in loop.effects]
     assert kinds.index(st.Reply) < kinds.index(st.StopWorker)
@@ -270,7 +273,7 @@ def test_crashes_are_charged_to_the_lease_and_forgiven_for_the_next_owner():
     slot = loop.s.slots[0]
     assert slot.failed and slot.state == st.SlotState.DOWN and loop.s.core_state(0) == "failed"
     pushed = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
-    assert pushed[-1].workers[0]["failed"] is True
+    assert pushed[-1].workers[0].failed is True
     loop.feed(st.LinkClosed(1))
     loop.feed(st.Tick())
     assert not slot.failed and slot.state == st.SlotState.FRESH and loop.s.core_state(0) == "free"
@@ -287,8 +290,8 @@ def test_a_crashed_worker_of_an_active_lease_is_replaced_and_the_owner_told():
     loop.feed(st.WorkerExited(0, old, "signal SIGKILL"))
     loop.feed(st.Tick())
     pushes = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
-    assert pushes[0].workers[0]["pid"] == 0 and pushes[-1].workers[0]["pid"] not in (0, old)
-    assert pushes[-1].workers[0]["ready"] is True
+    assert pushes[0].workers[0].pid == 0 and pushes[-1].workers[0].pid not in (0, old)
+    assert pushes[-1].workers[0].ready is True
     assert loop.owners() == [g.lease_id]
 
 

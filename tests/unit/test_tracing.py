@@ -38,7 +38,7 @@ def save_bytes(module, tmp_path, name="m.pt") -> bytes:
 @pytest.fixture
 def traced():
     torch.manual_seed(0)
-    return tracing.trace(Affine(), torch.randn(2, 4))
+    return tracing.trace_graph(Affine(), torch.randn(2, 4))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def test_traced_model_still_computes(traced, tmp_path):
 def test_trace_with_several_inputs_of_several_dtypes(tmp_path):
     x = torch.randn(3, 5, dtype=torch.float64)
     idx = torch.arange(7, dtype=torch.int32)
-    t = tracing.trace(Pair(), (x, idx))
+    t = tracing.trace_graph(Pair(), (x, idx))
     meta = trace_meta.read_meta(save_bytes(t, tmp_path))
     assert meta["inputs"] == [{"shape": [3, 5], "dtype": "float64"}, {"shape": [7], "dtype": "int32"}]
 
@@ -79,7 +79,7 @@ def test_trace_of_a_plain_function(tmp_path):
     def double(x):
         return x * 2
 
-    t = tracing.trace(double, torch.ones(1, dtype=torch.bfloat16))
+    t = tracing.trace_graph(double, torch.ones(1, dtype=torch.bfloat16))
     assert trace_meta.get_meta(t)["inputs"] == [{"shape": [1], "dtype": "bfloat16"}]
     assert torch.equal(t(torch.ones(1)), torch.full((1,), 2.0))
 
@@ -87,7 +87,7 @@ def test_trace_of_a_plain_function(tmp_path):
 def test_trace_puts_the_module_in_eval_mode():
     m = torch.nn.Sequential(torch.nn.Dropout(0.5))
     m.train()
-    t = tracing.trace(m, torch.ones(100))
+    t = tracing.trace_graph(m, torch.ones(100))
     assert torch.equal(t(torch.ones(100)), torch.ones(100))  # dropout off
 
 

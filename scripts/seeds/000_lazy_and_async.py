@@ -1,0 +1,7 @@
+import torch
+import neuron_client as torch_neuronx
+
+neuron_model = torch_neuronx.trace(model, inputs)
+torch_neuronx.lazy_load(neuron_model)
+torch_neuronx.async_load(neuron_model)
+torch.jit.save(neuron_model, "my_model")
