@@ -35,7 +35,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
 def median_ms(xs) -> float:
@@ -44,10 +43,10 @@ def median_ms(xs) -> float:
 
 def bench_bucketing(work: str, calls: int) -> dict:
     import torch
-    from bucket_apps import get_bucket_kernel
 
     import neuron_client
     from neuron_client.distributed.examples import minilm
+    from tests.procs.buckets import get_bucket_kernel
 
     tok = minilm.tokenizer()
     cpu = minilm.cpu_model()

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
 
     from neuron_client.integrations import ray as nray
     from neuron_client.runtime import autostart
-    from tests import ray_apps
+    from tests.helpers import local_status, wait_status
+    from tests.procs.ray_actors import pinned
 
     base = tempfile.mkdtemp(prefix="nray-bench-")
     figures: dict = {"cores_per_node": args.cores, "model": f"3 x Linear({args.hidden}), batch {args.batch}"}
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
             placed.setdefault(info["node_id"][:8], {})[f"nc{info['cores'][0]}"] = info["pid"]
         figures["actors_placed"] = len(infos)
         figures["placement"] = placed
-        brokers_owned = {n[:8]: sum(1 for o in nray.owners(ray_apps.local_status(d)).values() if o)
+        brokers_owned = {n[:8]: sum(1 for o in nray.owners(local_status(d)).values() if o)
                          for n, d in dirs.items()}
         figures["cores_owned_per_node_broker"] = brokers_owned
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
             core = info["cores"][0]
             t0 = time.monotonic()
             ray.kill(s)
-            ray_apps.wait_status(d, lambda doc: nray.owners(doc)[core] is None, timeout_s=15, what="reclaim")
+            wait_status(d, lambda doc: nray.owners(doc)[core] is None, timeout_s=15, what="reclaim")
             reclaim.append(time.monotonic() - t0)
         figures["reclaim_after_ray_kill_s"] = {"median": round(statistics.median(reclaim), 3),
                                                "max": round(max(reclaim), 3), "samples": len(reclaim)}
@@ -127,7 +128,7 @@ def main(argv=None) -> int:
         node_a = nodes[0].node_id
         dir_a = dirs[node_a]
         n = args.cores
-        actors = [Server.options(scheduling_strategy=ray_apps.pinned(node_a)).remote(data) for _ in range(n)]
+        actors = [Server.options(scheduling_strategy=pinned(node_a)).remote(data) for _ in range(n)]
         ray.get([a.infer.remote(x) for a in actors], timeout=300)  # ready and warm
         runs = ray.get([a.run_for.remote(args.seconds, x) for a in actors], timeout=300)
         in_actor = sum(r["calls"] / r["seconds"] for r in runs)
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         driven = calls / (time.monotonic() - t0)
         for a in actors:
             ray.kill(a)
-        ray_apps.wait_status(dir_a, lambda doc: all(o is None for o in nray.owners(doc).values()), what="free")
+        wait_status(dir_a, lambda doc: all(o is None for o in nray.owners(doc).values()), what="free")
 
         model_path = os.path.join(base, "model.pt")
         with open(model_path, "wb") as f:

@@ -1,78 +1,205 @@
-"""Test helpers: a command-driven owner process (``tests.procs.owner``) and raw socket clients."""
+"""Test helpers: real brokers (:class:`BrokerProc`), long-lived client processes driven one command at a time
+(:class:`App`, the processes of :mod:`tests.procs`), processes kept across a module's tests (:class:`KeptApps`), and
+raw clients of a broker's or a worker's socket."""
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
+from broker.embedded import EmbeddedBroker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READY_TIMEOUT_S = 60.0
+START_TIMEOUT_S = 90.0  # a process of tests.procs imports torch first: seconds on a loaded 2-CPU machine
+COMMAND_TIMEOUT_S = 60.0
 
 
-def next_json_line(stream, timeout_s: float) -> dict | None:
-    """The next line of ``stream`` that is a JSON object, or None at its end or after ``timeout_s``."""
-    sel = selectors.DefaultSelector()
-    sel.register(stream, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sel.select(max(0.0, deadline - time.monotonic())):
-            line = stream.readline()
-            if not line:
-                return None
-            if line.startswith("{"):
-                return json.loads(line)
-    return None
+class BrokerProc(EmbeddedBroker):
+    """A broker in the foreground of its own process group (workers included), in the private ``directory``."""
+
+    def __init__(self, directory: str, cores: int, extra=()):
+        super().__init__(cores, directory=directory, extra=extra, ready_timeout_s=READY_TIMEOUT_S)
 
 
-class Owner:
-    """A live client process that runs one command at a time: ``owner.do("acquire", env={...})``."""
+def wait_free(broker: BrokerProc, timeout_s: float = 10.0):
+    """Wait until no core is owned (the previous test's clients released or were reclaimed)."""
+    return broker.wait_for(lambda d: all(c.owner is None for c in d.cores), timeout_s, "all cores free")
 
-    def __init__(self, broker_env: dict, env=None):
-        full = dict(broker_env)
+
+class App:
+    """A client process, ``python -m tests.procs.<procs>`` (see :mod:`tests.procs.harness`), that runs one command at
+    a time: ``app.do("acquire", env={...})`` is its JSON reply, ``app.ok(...)`` the same asserting it is no error.
+
+    Every read has a timeout (``timeout_s``); a process that does not answer in time is killed, so that it cannot
+    carry a half-done command into a later test, and the test fails naming the command and the process's stderr. The
+    process is in its own session: :meth:`close` kills it and anything it started."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, broker: BrokerProc | None = None, procs: str = "inference", env=None, directory=None,
+                 wait: bool = True):
+        full = dict(broker.env if broker is not None else os.environ)
+        if directory:
+            full["NEURON_BROKER_DIR"] = directory
         full.update(env or {})
         full["PYTHONPATH"] = ROOT + os.pathsep + full.get("PYTHONPATH", "")
         full["PYTHONWARNINGS"] = "ignore"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.procs.owner"], env=full, cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        self.procs = procs
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", f"tests.procs.{procs}"], env=full, cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0,
+                                     start_new_session=True)
         self.pid = self.proc.pid
-        self.read(90)
+        self._buffer = b""
+        self._pending: list[int] = []
+        self.ready: dict | None = None
+        if wait:
+            self.wait_ready()
 
-    def read(self, timeout_s: float) -> dict:
-        doc = next_json_line(self.proc.stdout, timeout_s)
-        if doc is None:
-            raise AssertionError(f"owner {self.pid} answered nothing within {timeout_s}s (exit {self.proc.poll()}); "
-                                 f"stderr: {self.proc.stderr.read()[-3000:] if self.proc.poll() is not None else ''}")
-        return doc
+    def __repr__(self) -> str:
+        return f"<tests.procs.{self.procs} pid {self.pid}>"
 
-    def do(self, what: str, timeout_s: float = 90.0, **kw) -> dict:
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> dict:
+        """The process's first line, once it has imported what it needs."""
+        if self.ready is None:
+            self.ready = self._line(timeout_s, "its ready line")
+        return self.ready
+
+    # -- commands ---------------------------------------------------------------------------------------------------
+    def send(self, what: str, **kw) -> int:
+        """Send a command without waiting for its reply (:meth:`read` it later); its id."""
+        self.wait_ready()
+        cmd_id = next(self._ids)
+        try:
+            self.proc.stdin.write((json.dumps({"do": what, "id": cmd_id, **kw}) + "\n").encode())
+        except (BrokenPipeError, OSError):
+            raise AssertionError(f"{self} is gone (exit {self.proc.poll()}), cannot send {what!r}; "
+                                 f"stderr:\n{self.stderr()}") from None
+        self._pending.append(cmd_id)
+        return cmd_id
+
+    def read(self, timeout_s: float = COMMAND_TIMEOUT_S) -> dict:
+        """The reply to the oldest command sent and not yet read (replies to commands given up on are skipped)."""
+        cmd_id = self._pending.pop(0)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            doc = self._line(max(0.0, deadline - time.monotonic()), f"reply to command #{cmd_id}")
+            if doc.pop("id", None) == cmd_id:
+                return doc
+
+    def do(self, what: str, timeout_s: float = COMMAND_TIMEOUT_S, **kw) -> dict:
+        """Run one command; its reply (an error reply too)."""
+        self._pending.clear()  # anything sent and never read is stale now
         self.send(what, **kw)
         return self.read(timeout_s)
 
-    def send(self, what: str, **kw) -> None:
-        self.proc.stdin.write(json.dumps({"do": what, **kw}) + "\n")
-        self.proc.stdin.flush()
+    def ok(self, what: str, timeout_s: float = COMMAND_TIMEOUT_S, **kw) -> dict:
+        """Run one command that must succeed; its reply."""
+        doc = self.do(what, timeout_s, **kw)
+        assert "error" not in doc, f"{what} {kw} failed in {self}: {doc['error']}: {doc['message']}\n{doc.get('trace')}"
+        return doc
+
+    def _line(self, timeout_s: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout_s
+        fd = self.proc.stdout.fileno()
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._buffer:
+                left = deadline - time.monotonic()
+                chunk = os.read(fd, 1 << 16) if left > 0 and sel.select(left) else None
+                if not chunk:
+                    alive = self.proc.poll() is None
+                    self.kill()
+                    try:
+                        self.proc.wait(5)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    state = f"no {what} within {timeout_s:.0f}s; killed it" if alive else \
+                        f"it exited ({self.proc.returncode}) before {what}"
+                    raise AssertionError(f"{self}: {state}; stderr:\n{self.stderr()}")
+                self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    @property
+    def busy(self) -> bool:
+        """A command was sent and its reply not read: the process may still be running it."""
+        return bool(self._pending)
+
+    # -- the process ------------------------------------------------------------------------------------------------
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr(self, tail: int = 5000) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-tail:]
 
     def kill(self, sig=signal.SIGKILL) -> None:
         try:
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
 
     def close(self) -> None:
+        """Kill the process (and its session) and wait for it."""
         self.kill()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             pass
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
             try:
                 stream.close()
             except OSError:
                 pass
+
+
+class KeptApps:
+    """Client processes kept across the tests of a module (starting one costs seconds: it imports torch).
+
+    ``with kept.lend(broker, procs, env) as app:`` hands a test the running process for that key, or a new one, and
+    afterwards resets it (its cores released, its models dropped, its environment restored). One that died, did not
+    answer or could not reset is killed, and the next test gets a fresh one: a failure does not reach the next test."""
+
+    def __init__(self):
+        self.apps: dict[tuple, App] = {}
+
+    @contextlib.contextmanager
+    def lend(self, broker: BrokerProc | None, procs: str = "inference", env=None, directory=None, role: str = ""):
+        """The process for (``broker``, ``procs``, ``env``, ``directory``, ``role``: to keep several alike apart)."""
+        key = (procs, broker.directory if broker is not None else None, directory, tuple(sorted((env or {}).items())),
+               role)
+        app = self.apps.get(key)
+        if app is None or not app.alive():
+            if app is not None:
+                app.close()
+            app = self.apps[key] = App(broker, procs, env=env, directory=directory)
+        try:
+            yield app
+        finally:
+            try:
+                if app.busy:  # the test left a command running: do not wait for it
+                    raise AssertionError(f"{app} is still busy")
+                app.ok("reset", timeout_s=20)
+            except AssertionError:  # busy, dead, silent or unable to reset: the next test starts a fresh one
+                app.close()
+
+    def close(self) -> None:
+        for app in self.apps.values():
+            app.close()
+        self.apps.clear()
+
+
+# -- raw clients -------------------------------------------------------------------------------------------------------
 
 
 def worker_request(endpoint: str, msg, timeout_s: float = 5.0):
@@ -84,6 +211,28 @@ def worker_request(endpoint: str, msg, timeout_s: float = 5.0):
         return ch.request(msg, timeout_s).msg
     finally:
         ch.close()
+
+
+def local_status(directory: str):
+    """The status document (a neuron_client.wire.status.StatusDoc) of the broker in ``directory`` (None when none
+    answers)."""
+    from neuron_client.wire import config
+    from neuron_client.wire.broker_client import BrokerClient
+
+    with BrokerClient(config.broker_address(directory)) as broker:
+        return broker.status() if broker.ping(1.0) is not None else None
+
+
+def wait_status(directory: str, predicate, timeout_s: float = 15.0, what: str = "condition") -> tuple:
+    """Poll the status of the broker in ``directory`` until ``predicate(doc)``; (doc, seconds waited)."""
+    t0 = time.monotonic()
+    doc = None
+    while time.monotonic() - t0 < timeout_s:
+        doc = local_status(directory)
+        if doc is not None and predicate(doc):
+            return doc, time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} in {directory}; last status: {doc}")
 
 
 def sample_status_doc(cmd: str = "python app.py", pid: int = 4242):

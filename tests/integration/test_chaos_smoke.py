@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CHAOS = os.path.join(ROOT, "scripts", "chaos.py")
 RUN_TIMEOUT_S = 180

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 HAS_GPU = torch.cuda.is_available() and torch.cuda.device_count() > 0
 needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU here (torch.cuda.is_available() is False): the cuda "
@@ -28,14 +28,25 @@ def test_cuda_backend_without_a_gpu_fails_clearly(tmp_path):
 
 
 @needs_gpu
-def test_cores_sliced_from_one_gpu(fresh_broker, spawn_app, models_dir):
+def test_cores_sliced_from_one_gpu(fresh_broker, apps, models_dir, tmp_path):
     b = fresh_broker(2, extra=["--backend", "cuda", "--cores-per-gpu", "2"])
     doc = b.status()
     assert [c.device for c in doc.cores] == ["cuda:0", "cuda:0"]
     assert all(c.memory_fraction == 0.5 for c in doc.cores)
-    out = spawn_app(b, "cuda_model", models_dir, env={"NEURON_RT_NUM_CORES": "2"}).finish(180)[0]
-    assert out["ok"] and out["outputs_on"] == "cpu" and out["moved_on"].startswith("cuda")
-    assert out["cores"] == [0, 1]
-    assert "out of memory" in out["oom_error"].lower() and out["after_oom_ok"]
+    app = apps(b)
+    app.ok("acquire", env={"NEURON_RT_NUM_CORES": "2"})
+    loaded = app.ok("load", path=os.path.join(models_dir, "affine.pt"), context="multicore")
+    assert loaded["cores"] == [0, 1]
+    m = loaded["model"]
+    out = app.ok("call", model=m, args=[{"rand": [2, 4]}], ref="affine", times=2, timeout_s=180)
+    assert out["same"] and out["device"] == "cpu"  # outputs arrive on the host
+    app.ok("output_device", model=m, device="cuda:0")
+    assert app.ok("call", model=m, shape=[2, 4])["device"].startswith("cuda")
+    hog = app.ok("load", path=app.ok("save_hog", directory=str(tmp_path))["path"])["model"]
+    total = app.ok("gpu_memory")["total"]
+    # 75 % of the GPU: over this core's half
+    oom = app.do("call", model=hog, args=[{"zeros": [1]}, {"tensor": int(total * 0.75 / 4)}], timeout_s=180)
+    assert oom.get("error") == "ModelExecutionError" and "out of memory" in oom["message"].lower(), oom
+    assert app.ok("call", model=hog, args=[{"zeros": [1]}, {"tensor": 1000}])["sum"] == 0  # the core still serves
     doc = b.wait_for(lambda d: d.cores[0].worker.device_memory_bytes > 0, 10, "device memory reported")
     assert doc.cores[0].worker.device_memory_bytes > 0

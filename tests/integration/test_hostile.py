@@ -18,8 +18,7 @@ import torch
 
 from neuron_client.wire import lease_link, messages, shm
 from neuron_client.wire.errors import NotOwnerError, ProtocolError
-from tests.conftest import ROOT, BrokerProc
-from tests.helpers import worker_request
+from tests.helpers import ROOT, BrokerProc, worker_request
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -46,7 +45,7 @@ def test_kill_9_owner_then_immediate_acquire_is_never_refused(broker, owners):
         b.do("release")
 
 
-def test_forked_child_does_not_keep_the_parents_lease(broker, spawn_app):
+def test_forked_child_does_not_keep_the_parents_lease(broker):
     """A child forked by the owner inherits the lease link; the lease still ends when the owner exits."""
     code = ("import os, time, neuron_client.runtime as r\n"
             "rt = r.get_runtime()\n"
@@ -135,11 +134,11 @@ def test_worker_writes_only_into_its_owners_segments(broker, owners, models_dir)
         a = owners(broker)
         a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1"})
         secrets = a.do("secrets")
-        m = a.do("load", path=os.path.join(models_dir, "big.pt"))["model"]
+        model_id = a.do("load", path=os.path.join(models_dir, "big.pt"))["model_ids"][0]  # the worker's id
         big = torch.ones(1024, 1024)
         with pytest.raises(ProtocolError, match="nrt-"):
             worker_request(endpoint(broker, 1), messages.Call(
-                token=secrets["token"], model_id=m + 1, args=(big,), reply_shm=victim_seg.name,
+                token=secrets["token"], model_id=model_id, args=(big,), reply_shm=victim_seg.name,
                 reply_shm_size=1 << 20), 10.0)
         assert bytes(victim_seg.view(0, 16)) == b"V" * 16
     finally:
@@ -168,7 +167,7 @@ def psutil_running(pid):
     return pid_running(pid)
 
 
-def test_operator_release_gives_the_owner_lease_lost_with_the_reason(broker, owners, models_dir, spawn_app):
+def test_operator_release_gives_the_owner_lease_lost_with_the_reason(broker, owners, models_dir):
     """#22: after `neuron-broker release --pid`, the owner's next call raises LeaseLostError naming the release."""
     a = owners(broker)
     a.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})

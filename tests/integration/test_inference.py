@@ -6,39 +6,57 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
-def test_roundtrip_shm_and_model_errors(broker, spawn_app, models_dir):
-    out = spawn_app(broker, "roundtrip", models_dir, env={"NEURON_RT_VISIBLE_CORES": "2"}).finish()[0]
-    assert out["ok_nested"]
-    assert out["ok_big"]
-    assert out["segments"] >= 1  # the 4 MiB tensors went through shared memory
-    assert out["raised"] is not None
-    assert "neuroncore 2" in out["raised"] and "index" in out["raised"].lower()
-    assert out["after_ok"]  # the worker kept serving after the model raised
-
-
-def test_client_segments_removed_after_kill(broker, spawn_app, models_dir):
+def test_roundtrip_shm_and_model_errors(client, models_dir):
     from neuron_client.wire import shm
 
-    app = spawn_app(broker, "hold", models_dir, "1", env={"NEURON_RT_VISIBLE_CORES": "0"})
-    app.next()
+    assert client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "2"})["cores"] == [2]
+    nested = client.ok("load", path=os.path.join(models_dir, "nested.pt"))["model"]
+    out = client.ok("call", model=nested, ref="nested", args=[
+        {"rand": [3]}, {"a": {"rand": [3]}}, [{"rand": [2, 2]}, {"arange": 5, "dtype": "int32"}]])
+    assert out["same"]  # values, dtypes (int32 in, int64 and bool out) and structure as the model run here
+    assert out["kinds"] == {"tuple": ["tensor", {"dict": {"double": "tensor"}}, {"list": ["tensor", "tensor"]},
+                                      "tensor"]}
+
+    big = client.ok("load", path=os.path.join(models_dir, "big.pt"))["model"]
+    # twice: the reply arena exists after the first call, so the second output comes back through shared memory too
+    assert client.ok("call", model=big, ref="big", args=[{"rand": [1024, 1024], "seed": 1}], times=2)["same"]
+    assert len(shm.segments_of(client.pid)) >= 1  # the 4 MiB tensors went through shared memory
+
+    gather = client.ok("load", path=os.path.join(models_dir, "gather.pt"))["model"]
+    raised = client.do("call", model=gather, args=[{"rand": [4, 3]}, {"tensor": [0, 9]}])
+    assert raised.get("error") == "ModelExecutionError", raised
+    assert "neuroncore 2" in raised["message"] and "index" in raised["message"].lower()
+    # the worker kept serving after the model raised
+    assert client.ok("call", model=gather, ref="gather", args=[{"rand": [4, 3]}, {"tensor": [3, 1]}])["same"]
+
+
+def test_client_segments_removed_after_kill(broker, apps, models_dir):
+    from neuron_client.wire import shm
+
+    app = apps(broker)
+    app.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "0"})
+    app.ok("load", path=os.path.join(models_dir, "affine.pt"))
     # a segment named after the app's pid, as if it had sent a large tensor, then the app dies
     seg = shm.Segment(f"nrt-{app.pid}-abc-0", 4096, create=True)
     seg.close()
     app.kill()
     broker.wait_for(lambda d: d.cores[0].owner is None, 5, "core 0 reclaimed")
+    # the broker unlinks them at its next liveness tick (0.1 s) once the process is gone, which may come just after
+    # the status that shows core 0 free
+    broker.wait_for(lambda d: shm.segments_of(app.pid) == [], 2, "the dead client's segments removed")
     assert shm.segments_of(app.pid) == []
 
 
-def test_status_shows_owner_models_and_requests(broker, spawn_app, models_dir):
-    app = spawn_app(broker, "hold", models_dir, "1", env={"NEURON_RT_VISIBLE_CORES": "5"})
-    app.next()
+def test_status_shows_owner_models_and_requests(broker, client, models_dir):
+    client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "5"})
+    client.ok("load", path=os.path.join(models_dir, "affine.pt"))
     doc = broker.wait_for(lambda d: d.cores[5].models, 5, "model listed on core 5")
     core = doc.cores[5]
     assert core.state == "owned"
-    assert core.owner.pid == app.pid and "apps.py hold" in core.owner.cmd
+    assert core.owner.pid == client.pid and "-m tests.procs.inference" in core.owner.cmd
     assert core.owner.lease_age_s >= 0
     assert core.models[0].name == "affine.pt"
     assert core.worker.pid > 0 and core.worker.memory_bytes > 0
@@ -49,7 +67,7 @@ def test_status_shows_owner_models_and_requests(broker, spawn_app, models_dir):
                            timeout=60, cwd=ROOT)
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if line.startswith("nc5 "))
-    assert "owned" in row and str(app.pid) in row and "affine.pt" in row
+    assert "owned" in row and str(client.pid) in row and "affine.pt" in row
     js = subprocess.run([sys.executable, "-m", "broker", "status", "--json"], env=env, capture_output=True,
                         text=True, timeout=60, cwd=ROOT)
     doc = json.loads(js.stdout)
@@ -58,9 +76,12 @@ def test_status_shows_owner_models_and_requests(broker, spawn_app, models_dir):
     assert doc["cores"][5]["owner"]["lease_age_s"] >= 0 and doc["cores"][5]["worker"]["memory_bytes"] > 0
 
 
-def test_requests_counted_per_core(broker, spawn_app, models_dir):
+def test_requests_counted_per_core(broker, client, models_dir):
     before = broker.status().cores[0].requests
-    spawn_app(broker, "load2", models_dir).finish()  # one call on nc0
+    client.ok("acquire")
+    m = client.ok("load", path=os.path.join(models_dir, "affine.pt"))
+    assert m["cores"] == [0]
+    client.ok("call", model=m["model"], shape=[2, 4])  # one call on nc0
     broker.wait_for(lambda d: d.cores[0].requests == before + 1, 5, "one more request on core 0")
 
 
@@ -91,14 +112,20 @@ def test_cli_start_status_stop_as_daemon(tmp_path):
     assert not os.path.exists(tmp_path / "d" / "broker.pid")
 
 
-def test_autostart_once_under_a_race_and_opt_out(tmp_path, spawn_app, models_dir):
+def test_autostart_once_under_a_race_and_opt_out(tmp_path, apps):
     directory = str(tmp_path / "auto")
-    env = {"NEURON_BROKER_AUTOSTART": "1", "NEURON_RT_NUM_CORES": "1"}
+    env = {"NEURON_BROKER_AUTOSTART": "1"}
     try:
         n = min(2, os.cpu_count())  # the autostarted broker has one core per CPU
-        apps = [spawn_app(None, "hold", env=env, directory=directory) for _ in range(n)]
-        owned = sorted(a.next(90)["owned"][0] for a in apps)
-        assert len(set(owned)) == n  # n processes started together, n distinct cores, one broker
+        clients = [apps(None, "owner", env=env, directory=directory, wait=False) for _ in range(n)]
+        for c in clients:  # every process is ready before any asks: the acquires race
+            c.wait_ready()
+        for c in clients:
+            c.send("acquire", env={"NEURON_RT_NUM_CORES": "1"})
+        got = [c.read(90) for c in clients]
+        assert all("cores" in g for g in got), got
+        owned = sorted(g["cores"][0] for g in got)
+        assert len(set(owned)) == n  # n processes asking together, n distinct cores, one broker
         with open(os.path.join(directory, "broker.log")) as f:
             assert f.read().count("serving") == 1
         from neuron_client.wire.broker_client import BrokerClient
@@ -109,6 +136,5 @@ def test_autostart_once_under_a_race_and_opt_out(tmp_path, spawn_app, models_dir
     finally:
         subprocess.run([sys.executable, "-m", "broker", "stop"], env=dict(os.environ, NEURON_BROKER_DIR=directory),
                        capture_output=True, timeout=60, cwd=ROOT)
-    out = spawn_app(None, "acquire_error", env={"NEURON_BROKER_AUTOSTART": "0"},
-                    directory=str(tmp_path / "off")).finish()[0]
-    assert out["error"] == "BrokerUnavailableError" and "NEURON_BROKER_AUTOSTART=0" in out["message"]
+    out = clients[0].do("acquire", env={"NEURON_BROKER_AUTOSTART": "0", "NEURON_BROKER_DIR": str(tmp_path / "off")})
+    assert out.get("error") == "BrokerUnavailableError" and "NEURON_BROKER_AUTOSTART=0" in out["message"], out

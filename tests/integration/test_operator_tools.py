@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, App, BrokerProc
+from tests.helpers import ROOT, App, BrokerProc
 
-OPS_APPS = os.path.join(ROOT, "tests", "ops_apps.py")
+RANKS = [sys.executable, "-m", "tests.procs.ranks"]  # what neuron-run launches here
 BIN = os.path.dirname(sys.executable)
 CLI_TIMEOUT_S = 90
 
@@ -37,9 +37,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tool_env(broker: BrokerProc, env=None) -> dict:
+    """The broker's environment with this checkout first on the path: the console scripts (and what neuron-run
+    launches) import the code under test, wherever the scripts were installed from."""
+    return dict(broker.env, PYTHONPATH=ROOT + os.pathsep + broker.env.get("PYTHONPATH", ""), **(env or {}))
+
+
 def run(broker: BrokerProc, cmd: list[str], timeout_s: float = CLI_TIMEOUT_S, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=dict(broker.env, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout_s, cwd=ROOT, check=False)
+    return subprocess.run(cmd, env=tool_env(broker, env), capture_output=True, text=True, timeout=timeout_s,
+                          cwd=ROOT, check=False)
 
 
 def alive(pid: int) -> bool:
@@ -64,25 +70,24 @@ class Ops:
         self.app: App | None = None
 
     def serving(self) -> App:
-        """The serving client, started (again) if it is not running."""
-        if self.app is None or self.app.proc.poll() is not None:
-            self.app = App(self.broker, "serve", self.models_dir, env={"NEURON_RT_VISIBLE_CORES": "0-1"},
-                           script=OPS_APPS)
-            self.app.ready = self.app.next(90)
+        """The serving client (``python -m tests.procs.ops``), started (again) if it is not running."""
+        if self.app is None or not self.app.alive():
+            if self.app is not None:
+                self.app.close()
+            self.app = App(self.broker, "ops")
+            assert self.app.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "0-1"})["cores"] == [0, 1]
+            self.app.served = self.app.ok("serve", path=os.path.join(self.models_dir, "affine.pt"))
             self.broker.wait_for(lambda d: d.cores[0].models and d.cores[1].models, 10,
                                  "the served model on nc0 and nc1")
         return self.app
 
     def others_gone(self) -> None:
-        keep = {self.app.pid} if self.app and self.app.proc.poll() is None else set()
+        keep = {self.app.pid} if self.app and self.app.alive() else set()
         self.broker.wait_for(lambda d: {lease.pid for lease in d.leases} <= keep, 10, "test clients gone")
 
     def close(self) -> None:
         if self.app is not None:
-            self.app.kill()
-            self.app.proc.wait(5)
-            self.app.proc.stdout.close()
-            self.app.proc.stderr.close()
+            self.app.close()
         self.broker.stop()
 
 
@@ -98,6 +103,13 @@ def ops(ops_module):
     ops_module.others_gone()
     yield ops_module
     ops_module.others_gone()
+
+
+@pytest.fixture
+def client(ops, kept):
+    """The module's other client process (``python -m tests.procs.owner``) on the module's broker, holding nothing."""
+    with kept.lend(ops.broker, "owner") as app:
+        yield app
 
 
 def scrape(port: int) -> dict:
@@ -120,13 +132,13 @@ def sample(families: dict, family: str, name: str | None = None, **labels) -> fl
 
 def test_ls_table_and_json(ops, capsys):
     app = ops.serving()
-    pid = app.ready["pid"]
+    pid = app.served["pid"]
     out = run(ops.broker, NEURON_LS)
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line for line in out.stdout.splitlines() if line.startswith("nc")}
     assert sorted(rows) == ["nc0", "nc1", "nc2", "nc3"]
     for nc in ("nc0", "nc1"):
-        assert "owned" in rows[nc] and str(pid) in rows[nc] and "ops_apps.py serve" in rows[nc]
+        assert "owned" in rows[nc] and str(pid) in rows[nc] and "-m tests.procs.ops" in rows[nc]
         assert "affine.pt x2 loaded" in rows[nc]  # one model, replicated on the owner's two cores
         assert "MiB" in rows[nc]  # the worker's memory
     assert "free" in rows["nc2"] and str(pid) not in rows["nc2"]
@@ -139,7 +151,7 @@ def test_ls_table_and_json(ops, capsys):
     nc0, nc2 = doc["cores"][0], doc["cores"][2]
     assert set(nc0) >= {"index", "device", "cpus", "state", "owner", "models", "worker"}
     assert nc0["index"] == 0 and nc0["state"] == "owned" and nc0["device"] == "cpu"
-    assert nc0["owner"]["pid"] == pid and nc0["owner"]["lease_age_s"] >= 0 and "serve" in nc0["owner"]["cmd"]
+    assert nc0["owner"]["pid"] == pid and nc0["owner"]["lease_age_s"] >= 0 and "tests.procs.ops" in nc0["owner"]["cmd"]
     assert nc0["models"][0] | {"requests": 0, "bytes": 0} == {"name": "affine.pt", "replicas": 2, "state": "loaded",
                                                               "copies": 1, "requests": 0, "bytes": 0}
     assert nc0["worker"]["memory_bytes"] > 0 and nc0["worker"]["pid"] > 0
@@ -153,23 +165,23 @@ def test_ls_table_and_json(ops, capsys):
     assert "affine.pt x2 loaded" in capsys.readouterr().out
 
 
-def test_json_documents_of_a_real_broker_follow_their_schemas(ops):
+def test_json_documents_of_a_real_broker_follow_their_schemas(ops, owners):
     """`neuron-broker status --json` and `neuron-ls --json` as printed, with an owner, models, counters and a
     waiting acquire in them, validate against broker/schemas; both carry the schema version and a timestamp."""
     import jsonschema
 
     from broker import schemas
 
-    pid = ops.serving().ready["pid"]
+    pid = ops.serving().served["pid"]
     ops.broker.wait_for(lambda d: d.cores[0].requests > 0, 10, "calls counted on nc0")
-    waiting = App(ops.broker, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "0", "NEURON_RT_ACQUIRE_TIMEOUT": "30"})
+    waiting = owners(ops.broker)  # a process of this test only: killed below, its acquire still waiting
     try:
+        waiting.send("acquire", env={"NEURON_RT_VISIBLE_CORES": "0", "NEURON_RT_ACQUIRE_TIMEOUT": "30"})
         ops.broker.wait_for(lambda d: d.pending, 30, "a waiting acquire")
         status = run(ops.broker, NEURON_BROKER + ["status", "--json"])
         listing = run(ops.broker, NEURON_LS + ["--json"])
     finally:
-        waiting.kill()
-        waiting.proc.communicate(timeout=30)
+        waiting.close()
     assert status.returncode == 0 and listing.returncode == 0, status.stderr + listing.stderr
     doc, ls_doc = json.loads(status.stdout), json.loads(listing.stdout)
     jsonschema.validate(doc, schemas.load("status"))
@@ -195,7 +207,7 @@ def test_ls_without_broker_says_how_to_start(tmp_path):
 
 
 def test_top_once_prints_cores_and_processes(ops):
-    pid = ops.serving().ready["pid"]
+    pid = ops.serving().served["pid"]
     out = run(ops.broker, NEURON_TOP + ["--once", "--interval", "0.5"])
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -214,8 +226,8 @@ def test_top_once_prints_cores_and_processes(ops):
 def test_top_live_in_a_terminal_quits_on_q(ops):
     import pexpect
 
-    pid = ops.serving().ready["pid"]
-    env = dict(ops.broker.env, TERM="xterm-256color")
+    pid = ops.serving().served["pid"]
+    env = tool_env(ops.broker, {"TERM": "xterm-256color"})
     env.pop("COLUMNS", None)
     child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
                           dimensions=(40, 180), timeout=60, encoding="utf-8", codec_errors="replace")
@@ -235,40 +247,34 @@ def test_top_live_in_a_terminal_quits_on_q(ops):
 # -- neuron-broker release / drain ---------------------------------------------------------------------------------
 
 
-def test_release_pid_takes_cores_back(ops, tmp_path):
-    marker = tmp_path / "released"
-    app = App(ops.broker, "victim", ops.models_dir, str(marker), env={"NEURON_RT_VISIBLE_CORES": "3"},
-              script=OPS_APPS)
-    try:
-        ready = app.next(90)
-        assert ready["owned"] == [3]
-        out = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(app.pid)])
-        assert out.returncode == 0, out.stderr
-        assert f"released nc3 of pid {app.pid}" in out.stdout
-        doc = ops.broker.wait_for(lambda d: d.cores[3].owner is None, 5, "nc3 free")
-        assert doc.cores[3].state == "free"
-        marker.touch()
-        result = app.next(30)
-        assert result["error"] == "LeaseLostError", result
-        assert "operator" in result["message"] and "release --pid" in result["message"]
-        again = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(app.pid)])
-        assert again.returncode == 1 and "holds no cores" in again.stderr
-        families = scrape(ops.port)
-        assert sample(families, "neuron_leases_ended", reason="operator") >= 1
-        assert sample(families, "neuron_leases_reclaimed") >= 1
-    finally:
-        app.kill()
-        app.proc.communicate(timeout=10)
+def test_release_pid_takes_cores_back(ops, client):
+    assert client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})["cores"] == [3]
+    m = client.ok("load", path=os.path.join(ops.models_dir, "affine.pt"))["model"]
+    client.ok("call", model=m, shape=[2, 4])
+    out = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(client.pid)])
+    assert out.returncode == 0, out.stderr
+    assert f"released nc3 of pid {client.pid}" in out.stdout
+    doc = ops.broker.wait_for(lambda d: d.cores[3].owner is None, 5, "nc3 free")
+    assert doc.cores[3].state == "free"
+    client.ok("lost", wait_s=10)  # wait for the lease thread to hear of it (within ~0.2 s)
+    result = client.do("call", model=m, shape=[2, 4])
+    assert result.get("error") == "LeaseLostError", result
+    assert "operator" in result["message"] and "release --pid" in result["message"]
+    again = run(ops.broker, NEURON_BROKER + ["release", "--pid", str(client.pid)])
+    assert again.returncode == 1 and "holds no cores" in again.stderr
+    families = scrape(ops.port)
+    assert sample(families, "neuron_leases_ended", reason="operator") >= 1
+    assert sample(families, "neuron_leases_reclaimed") >= 1
 
 
-def test_drain_refuses_new_leases_and_waits_for_owners(ops, tmp_path):
+def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
     ops.serving()
-    drain = subprocess.Popen(NEURON_BROKER + ["drain", "--timeout", "60"], env=ops.broker.env, cwd=ROOT,
+    drain = subprocess.Popen(NEURON_BROKER + ["drain", "--timeout", "60"], env=tool_env(ops.broker), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ops.broker.wait_for(lambda d: d.broker.draining, 30, "draining")
-        refused = App(ops.broker, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "3"}).finish(90)[0]
-        assert refused["error"] == "BrokerDrainingError" and "draining" in refused["message"]
+        refused = client.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})
+        assert refused.get("error") == "BrokerDrainingError" and "draining" in refused["message"], refused
         status = run(ops.broker, NEURON_BROKER + ["status"])
         assert "DRAINING" in status.stdout
         assert drain.poll() is None  # still waiting for the serving app
@@ -288,7 +294,7 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, tmp_path):
 
 
 def test_metrics_endpoint(ops):
-    pid = ops.serving().ready["pid"]
+    pid = ops.serving().served["pid"]
     ops.broker.wait_for(lambda d: d.cores[0].requests > 0 and d.cores[0].perf.window > 0, 10,
                         "calls counted on nc0")
     families = scrape(ops.port)
@@ -326,9 +332,9 @@ def launch(ops, *args, timeout_s: float = CLI_TIMEOUT_S, env=None) -> subprocess
 def test_run_gives_each_rank_its_own_cores(ops, tmp_path):
     ops.serving()  # nc0-nc1 are taken: the ranks start at nc2
     marker = tmp_path / "go"
-    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", sys.executable, OPS_APPS,
-                                          "rank_env", str(marker)],
-                            env=ops.broker.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", *RANKS, "env", str(marker)],
+                            env=tool_env(ops.broker), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         progress = []
         for line in proc.stderr:  # the launcher's progress, as a person sees it
@@ -363,7 +369,7 @@ def test_run_failure_stops_the_others_and_propagates_the_code(ops, tmp_path):
     assert out.returncode == 2  # a bad request is refused before anything starts
     # these ranks own no cores; the acquire timeout lets the launch go ahead while the serving app holds two
     out = launch(ops, "--nproc", "3", "--num-cores", "1", "--stop-timeout", "5", "--",
-                 sys.executable, OPS_APPS, "rank_fail", "1", "7", str(pids), env={"NEURON_RT_ACQUIRE_TIMEOUT": "5"})
+                 *RANKS, "fail", "1", "7", str(pids), env={"NEURON_RT_ACQUIRE_TIMEOUT": "5"})
     assert out.returncode == 7, out.stderr
     assert "[rank 1] failing now" in out.stdout
     assert "rank 1" in out.stderr and "failed with exit code 7" in out.stderr and "stopping the other 2" in out.stderr
@@ -373,8 +379,8 @@ def test_run_failure_stops_the_others_and_propagates_the_code(ops, tmp_path):
 
 
 def test_run_restarts_a_failed_process(ops, tmp_path):
-    out = launch(ops, "--nproc", "2", "--first-core", "2", "--max-restarts", "1", "--",
-                 sys.executable, OPS_APPS, "rank_flaky", str(tmp_path))
+    out = launch(ops, "--nproc", "2", "--first-core", "2", "--max-restarts", "1", "--", *RANKS, "flaky",
+                 str(tmp_path))
     assert out.returncode == 0, out.stderr
     for rank in (0, 1):
         assert f"[rank {rank}] first attempt fails (restarts=0)" in out.stdout
@@ -384,15 +390,14 @@ def test_run_restarts_a_failed_process(ops, tmp_path):
     assert "all 2 processes finished successfully" in out.stderr
     # without restarts left, the same failure ends the launch with the child's code
     (tmp_path / "fresh").mkdir()
-    out = launch(ops, "--nproc", "1", "--first-core", "2", "--", sys.executable, OPS_APPS, "rank_flaky",
-                 str(tmp_path / "fresh"))
+    out = launch(ops, "--nproc", "1", "--first-core", "2", "--", *RANKS, "flaky", str(tmp_path / "fresh"))
     assert out.returncode == 3, out.stderr
 
 
 def test_run_forwards_signals(ops, tmp_path):
-    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", sys.executable, OPS_APPS,
-                                          "rank_signals", str(tmp_path)],
-                            env=ops.broker.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(NEURON_RUN + ["--nproc", "2", "--first-core", "2", "--", *RANKS, "signals", str(tmp_path)],
+                            env=tool_env(ops.broker), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         seen = 0
         for line in proc.stdout:
@@ -411,8 +416,7 @@ def test_run_forwards_signals(ops, tmp_path):
 
 
 def test_run_too_many_cores_fails_before_starting(ops, tmp_path):
-    out = launch(ops, "--nproc", "3", "--cores-per-proc", "2", "--", sys.executable, OPS_APPS, "rank_flaky",
-                 str(tmp_path))
+    out = launch(ops, "--nproc", "3", "--cores-per-proc", "2", "--", *RANKS, "flaky", str(tmp_path))
     assert out.returncode == 2
     assert "needs cores nc0-nc5" in out.stderr and "has 4 cpu cores" in out.stderr
     assert "--cores" in out.stderr  # says what to do
@@ -420,5 +424,5 @@ def test_run_too_many_cores_fails_before_starting(ops, tmp_path):
     out = launch(ops, "--nproc", "5", "--num-cores", "1", "--", "true")
     assert out.returncode == 2 and "needs 5 cores" in out.stderr
     busy = launch(ops, "--nproc", "2", "--", "true")  # nc0-nc1 are held by the serving app (when it runs)
-    if ops.app is not None and ops.app.proc.poll() is None:
+    if ops.app is not None and ops.app.alive():
         assert busy.returncode == 2 and f"held by pid {ops.app.pid}" in busy.stderr

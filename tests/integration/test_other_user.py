@@ -294,7 +294,7 @@ def test_client_sends_nothing_to_a_lease_socket_of_another_user(attacker, shared
 @pytest.mark.timeout(120)
 def test_broker_refuses_a_lease_link_from_another_user(attacker, shared):
     """A lease link from another uid is closed before it is read: no grant, nothing in status."""
-    from tests.conftest import BrokerProc
+    from tests.helpers import BrokerProc
 
     b = BrokerProc(os.path.join(shared, "b"), 1)
     try:

@@ -18,7 +18,8 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]' (scripts/setup does it)")
 
 from neuron_client.integrations import ray as nray
-from tests import ray_apps  # noqa: E402
+from tests.helpers import local_status, wait_status  # noqa: E402
+from tests.procs import ray_actors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.timeout(240)
@@ -100,7 +101,15 @@ def rc():
 
 @pytest.fixture(scope="module")
 def model_bytes():
-    return ray_apps.affine_bytes()
+    return ray_actors.affine_bytes()
+
+
+@pytest.fixture
+def outsider(rc, kept):
+    """A process on the host outside Ray (``python -m tests.procs.owner``), kept for the module, holding nothing;
+    it names a node's broker when it acquires (NEURON_BROKER_DIR)."""
+    with kept.lend(None, "owner", env={"NEURON_BROKER_AUTOSTART": "0"}) as app:
+        yield app
 
 
 def all_free(doc) -> bool:
@@ -127,7 +136,7 @@ def test_one_broker_per_node_with_the_nodes_cores(rc):
     assert rc.dirs[rc.b] == os.path.join(rc.base, f"node-{rc.b[:16]}")  # derived from its node id
     assert len({i["pid"] for i in rc.brokers}) == 2
     for info in rc.brokers:
-        doc = ray_apps.local_status(info["directory"])
+        doc = local_status(info["directory"])
         assert doc.broker.pid == info["pid"] and doc.broker.cores == 2
         assert nray.node_status(info["node_id"]).broker.pid == info["pid"]  # the same, asked on the node
     again = nray.ensure_brokers(base_dir=rc.base)  # idempotent: finds them
@@ -149,7 +158,7 @@ def test_actors_own_exactly_rays_cores_on_each_node(rc, model_bytes):
         assert sorted(per_node) == sorted([rc.a, rc.b])
         for node_id, infos_here in per_node.items():
             assert sorted(c for i in infos_here for c in i["cores"]) == [0, 1]
-            doc = ray_apps.local_status(rc.dirs[node_id])
+            doc = local_status(rc.dirs[node_id])
             assert nray.owners(doc) == {i["cores"][0]: i["pid"] for i in infos_here}  # the broker's view agrees
         x = torch.rand(2, 4)
         for y in ray.get([s.infer.remote(x) for s in servers], timeout=60):
@@ -157,20 +166,20 @@ def test_actors_own_exactly_rays_cores_on_each_node(rc, model_bytes):
     finally:
         kill_all(servers)
     for d in rc.dirs.values():
-        ray_apps.wait_status(d, all_free, what="all cores free after ray.kill")
+        wait_status(d, all_free, what="all cores free after ray.kill")
 
 
-def test_plain_ray_lets_a_second_process_onto_owned_cores_the_broker_does_not(rc, model_bytes):
+def test_plain_ray_lets_a_second_process_onto_owned_cores_the_broker_does_not(rc, model_bytes, outsider):
     Server = ray.remote(resources={"neuron_cores": 1}, num_cpus=0)(nray.NeuronModelServer)
-    owner = Server.options(scheduling_strategy=ray_apps.pinned(rc.a)).remote(model_bytes)
+    owner = Server.options(scheduling_strategy=ray_actors.pinned(rc.a)).remote(model_bytes)
     plain = None
     try:
         info = ray.get(owner.neuron_info.remote(), timeout=120)
         core = info["cores"][0]
         # plain Ray: an actor told (by hand) to use the same core starts and sees it as its own; Ray's reservation is
         # logical, so nothing stops it from running there next to the owner
-        plain = ray_apps.PlainActor.options(
-            scheduling_strategy=ray_apps.pinned(rc.a),
+        plain = ray_actors.PlainActor.options(
+            scheduling_strategy=ray_actors.pinned(rc.a),
             runtime_env={"env_vars": {"NEURON_RT_VISIBLE_CORES": str(core), "PYTHONPATH": ROOT}}).remote()
         view = ray.get(plain.plain_view.remote(), timeout=120)
         assert view["visible"] == str(core) and view["ray_cores"] == [] and view["node_id"] == rc.a
@@ -179,31 +188,30 @@ def test_plain_ray_lets_a_second_process_onto_owned_cores_the_broker_does_not(rc
         assert got["ok"] is False and got["error"] == "NeuronCoreUnavailableError", got
         assert f"Requested:nc{core}" in got["message"] and f"held by pid {info['pid']}" in got["message"], got
         # a process outside Ray on the host fails the same way
-        out = ray_apps.outside_process(rc.dirs[rc.a], str(core))
-        assert out.returncode != 0 and "NeuronCore(s) not available" in out.stderr
-        assert f"held by pid {info['pid']}" in out.stderr
+        out = outsider.do("acquire", env={"NEURON_BROKER_DIR": rc.dirs[rc.a], "NEURON_RT_VISIBLE_CORES": str(core)})
+        assert out.get("error") == "NeuronCoreUnavailableError" and "NeuronCore(s) not available" in out["message"]
+        assert f"held by pid {info['pid']}" in out["message"]
         # and the owner still serves
         x = torch.rand(2, 4)
         torch.testing.assert_close(ray.get(owner.infer.remote(x), timeout=60), x * 2 + 1)
     finally:
         kill_all([owner] + ([plain] if plain is not None else []))
-    ray_apps.wait_status(rc.dirs[rc.a], all_free, what="all cores free")
+    wait_status(rc.dirs[rc.a], all_free, what="all cores free")
 
 
-def test_an_actor_given_cores_a_process_outside_ray_holds_fails(rc, spawn_app):
+def test_an_actor_given_cores_a_process_outside_ray_holds_fails(rc, outsider):
     """Ray assigns cores by its own bookkeeping; when a process outside Ray already holds them, the actor fails with
     the conflict error naming that process (after a short wait for a reclaim in progress), not silently sharing."""
-    outsider = spawn_app(None, "hold", directory=rc.dirs[rc.b], env={"NEURON_RT_VISIBLE_CORES": "0-1"},
-                         script=os.path.join(ROOT, "tests", "ray_apps.py"))
-    assert outsider.next()["cores"] == [0, 1]
-    Probe = ray.remote(resources={"neuron_cores": 1}, num_cpus=0)(ray_apps.Probe)
-    p = Probe.options(scheduling_strategy=ray_apps.pinned(rc.b), runtime_env={"env_vars": {
+    got = outsider.ok("acquire", env={"NEURON_BROKER_DIR": rc.dirs[rc.b], "NEURON_RT_VISIBLE_CORES": "0-1"})
+    assert got["cores"] == [0, 1]
+    Probe = ray.remote(resources={"neuron_cores": 1}, num_cpus=0)(ray_actors.Probe)
+    p = Probe.options(scheduling_strategy=ray_actors.pinned(rc.b), runtime_env={"env_vars": {
         "NEURON_RT_ACQUIRE_TIMEOUT": "0.5", "PYTHONPATH": ROOT}}).remote()
     with pytest.raises(ray.exceptions.RayActorError) as info:
         ray.get(p.info.remote(), timeout=120)
     assert "NeuronCoreUnavailableError" in str(info.value) and f"held by pid {outsider.pid}" in str(info.value)
-    outsider.kill()
-    ray_apps.wait_status(rc.dirs[rc.b], all_free, what="the outsider's cores reclaimed")
+    outsider.ok("release")
+    wait_status(rc.dirs[rc.b], all_free, what="the outsider's cores reclaimed")
 
 
 def test_ray_serve_replicas_own_their_cores_and_scale_without_leaking(rc):
@@ -221,20 +229,20 @@ def test_ray_serve_replicas_own_their_cores_and_scale_without_leaking(rc):
         assert {pid for pid, _core in s["served_by"]} <= set(held)
     assert steps[-1] == {"deleted": True, "free": True}
     for d in rc.dirs.values():
-        ray_apps.wait_status(d, all_free, what="all cores free after the Serve app")
+        wait_status(d, all_free, what="all cores free after the Serve app")
 
 
 def test_ray_kill_frees_the_actors_cores_within_a_second_or_two(rc, model_bytes):
     Server = ray.remote(resources={"neuron_cores": 2}, num_cpus=0)(nray.NeuronModelServer)
-    s = Server.options(scheduling_strategy=ray_apps.pinned(rc.b)).remote(model_bytes)
+    s = Server.options(scheduling_strategy=ray_actors.pinned(rc.b)).remote(model_bytes)
     info = ray.get(s.neuron_info.remote(), timeout=120)
     assert info["cores"] == [0, 1]
     assert ray.get(s.load.remote(model_bytes, "twice"), timeout=60) == [0, 1]  # a replica per owned core
-    doc = ray_apps.local_status(rc.dirs[rc.b])
+    doc = local_status(rc.dirs[rc.b])
     assert nray.owners(doc) == {0: info["pid"], 1: info["pid"]}
     t0 = time.monotonic()
     ray.kill(s)
-    _, waited = ray_apps.wait_status(rc.dirs[rc.b], all_free, timeout_s=10, what="cores free after ray.kill")
+    _, waited = wait_status(rc.dirs[rc.b], all_free, timeout_s=10, what="cores free after ray.kill")
     reclaim_s = time.monotonic() - t0
     print(f"ray.kill -> cores free in status: {reclaim_s:.2f}s")
     assert reclaim_s < 3.0
@@ -242,8 +250,8 @@ def test_ray_kill_frees_the_actors_cores_within_a_second_or_two(rc, model_bytes)
 
 def test_without_rays_variable_the_assignment_is_read_from_the_runtime_context(rc):
     """RAY_EXPERIMENTAL_NOSET_NEURON_RT_VISIBLE_CORES=1: Ray leaves the variable alone; attach() sets it."""
-    Probe = ray.remote(resources={"neuron_cores": 2}, num_cpus=0)(ray_apps.Probe)
-    p = Probe.options(scheduling_strategy=ray_apps.pinned(rc.a), runtime_env={"env_vars": {
+    Probe = ray.remote(resources={"neuron_cores": 2}, num_cpus=0)(ray_actors.Probe)
+    p = Probe.options(scheduling_strategy=ray_actors.pinned(rc.a), runtime_env={"env_vars": {
         "RAY_EXPERIMENTAL_NOSET_NEURON_RT_VISIBLE_CORES": "1", "PYTHONPATH": ROOT}}).remote()
     try:
         info = ray.get(p.info.remote(), timeout=120)
@@ -251,7 +259,7 @@ def test_without_rays_variable_the_assignment_is_read_from_the_runtime_context(r
         assert info["visible"] == "0,1" and info["cores"] == info["ray_cores"] == [0, 1]
     finally:
         ray.kill(p)
-    ray_apps.wait_status(rc.dirs[rc.a], all_free, what="all cores free")
+    wait_status(rc.dirs[rc.a], all_free, what="all cores free")
 
 
 def test_a_task_holds_its_cores_for_the_with_block_only(rc, model_bytes):
@@ -262,16 +270,16 @@ def test_a_task_holds_its_cores_for_the_with_block_only(rc, model_bytes):
             return y, list(rt.cores), nray.assigned_cores(), os.getpid()
 
     x = torch.rand(2, 4)
-    y, cores, ray_cores, pid = ray.get(infer.options(scheduling_strategy=ray_apps.pinned(rc.b)).remote(
+    y, cores, ray_cores, pid = ray.get(infer.options(scheduling_strategy=ray_actors.pinned(rc.b)).remote(
         model_bytes, x), timeout=120)
     torch.testing.assert_close(y, x * 2 + 1)
     assert cores == ray_cores and len(cores) == 1
-    doc = ray_apps.local_status(rc.dirs[rc.b])
+    doc = local_status(rc.dirs[rc.b])
     assert all_free(doc), doc.leases  # the task's worker lives on (Ray reuses it) but holds nothing
 
 
 def test_an_actor_without_neuron_cores_is_refused(rc):
-    Probe = ray.remote(num_cpus=0)(ray_apps.Probe)
+    Probe = ray.remote(num_cpus=0)(ray_actors.Probe)
     p = Probe.remote()
     with pytest.raises(ray.exceptions.RayActorError, match="assigned no neuron_cores"):
         ray.get(p.info.remote(), timeout=120)
@@ -298,30 +306,30 @@ def test_removing_a_node_mid_run(rc, model_bytes):
             def run(self, x):
                 return self.model(x), self.model.last_core
 
-        on_a = Echo.options(scheduling_strategy=ray_apps.pinned(rc.a)).remote(model_bytes)
-        on_c = Echo.options(scheduling_strategy=ray_apps.pinned(c)).remote(model_bytes)
+        on_a = Echo.options(scheduling_strategy=ray_actors.pinned(rc.a)).remote(model_bytes)
+        on_c = Echo.options(scheduling_strategy=ray_actors.pinned(c)).remote(model_bytes)
         actors += [on_a, on_c]
         info_a, info_c = ray.get([on_a.neuron_info.remote(), on_c.neuron_info.remote()], timeout=120)
         assert info_c["node_id"] == c and info_c["broker_dir"] == dir_c and info_c["cores"] == [0, 1]
         x = torch.rand(2, 4)
         for y, _core in ray.get([on_a.run.remote(x), on_c.run.remote(x)] * 3, timeout=60):
             torch.testing.assert_close(y, x * 2 + 1)
-        assert nray.owners(ray_apps.local_status(dir_c)) == {0: info_c["pid"], 1: info_c["pid"]}
+        assert nray.owners(local_status(dir_c)) == {0: info_c["pid"], 1: info_c["pid"]}
 
         rc.cluster.remove_node(node_c, allow_graceful=False)
         node_c = None
-        _, waited = ray_apps.wait_status(dir_c, all_free, timeout_s=30, what="node C's cores reclaimed")
+        _, waited = wait_status(dir_c, all_free, timeout_s=30, what="node C's cores reclaimed")
         print(f"node removed -> its broker reclaimed the cores after {waited:.2f}s")
         cores_seen = set()
         for y, core in ray.get([on_a.run.remote(x) for _ in range(6)], timeout=60):
             torch.testing.assert_close(y, x * 2 + 1)
             cores_seen.add(core)
         assert cores_seen == {0, 1}  # both replicas of node A's actor keep serving
-        assert nray.owners(ray_apps.local_status(rc.dirs[rc.a])) == {0: info_a["pid"], 1: info_a["pid"]}
+        assert nray.owners(local_status(rc.dirs[rc.a])) == {0: info_a["pid"], 1: info_a["pid"]}
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(on_c.run.remote(x), timeout=60)
     finally:
         kill_all(actors)
         if node_c is not None:
             rc.cluster.remove_node(node_c, allow_graceful=False)
-    ray_apps.wait_status(rc.dirs[rc.a], all_free, what="node A's cores free")
+    wait_status(rc.dirs[rc.a], all_free, what="node A's cores free")

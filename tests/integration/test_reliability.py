@@ -14,48 +14,60 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from neuron_client.wire import codec, comm as transport, messages
 from neuron_client.wire.broker_client import BrokerClient
-from tests.conftest import ROOT, BrokerProc
+from tests.helpers import ROOT, BrokerProc
 
 
-def test_worker_killed_under_a_call_fails_fast_and_recovers(fresh_broker, spawn_app, models_dir):
+def test_worker_killed_under_a_call_fails_fast_and_recovers(fresh_broker, apps, tmp_path):
     b = fresh_broker(2)
-    app = spawn_app(b, "crash_recovery", models_dir, env={"NEURON_RT_NUM_CORES": "1"})
-    ready = app.next(90)
+    app = apps(b)
+    app.ok("acquire", env={"NEURON_RT_NUM_CORES": "1"})
+    m = app.ok("load", path=app.ok("save", name="slower", directory=str(tmp_path))["path"])
+    x = [{"rand": [256, 256], "seed": 0}]
+    expected = app.ok("call", model=m["model"], args=x, keep=True, timeout_s=120)["output"]
+    core = m["cores"][0]
+    worker_pid = app.ok("worker", core=core)["pid"]
+    app.send("stream", model=m["model"], args=x, times=50)  # long calls; the worker is killed under one of them
     time.sleep(0.5)  # inside the stream of long calls
-    os.kill(ready["worker_pid"], signal.SIGKILL)
-    out = app.finish(120)[-1]
-    assert out["error"] is not None
-    assert f"neuroncore {ready['core']}" in out["error"] and "SIGKILL" in out["error"]
-    assert out["failed_after_s"] < 10  # at once, not after the 600 s call timeout
-    assert out["ok"]  # the next call succeeded on a fresh worker, without the user doing anything
-    assert out["new_worker_pid"] != ready["worker_pid"]
-    assert any("fresh worker" in w and "loaded on it again" in w for w in out["warnings"])
-    core = b.status().cores[ready["core"]]
-    assert core.worker.restarts == 1 and "SIGKILL" in core.worker.last_exit
+    os.kill(worker_pid, signal.SIGKILL)
+    out = app.read(120)
+    error = out["error"]
+    assert error is not None and error["error"] == "WorkerUnavailableError", out
+    assert f"neuroncore {core}" in error["message"] and "SIGKILL" in error["message"]
+    assert out["seconds"] < 10  # at once, not after the 600 s call timeout
+    # the next call succeeds on a fresh worker, without the user doing anything
+    again = app.ok("call", model=m["model"], args=x, same_as=expected, timeout_s=120)
+    assert again["same"]
+    assert app.ok("worker", core=core)["pid"] != worker_pid
+    assert any("fresh worker" in w and "loaded on it again" in w for w in again.get("warnings", [])), again
+    doc = b.status().cores[core]
+    assert doc.worker.restarts == 1 and "SIGKILL" in doc.worker.last_exit
 
 
-def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, spawn_app, models_dir):
+def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, apps, models_dir):
     directory = str(tmp_path / "b")
     first = BrokerProc(directory, 4)
     second = None
     try:
-        holder = spawn_app(first, "survive_restart", models_dir, str(tmp_path / "go"),
-                           env={"NEURON_RT_VISIBLE_CORES": "0-1"})
-        before = holder.next(90)
-        assert before["owned"] == [0, 1]
+        holder, other = apps(first, wait=False), apps(first, wait=False)  # both talk to the broker in `directory`
+        assert holder.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "0-1"})["cores"] == [0, 1]
+        m = holder.ok("load", path=os.path.join(models_dir, "affine.pt"), context="multicore")["model"]
+        holder.ok("call", model=m, shape=[2, 4])
+        before = [w["pid"] for w in holder.ok("secrets")["workers"].values()]
         os.kill(first.proc.pid, signal.SIGKILL)
         first.proc.wait(10)
         second = BrokerProc(directory, 4)  # an operator starts it again
         doc = second.status()
         assert doc.cores[0].owner.pid == holder.pid  # restored from the journal
-        out = spawn_app(second, "acquire_error", env={"NEURON_RT_VISIBLE_CORES": "1-2"}).finish()[0]
-        assert out["error"] == "NeuronCoreUnavailableError" and f"held by pid {holder.pid}" in out["message"]
+        out = other.do("acquire", env={"NEURON_RT_VISIBLE_CORES": "1-2"})
+        assert out.get("error") == "NeuronCoreUnavailableError" and f"held by pid {holder.pid}" in out["message"], out
         time.sleep(2.5)  # past the lease timeout: the owner's heartbeats reached the new broker
-        (tmp_path / "go").write_text("go")
-        after = holder.next(90)
-        assert after["ok"] and after["lost"] is None and after["owned"] == [0, 1]
-        assert set(after["worker_pids"]).isdisjoint(before["worker_pids"])  # new workers, models loaded again
-        assert any("loaded on it again" in w for w in after["warnings"])
+        after = holder.ok("call", model=m, args=[{"rand": [2, 4]}], ref="affine", times=4)
+        assert after["same"]
+        assert holder.ok("lost")["lost"] is None
+        now = holder.ok("secrets")
+        assert now["cores"] == [0, 1]
+        assert {w["pid"] for w in now["workers"].values()}.isdisjoint(before)  # new workers, models loaded again
+        assert any("loaded on it again" in w for w in after.get("warnings", [])), after
         assert second.owners()[0] == holder.pid
         holder.kill()
         second.wait_for(lambda d: d.cores[0].owner is None, 5, "cores freed after the owner died")
@@ -65,14 +77,36 @@ def test_broker_kill_9_and_restart_keeps_live_owners(tmp_path, spawn_app, models
             second.stop()
 
 
-def test_bad_model_files(broker, spawn_app, models_dir):
-    out = spawn_app(broker, "bad_models", models_dir, env={"NEURON_RT_NUM_CORES": "1"}).finish()[0]
-    errors = out["errors"]
-    assert "does not exist" in errors["missing"]
-    for case in ("truncated", "not_torchscript", "hostile"):
-        assert errors[case] is not None and "could not load" in errors[case], case
-    assert out["executed"] is False  # the pickle payload did not run
-    assert out["still_ok"]
+def test_bad_model_files(client, models_dir, tmp_path):
+    """Missing, truncated, non-TorchScript and hostile model files: clear errors, nothing executed."""
+    import io
+    import pickle
+    import zipfile
+
+    client.ok("acquire", env={"NEURON_RT_NUM_CORES": "1"})
+    good = os.path.join(models_dir, "affine.pt")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = io.BytesIO()
+    with zipfile.ZipFile(hostile, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(Evil(), protocol=2))
+        z.writestr("archive/constants.pkl", pickle.dumps(Evil(), protocol=2))
+        z.writestr("archive/version", "3\n")
+    data = open(good, "rb").read()
+    cases = {"truncated": data[: len(data) // 2], "not_torchscript": os.urandom(4096), "hostile": hostile.getvalue()}
+    out = client.do("load", path=str(tmp_path / "no-such-model.pt"))
+    assert out.get("error") == "ModelLoadError" and "does not exist" in out["message"], out
+    for case, content in cases.items():
+        (tmp_path / f"{case}.pt").write_bytes(content)
+        out = client.do("load", path=str(tmp_path / f"{case}.pt"))
+        assert out.get("error") == "ModelLoadError" and "could not load" in out["message"], (case, out)
+    assert not marker.exists()  # the pickle payload did not run
+    m = client.ok("load", path=good)["model"]  # the worker still serves
+    assert client.ok("call", model=m, args=[{"rand": [2, 4]}], ref="affine")["same"]
 
 
 # -- bad bytes on the sockets -------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Tensor parallelism with real processes on a real BERT (all-MiniLM-L6-v2), seed 003 ported.
 
-One 4-core broker for the module and two client processes (tests/tp_apps.py): ``trace`` traces TP=2 (inline weights),
-TP=2 and TP=4 (separated weights) and saves them; ``load`` is a fresh process that loads the saved directories, runs
-two TP models on different cores at once, and streams calls while the test kills one rank's worker.
+One 4-core broker for the module and two client processes (``python -m tests.procs.tp``): the tracer traces TP=2
+(inline weights), TP=2 and TP=4 (separated weights) and saves them, each the first time a test needs it; the loader,
+which never imports transformers, loads the saved directories, runs TP models on different cores at once, and
+streams calls while a test kills one rank's worker.
 """
 from __future__ import annotations
 
@@ -12,22 +13,13 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, App, BrokerProc, wait_free
+from neuron_client.wire.procs import pid_running
+from tests.helpers import BrokerProc, wait_free
 
-TP_APPS = os.path.join(ROOT, "tests", "tp_apps.py")
 ATOL = 1e-4
+TRACE_TIMEOUT_S = 240
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _close(app: App) -> None:
-    app.kill()
-    try:
-        app.proc.wait(5)
-    except Exception:
-        pass
-    for stream in (app.proc.stdout, app.proc.stderr):
-        stream.close()
 
 
 @pytest.fixture(scope="module")
@@ -42,60 +34,58 @@ def work(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tp_work"))
 
 
-def by_check(lines: list[dict]) -> dict:
-    out = {doc["check"]: doc for doc in lines}
-    crashed = {k: v["crashed"] + "\n" + v.get("tb", "") for k, v in out.items() if "crashed" in v}
-    assert not crashed, crashed
-    return out
+@pytest.fixture
+def tracer(broker4, kept):
+    """The module's tracing process, owning the broker's four cores."""
+    wait_free(broker4)
+    with kept.lend(broker4, "tp", role="tracer") as app:
+        app.ok("acquire")
+        yield app
+    wait_free(broker4)
 
 
 @pytest.fixture(scope="module")
-def traced(broker4, work):
-    wait_free(broker4)
-    app = App(broker4, "trace", work, script=TP_APPS)
-    try:
-        lines = app.finish(timeout_s=240)
-    finally:
-        _close(app)
-    wait_free(broker4)
-    return by_check(lines)
+def saved(broker4, work, kept):
+    """``saved(name)``: the tracer's report on ``name``, traced and saved the first time a test asks for it (the
+    tracer holds the cores only meanwhile)."""
+    docs: dict = {}
+
+    def get(name: str) -> dict:
+        if name not in docs:
+            wait_free(broker4)
+            with kept.lend(broker4, "tp", role="tracer") as app:
+                app.ok("acquire")
+                docs[name] = app.ok("tp_trace", name=name, work=work, timeout_s=TRACE_TIMEOUT_S)
+            wait_free(broker4)
+        return docs[name]
+
+    return get
 
 
-@pytest.fixture(scope="module")
-def loaded(broker4, work, traced):
-    """The fresh process's checks; the test kills rank 1's worker of the TP=2 model in the middle of its calls."""
-    app = App(broker4, "load", work, script=TP_APPS)
-    killed = None
-    try:
-        while True:
-            doc = app.next(180)
-            if doc["check"] == "kill_ready":
-                time.sleep(0.5)  # inside the stream of calls
-                os.kill(doc["worker_pid"], signal.SIGKILL)
-                killed = doc
-                break
-            if doc["check"] == "done":
-                break
-        lines = app.finish(timeout_s=120)
-    finally:
-        _close(app)
+@pytest.fixture
+def loader(broker4, kept):
+    """The module's loading process: it never imports transformers. Holds nothing until the test acquires."""
     wait_free(broker4)
-    checks = by_check(lines)
-    checks["killed"] = killed
-    return checks
+    with kept.lend(broker4, "tp", role="loader") as app:
+        yield app
+    wait_free(broker4)
+
+
+def restarts(broker) -> dict:
+    return {c.index: c.worker.restarts for c in broker.status().cores}
 
 
 @pytest.mark.parametrize("name,tp,cores", [("inline2", 2, [0, 1]), ("sep2", 2, [0, 1]), ("sep4", 4, [0, 1, 2, 3])])
-def test_minilm_tensor_parallel_matches_the_cpu_model(traced, name, tp, cores):
-    doc = traced[name]
+def test_minilm_tensor_parallel_matches_the_cpu_model(saved, name, tp, cores):
+    doc = saved(name)
     assert doc["tp"] == tp and doc["cores"] == cores
     assert doc["diff"] < ATOL  # last_hidden_state and pooler_output on four real sentences / pairs
     assert doc["shapes"] == [[1, 128, 384], [1, 384]]
     assert doc["group"].startswith(f"tp{tp}-")
 
 
-def test_weight_separation_stores_shared_weights_once(traced):
-    inline, sep2, sep4 = traced["inline2"], traced["sep2"], traced["sep4"]
+def test_weight_separation_stores_shared_weights_once(saved):
+    inline, sep2, sep4 = saved("inline2"), saved("sep2"), saved("sep4")
     assert inline["files"] == ["tp_0.pt", "tp_1.pt"]
     assert sep2["files"] == ["tp_0.pt", "tp_1.pt", "weights/rank0.pt", "weights/rank1.pt", "weights/shared.pt"]
     assert sep4["files"] == [f"tp_{r}.pt" for r in range(4)] + [f"weights/rank{r}.pt" for r in range(4)] + \
@@ -105,56 +95,90 @@ def test_weight_separation_stores_shared_weights_once(traced):
     assert abs(sep4["bytes"] - sep2["bytes"]) < 0.05 * sep2["bytes"]  # more ranks cost (almost) nothing on disk
 
 
-def test_unsharded_checkpoint_loads_into_the_sharded_model(traced):
-    # every trace above loaded the full checkpoint with parallel_layers.load(sharded=False); here a sharded save
-    # reloads (sharded=True) into the same per-rank tensors
-    assert traced["sharded_checkpoint"]["same"] == [True, True]
+def test_unsharded_checkpoint_loads_into_the_sharded_model(tracer, work):
+    # every trace loads the full checkpoint with parallel_layers.load(sharded=False); here a sharded save reloads
+    # (sharded=True) into the same per-rank tensors
+    assert tracer.ok("sharded_checkpoint", work=work, timeout_s=TRACE_TIMEOUT_S)["same"] == [True, True]
+
+
+def test_state_marked_by_get_model_stays_on_the_cores(tracer):
+    doc = tracer.ok("tp_state", timeout_s=TRACE_TIMEOUT_S)
+    assert doc["steps"] == [0.0, 1.0, 2.0]  # each call saw the state its predecessor left on the core
+    assert doc["calls"] == 6  # three calls, two ranks each
+    assert doc["received_per_call"] < 16384 and doc["sent_per_call"] < 16384  # 64 KiB of state never travels
 
 
 @pytest.mark.parametrize("name", ["inline2", "sep2", "sep4"])
-def test_saved_model_loads_in_a_fresh_process(loaded, name):
-    doc = loaded[f"load_{name}"]
+def test_saved_model_loads_in_a_fresh_process(saved, loader, work, name):
+    saved(name)
+    loader.ok("acquire")
+    doc = loader.ok("tp_load", name=name, work=work, timeout_s=120)
+    assert doc["transformers"] is False
     assert doc["inline"] == (name == "inline2")
     assert doc["diff"] < ATOL
     assert doc["same_as_traced"] < 1e-5
 
 
-def test_least_used_cores_and_coexisting_models(loaded):
-    assert loaded["load_inline2"]["cores"] == [0, 1]
-    assert loaded["load_sep2"]["cores"] == [2, 3]  # the least-used contiguous pair
-    doc = loaded["concurrent"]
+def test_least_used_cores_and_coexisting_models(saved, loader, work):
+    for name in ("inline2", "sep2", "sep4"):
+        saved(name)
+    loader.ok("acquire")
+    inline2 = loader.ok("tp_load", name="inline2", work=work, timeout_s=120)
+    sep2 = loader.ok("tp_load", name="sep2", work=work, timeout_s=120)
+    sep4 = loader.ok("tp_load", name="sep4", work=work, timeout_s=120)
+    assert inline2["cores"] == [0, 1]
+    assert sep2["cores"] == [2, 3]  # the least-used contiguous pair
+    # the two TP=2 models on different cores and the TP=4 one, called from four threads at once, many times
+    doc = loader.ok("tp_concurrent", models=[inline2["model"], sep2["model"], inline2["model"], sep4["model"]],
+                    calls=6, timeout_s=240)
     assert doc["errors"] == [] and doc["calls"] == 24 and doc["diff"] < ATOL
-    assert loaded["context"]["cores"] == [1, 2]  # neuron_cores_context(start_nc=1)
-    assert loaded["context"]["diff"] < ATOL
+    context = loader.ok("tp_load", name="sep2", work=work, context={"start_nc": 1}, timeout_s=120)
+    assert context["cores"] == [1, 2]  # neuron_cores_context(start_nc=1)
+    assert context["diff"] < ATOL
 
 
-def test_killed_rank_fails_the_call_naming_the_core_then_reforms(loaded, broker4):
-    killed, doc = loaded["killed"], loaded["kill"]
-    assert killed is not None and killed["cores"] == [2, 3] and killed["core"] == 3
-    assert doc["calls_before"] > 0
-    assert doc["error"] is not None and doc["error"].startswith("WorkerUnavailableError")
-    assert "neuroncore 3" in doc["error"] and "SIGKILL" in doc["error"]
-    assert doc["failed_after_s"] < 10  # at once, not after a collective or call timeout
-    assert doc["diff"] < ATOL  # the next call re-formed the group on the fresh worker
-    assert doc["new_worker_pid"] != killed["worker_pid"]
-    assert any("loaded again" in w and "new process group" in w for w in doc["warnings"])
+def test_killed_rank_fails_the_call_naming_the_core_then_reforms(saved, loader, work, broker4):
+    saved("sep2")
+    loader.ok("acquire")
+    model = loader.ok("tp_load", name="sep2", work=work, context={"start_nc": 2}, timeout_s=120)
+    assert model["cores"] == [2, 3]
+    victim = loader.ok("worker", core=3)["pid"]
+    before = restarts(broker4)
+    loader.send("tp_stream", model=model["model"], seconds=60)
+    time.sleep(0.5)  # inside the stream of calls
+    os.kill(victim, signal.SIGKILL)
+    doc = loader.read(120)
+    assert doc["calls"] > 0
+    error = doc["error"]
+    assert error is not None and error["error"] == "WorkerUnavailableError", doc
+    assert "neuroncore 3" in error["message"] and "SIGKILL" in error["message"]
+    assert doc["failed_call_s"] < 10  # at once, not after a collective or call timeout
+    again = loader.ok("tp_call", model=model["model"], timeout_s=120)
+    assert again["diff"] < ATOL  # the next call re-formed the group on the fresh worker
+    assert loader.ok("worker", core=3)["pid"] != victim
+    assert any("loaded again" in w and "new process group" in w for w in again.get("warnings", [])), again
     leftovers = [f for f in os.listdir(broker4.directory) if f.startswith("tp-")]
     assert leftovers == []  # rendezvous files are removed once every rank has joined
-    restarts = {c.index: c.worker.restarts for c in broker4.status().cores}
-    # only the killed workers (core 3 under a call, core 2 between calls); their peers dropped their groups cleanly
-    assert restarts == {0: 0, 1: 0, 2: 1, 3: 1}
+    # only the killed worker restarted; its peer dropped its group cleanly
+    after = restarts(broker4)
+    assert {c: after[c] - before[c] for c in after} == {0: 0, 1: 0, 2: 0, 3: 1}
 
 
-def test_rank_killed_between_calls_reforms_at_the_next_call(loaded):
-    """#21 of the ownership issue: a call made right after a rank's worker died recovers, as a single-core model does."""
-    doc = loaded["kill_between"]
-    assert doc["error"] is None and doc["diff"] < ATOL
-    assert any("new process group" in w for w in doc["warnings"])
-
-
-def test_state_marked_by_get_model_stays_on_the_cores(traced):
-    doc = traced["state"]
-    assert doc["steps"] == [0.0, 1.0, 2.0]  # each call saw the state its predecessor left on the core
-    assert doc["calls"] == 6  # three calls, two ranks each
-    assert doc["received_per_call"] < 16384 and doc["sent_per_call"] < 16384  # 64 KiB of state never travels
-
+def test_rank_killed_between_calls_reforms_at_the_next_call(saved, loader, work, broker4):
+    """#21 of the ownership issue: a call made right after a rank's worker died recovers, as a single-core model
+    does."""
+    saved("sep2")
+    loader.ok("acquire")
+    model = loader.ok("tp_load", name="sep2", work=work, timeout_s=120)
+    assert loader.ok("tp_call", model=model["model"], timeout_s=120)["diff"] < ATOL
+    victim_core = model["cores"][0]
+    victim = loader.ok("worker", core=victim_core)["pid"]
+    before = restarts(broker4)
+    os.kill(victim, signal.SIGKILL)
+    while pid_running(victim):
+        time.sleep(0.001)
+    doc = loader.do("tp_call", model=model["model"], timeout_s=120)  # the moment it is gone
+    assert "error" not in doc and doc["diff"] < ATOL, doc
+    assert any("new process group" in w for w in doc.get("warnings", [])), doc
+    after = restarts(broker4)
+    assert {c: after[c] - before[c] for c in after} == {c: int(c == victim_core) for c in after}

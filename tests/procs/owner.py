@@ -1,66 +1,175 @@
-"""A long-lived client process that a test drives one command at a time, so that each assertion sits beside its
-action: ``python -m tests.procs.owner``, one JSON command per stdin line, one JSON answer per stdout line.
+"""The commands of every test process that owns cores (``python -m tests.procs.owner``; the other command sets of
+this package import them): a lease, models loaded on it, calls.
 
-Commands (``{"do": name, ...}``): ``acquire`` (``env``: NEURON_RT_* for the request), ``secrets`` (lease id, token,
-cores, workers), ``load`` (``path``) -> model index, ``call`` (``model``, ``shape``, optional ``fill``) -> sum of the
-outputs, ``long_call`` (``model``, ``shape``) the same, meant for a slow model, ``release``, ``lost``, ``exit``.
-An exception becomes ``{"error": class name, "message": text}``.
+* ``acquire`` (``env``: NEURON_RT_* and the like, over the environment the process started with): releases what the
+  process held, then takes cores as a fresh process would (``neuron_client.get_runtime()``) -> ``cores``;
+* ``release``; ``secrets`` (lease id, token, cores, workers); ``lost`` (``wait_s``: how long to wait for the lease
+  thread to hear of the loss) -> ``lost``; ``worker`` (``core``) -> the broker's view of that core's worker;
+* ``load`` (``path``; ``context``: arguments of ``neuron_cores_context``, or ``multicore``) -> ``model`` (a handle),
+  ``cores``, ``replicas`` (process-relative), ``model_ids`` (the workers' ids of its replicas), ``state``;
+  ``describe`` (``model``) -> the same, now; ``unload`` (``model``);
+* ``call`` (``model``; ``args`` as :func:`tests.procs.harness.value` reads them, or ``shape`` and ``fill``; ``times``)
+  -> ``sum`` (of a tensor output), ``shape``, ``dtype``, ``device``, ``last_core``, ``runs`` (the core of each
+  call), ``kinds`` (the output's structure); with ``ref`` (a reference registered with :func:`reference`) or
+  ``same_as`` (the handle of an earlier output, kept by ``keep``), ``same``: every output equals the reference's on
+  the same inputs, or that earlier output (within ``atol``);
+* ``stream`` (``model``, ``args``, ``times``): calls until one fails -> ``calls`` made, ``error`` (None or the
+  failure as an error reply), ``seconds`` until then, ``failed_call_s`` (how long the failing call took).
+
+``reset`` drops the models and releases the cores, and restores the environment.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import sys
-import traceback
-import warnings
+import time
+
+import torch  # noqa: F401 - imported before the first command, as a real client would have it
+
+import neuron_client
+from neuron_client.experimental import multicore_context, neuron_cores_context
+from tests.procs import harness
+
+_BASE_ENV = dict(os.environ)
+REFERENCES: dict = {}
 
 
-def main() -> None:
-    import torch
+def reference(name: str, fn) -> None:
+    """Register ``fn(*args)``, the output a model named ``name`` must give, for ``call(ref=name)``."""
+    REFERENCES[name] = fn
 
-    import neuron_client
-    from neuron_client.runtime.lease import Runtime
 
-    warnings.simplefilter("ignore")
-    rt = None
-    models: list = []
-    out = sys.stdout
-    print(json.dumps({"ready": True, "pid": os.getpid()}), file=out, flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        do = cmd["do"]
+def runtime():
+    return neuron_client.get_runtime()
+
+
+@harness.command
+def acquire(env: dict | None = None) -> dict:
+    neuron_client.shutdown()
+    os.environ.clear()
+    os.environ.update(_BASE_ENV)
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    return {"cores": runtime().cores}
+
+
+@harness.command
+def release() -> dict:
+    neuron_client.shutdown()
+    return {"released": True}
+
+
+@harness.on_reset
+def _release_and_restore() -> None:
+    neuron_client.shutdown()
+    os.environ.clear()
+    os.environ.update(_BASE_ENV)
+
+
+@harness.command
+def secrets() -> dict:
+    rt = runtime()
+    return {"lease_id": rt.lease_id, "token": rt.token, "cores": rt.cores,
+            "workers": {str(k): dataclasses.asdict(v) for k, v in rt.workers.items()}}
+
+
+@harness.command
+def lost(wait_s: float = 0.0) -> dict:
+    from neuron_client.runtime import lease
+
+    rt = lease._runtime  # get_runtime() would raise once the lease is lost
+    deadline = time.monotonic() + wait_s
+    while rt is not None and rt.lost is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"lost": rt.lost if rt is not None else None}
+
+
+@harness.command
+def worker(core: int) -> dict:
+    return dataclasses.asdict(runtime().worker(core))
+
+
+def context_of(context):
+    if context == "multicore":
+        return multicore_context()
+    if context:
+        return neuron_cores_context(**context)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def describe_model(m) -> dict:
+    return {"cores": m.cores, "replicas": [r.nc for r in m.replicas], "model_ids": [r.model_id for r in m.replicas],
+            "state": m.state}
+
+
+@harness.command
+def load(path: str, context=None) -> dict:
+    with context_of(context):
+        m = neuron_client.jit.load(path)
+    return {"model": harness.keep(m), **describe_model(m)}
+
+
+@harness.command
+def describe(model: int) -> dict:
+    return describe_model(harness.get(model))
+
+
+@harness.command
+def unload(model: int) -> dict:
+    harness.get(model).unload()
+    harness.drop(model)
+    return {}
+
+
+def arguments(args=None, shape=None, fill=1.0) -> tuple:
+    if args is not None:
+        return tuple(harness.value(args))
+    return (torch.full(shape, float(fill)),)
+
+
+def describe_output(y) -> dict:
+    doc = {"kinds": harness.kinds(y)}
+    if isinstance(y, torch.Tensor):
+        doc.update(sum=float(y.sum()), shape=list(y.shape), dtype=str(y.dtype).replace("torch.", ""),
+                   device=str(y.device))
+    return doc
+
+
+@harness.command
+def call(model: int, args=None, shape=None, fill=1.0, times: int = 1, ref: str | None = None, same_as=None,
+         keep: bool = False, atol: float = 1e-6) -> dict:
+    m = harness.get(model)
+    x = arguments(args, shape, fill)
+    runs, outs = [], []
+    for _ in range(times):
+        outs.append(m(*x))
+        runs.append(getattr(m, "last_core", None))
+    doc = dict(describe_output(outs[-1]), runs=runs, last_core=runs[-1])
+    if ref is not None or same_as is not None:
+        want = REFERENCES[ref](*x) if ref is not None else harness.get(same_as)
+        doc["same"] = all(harness.close(y, want, atol) for y in outs)
+    if keep:
+        doc["output"] = harness.keep(outs[-1])
+    return doc
+
+
+@harness.command
+def stream(model: int, args=None, shape=None, fill=1.0, times: int = 50) -> dict:
+    m = harness.get(model)
+    x = arguments(args, shape, fill)
+    t0 = time.monotonic()
+    calls, error, failed_call_s = 0, None, None
+    while calls < times:
+        t_call = time.monotonic()
         try:
-            if do == "acquire":
-                rt = Runtime(env=cmd.get("env", {}))
-                import neuron_client.runtime.lease as runtime_mod
-
-                runtime_mod._runtime = rt  # jit.load places on this runtime
-                answer = {"cores": rt.cores}
-            elif do == "secrets":
-                answer = {"lease_id": rt.lease_id, "token": rt.token, "cores": rt.cores,
-                          "workers": {str(k): dataclasses.asdict(v) for k, v in rt.workers.items()}}
-            elif do == "load":
-                models.append(neuron_client.jit.load(cmd["path"]))
-                answer = {"model": len(models) - 1, "cores": models[-1].cores}
-            elif do in ("call", "long_call"):
-                x = torch.full(cmd["shape"], float(cmd.get("fill", 1.0)))
-                y = models[cmd["model"]](x)
-                answer = {"sum": float(y.sum())}
-            elif do == "release":
-                rt.close()
-                answer = {"released": True}
-            elif do == "lost":
-                answer = {"lost": rt.lost}
-            elif do == "exit":
-                print(json.dumps({"bye": True}), file=out, flush=True)
-                os._exit(0)
-            else:
-                answer = {"error": "UnknownCommand", "message": do}
-        except Exception as exc:  # the test asserts on it
-            answer = {"error": type(exc).__name__, "message": str(exc), "trace": traceback.format_exc()[-2000:]}
-        print(json.dumps(answer), file=out, flush=True)
+            m(*x)
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            error, failed_call_s = harness.error_doc(exc), time.monotonic() - t_call
+            break
+        calls += 1
+    return {"calls": calls, "error": error, "seconds": time.monotonic() - t0, "failed_call_s": failed_call_s}
 
 
 if __name__ == "__main__":
-    main()
+    harness.serve()
