@@ -351,3 +351,14 @@ def test_traffic_meter_counts_tensor_bytes_and_restores_the_codec():
             state.TrafficMeter().__enter__()
     assert codec.encode is encode and codec.decode is decode
     assert meter.calls == 1 and meter.sent >= 400 + len(frames[0]) - 1 and 80 <= meter.received < 200
+
+
+def test_bucket_model_trace_is_the_package_in_the_self_placing_form():
+    causal = Causal()
+    cfg = BucketModelConfig(bucketing.sequence_length_kernel, ((4, 8),))
+    placed = bucket_model_trace(causal, [ids(4), ids(8)], cfg)
+    package = package_buckets(causal, [ids(4), ids(8)], cfg)
+    assert script.is_placed_script(placed) and trace_meta.get_meta(placed)["bucketed"] is True
+    x = ids(6)
+    got, want = placed(*x), bucketing.unpack_outputs(package(*x), trace_meta.get_meta(package))
+    assert all(torch.equal(a, b) for a, b in zip(script.flatten(got)[0], script.flatten(want)[0]))
