@@ -574,7 +574,7 @@ def parser() -> argparse.ArgumentParser:
                                   "(every figure is a ratio). Writes report.md, results.json and PNG plots.")
     p.add_argument("--out", default="bench-results", help="output folder (default: ./bench-results)")
     p.add_argument("--quick", action="store_true",
-                   help="few rounds and sizes: finishes in under 2 minutes (for CI: it never asserts on times)")
+                   help="few rounds and sizes: finishes in about 3 minutes (for CI: it never asserts on times)")
     p.add_argument("--only", action="append", choices=list(SECTIONS), metavar="SECTION",
                    help=f"run only this section (repeatable); one of: {', '.join(SECTIONS)}")
     p.add_argument("--rounds", type=int, default=None, help="override the number of interleaved rounds")
