@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuron_client.runtime import placement
-from neuron_client.runtime.lease import Runtime, _pid_running, get_runtime
 from neuron_client.models.placed import LoadState, PlacedModel
+from neuron_client.runtime import placement
+from neuron_client.runtime.lease import Runtime, get_runtime
 from neuron_client.wire import config, messages
 from neuron_client.wire.errors import ModelLoadError, NeuronRuntimeError, RequestTimeoutError, WorkerUnavailableError
+from neuron_client.wire.procs import pid_running
 
 from . import collectives
 
@@ -198,7 +199,7 @@ class TensorParallelModel(PlacedModel):
         if old is not None:
             for p in old.ranks:
                 w = rt.worker(p.core)
-                if w.pid != p.worker_pid or not _pid_running(p.worker_pid):
+                if w.pid != p.worker_pid or not pid_running(p.worker_pid):
                     rt.await_worker(p.core, not_pid=p.worker_pid)
         self._unload_locked()
         self._load_ranks(rt, self._ncs)
@@ -221,7 +222,7 @@ class TensorParallelModel(PlacedModel):
             else:
                 # a worker that died between calls: the broker's word may still be on its way, the kernel's is not
                 replaced = [p.core for p in self._loaded.ranks
-                            if rt.worker(p.core).pid != p.worker_pid or not _pid_running(p.worker_pid)]
+                            if rt.worker(p.core).pid != p.worker_pid or not pid_running(p.worker_pid)]
                 if replaced:
                     self._reform(f"neuroncores {replaced} got fresh workers")
             return self._loaded
@@ -254,7 +255,7 @@ class TensorParallelModel(PlacedModel):
             if self._loaded is loaded:
                 self._broken = "a rank failed under a call"
                 self._cleanup = rt.submit(_unload_after, rt, loaded, futures)
-        dead = [(i, p) for i, p in enumerate(loaded.ranks) if not _pid_running(p.worker_pid)]
+        dead = [(i, p) for i, p in enumerate(loaded.ranks) if not pid_running(p.worker_pid)]
         errors = {i: futures[i].exception() for i in failed}
         rank = next((i for i, e in errors.items() if isinstance(e, WorkerUnavailableError)), None)
         if rank is not None:
@@ -300,5 +301,5 @@ def _unload_after(rt: Runtime, loaded: _Loaded, futures) -> None:
         except Exception:
             pass
     for p in loaded.ranks:
-        if _pid_running(p.worker_pid):
+        if pid_running(p.worker_pid):
             _unload_one(rt, p)

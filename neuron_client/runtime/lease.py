@@ -30,9 +30,6 @@ from neuron_client.wire.procs import pid_running
 log = logging.getLogger("neuron_client")
 
 
-_pid_running = pid_running  # the one liveness check (neuron_client.wire.procs)
-
-
 def acquire_timeout_s(env) -> float:
     text = env.get(config.ENV_ACQUIRE_TIMEOUT, "").strip()
     if not text:
@@ -231,7 +228,7 @@ class Runtime:
                     f"{w.last_exit or 'unknown'}), which points at a model it ran. The broker restarts it no "
                     "more for this lease; the core returns to service with a fresh worker once this process releases "
                     "its cores")
-            if w.pid and w.pid != not_pid and w.ready and _pid_running(w.pid):
+            if w.pid and w.pid != not_pid and w.ready and pid_running(w.pid):
                 return w
             if time.monotonic() > deadline:
                 raise WorkerUnavailableError(
