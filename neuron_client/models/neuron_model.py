@@ -7,7 +7,6 @@ background; the first call waits), as the file's flags say.
 """
 from __future__ import annotations
 
-import io
 import threading
 import warnings
 from concurrent.futures import Future
@@ -275,9 +274,7 @@ def as_neuron_model(model, placed_only: bool = False) -> NeuronModel:
                 data, meta = script.parts_of(model)
                 name = (meta.get(script.SCRIPT_KEY) or {}).get("name") or "model.pt"
             else:  # a plain traced module
-                buf = io.BytesIO()
-                torch.jit.save(model, buf)
-                data = buf.getvalue()
+                data = script.saved_bytes(model)
                 meta = trace_meta.read_meta(data)
                 name = f"{getattr(model, 'original_name', None) or type(model).__name__}.pt"
             nm = NeuronModel(name, data, meta)

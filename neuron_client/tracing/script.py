@@ -246,7 +246,8 @@ define_ops(OPS, {"place": ("(Tensor graph, str meta) -> Tensor", _place),
 # Wrapping and unwrapping.
 
 
-def _bytes_of(module) -> bytes:
+def saved_bytes(module) -> bytes:
+    """What ``torch.jit.save`` writes for ``module``."""
     buf = io.BytesIO()
     torch.jit.save(module, buf)
     return buf.getvalue()
@@ -274,7 +275,7 @@ def wrap(graph_module, example_inputs: tuple, meta: dict, name: str, local=None)
     in_specs = [flatten(x, "inputs")[1] for x in example_inputs]
     out_spec = output_spec(graph_module, example_inputs, local)
     meta = dict(meta, **{SCRIPT_KEY: {"inputs": in_specs, "outputs": out_spec, "name": name}})
-    data = _bytes_of(graph_module)
+    data = saved_bytes(graph_module)
     cls = _class_for(in_specs, out_spec)
     graph = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return torch.jit.script(cls(graph, json.dumps(meta, sort_keys=True), _anchor(local, in_specs)))
