@@ -393,8 +393,8 @@ def fmt_ratio(r) -> str:
     return f"{r:.2f}x" if r < 100 else f"{r:,.0f}x"
 
 
-def fmt_spread(rr: dict) -> str:
-    if rr.get("p25") is None:
+def fmt_spread(rr: dict | None) -> str:
+    if not rr or rr.get("p25") is None:
         return "-"
     return f"{rr['p25']:.2f}-{rr['p75']:.2f}"
 

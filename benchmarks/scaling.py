@@ -33,8 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .e2e import TUNED_MALLOC, malloc_env
-from .harness import (CHILDREN, Plot, SectionResult, Variant, client_of, fmt_ratio, fmt_us, interleave, md_table,
-                      percentile, summarize)
+from .harness import (CHILDREN, Plot, SectionResult, Variant, client_of, fmt_ratio, fmt_spread, fmt_us, interleave,
+                      md_table, percentile, summarize, verdict)
 
 CORES = (1, 2, 4)
 BROKER_CORES = max(CORES)
@@ -69,7 +69,10 @@ def make_model():
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(CHANNELS, 10)).eval()
 
 
-KINDS = ("replicas", "DataParallel", "ceiling")
+DP_WINDOW = "DataParallel, submit window"  # the same DataParallel, batches kept in flight with submit()
+WINDOW = 2  # batches in flight from the one caller
+TARGET_DP_2_CORES = 1.8  # DataParallel over 2 cores vs 1 from one caller (the hardware gives 1.80-1.95x here)
+KINDS = ("replicas", "DataParallel", DP_WINDOW, "ceiling")
 WHOLE = "one call, whole batch, core 0"
 
 
@@ -217,6 +220,21 @@ def _single_rate(fn, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _window_rate(dp, x, seconds: float, window: int = WINDOW) -> float:
+    """Batches per second of one caller that keeps ``window`` batches in flight through ``dp.submit``."""
+    from collections import deque
+
+    n, t0 = 0, time.perf_counter()
+    inflight = deque(dp.submit(x) for _ in range(window))
+    while time.perf_counter() - t0 < seconds:
+        inflight.popleft().result(60)
+        n += 1
+        inflight.append(dp.submit(x))
+    for f in inflight:
+        f.result(60)
+    return n / (time.perf_counter() - t0)
+
+
 def _cpu_s(procs) -> float:
     total = 0.0
     for p in procs:
@@ -321,6 +339,8 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
                 raise RuntimeError(f"DataParallel over {n} cores computed something else")
             cases[_name("DataParallel", n, start)] = (
                 lambda s, dp=dp: _single_rate(lambda: dp(x_batch), s) * DP_BATCH, workers[start:start + n])
+            cases[_name(DP_WINDOW, n, start)] = (
+                lambda s, dp=dp: _window_rate(dp, x_batch, s) * DP_BATCH, workers[start:start + n])
     whole = neuron_client.jit.load(paths["whole"])
     whole.load_onto([0])
     cases[WHOLE] = (lambda s: _single_rate(lambda: whole(x_batch), s) * DP_BATCH, workers[:1])
@@ -379,7 +399,7 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
             t = table[label(kind, n)]
             scaling[kind][n] = {"items_per_s": t["items_per_s"], "ratio_to_1": rr["median"], "round_spread": rr,
                                 "worker_cpus_busy": t["worker_cpus_busy"], "client_cpus_busy": t["client_cpus_busy"]}
-    for kind in ("replicas", "DataParallel"):
+    for kind in ("replicas", "DataParallel", DP_WINDOW):
         for n in CORES:
             hw = scaling["ceiling"][n]["ratio_to_1"]
             s = scaling[kind][n]
@@ -451,7 +471,9 @@ def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, h
               "two workers), not scaling. The ceiling processes are pinned the same way and show the hardware's "
               "own answer.", ""]
     rows = []
-    for kind, title in (("replicas", "replicas"), ("DataParallel", "DataParallel"), ("ceiling", "in-process ceiling")):
+    for kind, title in (("replicas", "replicas"), ("DataParallel", "DataParallel"),
+                        (DP_WINDOW, f"DataParallel, {WINDOW} batches in flight (submit)"),
+                        ("ceiling", "in-process ceiling")):
         for n in CORES:
             s = scaling[kind][n]
             rows.append([title, n, f"{s['items_per_s']:,.0f}", fmt_ratio(s["ratio_to_1"]),
@@ -473,7 +495,16 @@ def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, h
           f"a direct call p50 {fmt_us(overhead['direct']['p50_us'])}, through DataParallel over one core "
           f"{fmt_us(overhead['DataParallel']['p50_us'])} (+{fmt_us(overhead['dp_extra_p50_us'])}); the in-process "
           f"split + gather of the batch into 4 chunks {fmt_us(overhead['split+gather']['p50_us'])}.", ""]
-    for kind in ("replicas", "DataParallel"):
+    if 2 in scaling[DP_WINDOW]:
+        win, fj = scaling[DP_WINDOW][2], scaling["DataParallel"][2]
+        met = verdict(None if win["ratio_to_1"] is None else win["ratio_to_1"] >= TARGET_DP_2_CORES)
+        L += [f"Target: DataParallel over 2 cores vs 1, from one caller, >= {TARGET_DP_2_CORES}x: with {WINDOW} "
+              f"batches in flight (`submit`) {fmt_ratio(win['ratio_to_1'])} (round spread "
+              f"{fmt_spread(win['round_spread'])}) {met}; one batch at a time (fork-join) "
+              f"{fmt_ratio(fj['ratio_to_1'])}; the hardware {fmt_ratio(scaling['ceiling'][2]['ratio_to_1'])}.", ""]
+        res.figures["dp_window_target"] = {"goal": TARGET_DP_2_CORES, "window": WINDOW,
+                                           "ratio_to_1": win["ratio_to_1"], "fork_join_ratio_to_1": fj["ratio_to_1"]}
+    for kind in ("replicas", "DataParallel", DP_WINDOW):
         s1, s2 = scaling[kind][1], scaling[kind][2]
         eff = s2.get("efficiency_vs_hardware")
         if eff is None or eff >= 0.9:
@@ -509,6 +540,7 @@ def _draw_throughput(plt, path, scaling, ncpu) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.6))
     styles = {"replicas": ("tab:red", "o-", "replicas (8 client threads)"),
               "DataParallel": ("tab:blue", "s-", f"DataParallel (batch {DP_BATCH})"),
+              DP_WINDOW: ("tab:cyan", "d-", f"DataParallel, {WINDOW} in flight (submit)"),
               "ceiling": ("tab:gray", "^--", "in-process ceiling (hardware)")}
     for kind, (color, style, lab) in styles.items():
         ys = [scaling[kind][n]["ratio_to_1"] for n in CORES]

@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from neuron_client.wire import config
 from neuron_client.wire.procs import stop_processes
 
 log = logging.getLogger("neuron.broker")
@@ -65,11 +66,19 @@ class Supervisor:
         self.stopping: list[mp.process.BaseProcess] = []  # killed, not reaped yet
         self.kill_at: dict[int, float] = {}  # pid -> when a worker told to exit is killed
 
+    def spin_us(self) -> int:
+        """The fast path's spin for a worker: where every core has CPUs of its own, else none (a spinning worker
+        would take the CPU from the workers it shares it with)."""
+        from broker.backends import host_cpus
+
+        return config.FAST_PATH_SPIN_US if self.backend.n_cores <= len(host_cpus()) else 0
+
     def start(self, core: int) -> tuple[int, int]:
         """Start a worker for ``core``; (pid, sentinel fd that becomes readable when it exits)."""
         settings = dict(core=core, directory=self.directory, backend=self.backend.name,
                         placement=self.backend.placement(core), broker_pid=os.getpid(),
-                        shm_threshold=self.shm_threshold, max_message_bytes=self.max_message_bytes)
+                        shm_threshold=self.shm_threshold, max_message_bytes=self.max_message_bytes,
+                        spin_us=self.spin_us())
         old = self.procs.get(core)
         if old is not None and old.is_alive():
             old.kill()

@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import psutil
 
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
-from neuron_client.wire import codec, comm as transport, config, messages, tensors
+from neuron_client.wire import codec, comm as transport, config, mailbox as mb, messages, tensors
 from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError
 from neuron_client.wire.procs import pid_running
 from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
 from . import devices
+from .fastpath import FastPath, ServedMailbox
 from .store import ModelStore, tune_allocator
 
 log = logging.getLogger("neuron.worker")
@@ -84,6 +85,7 @@ class WorkerConfig:
     broker_pid: int
     shm_threshold: int = config.SHM_THRESHOLD_BYTES
     max_message_bytes: int = config.MAX_MESSAGE_BYTES
+    spin_us: int = 0  # the fast path's spin after a reply (0: block at once; cores share CPUs)
 
 
 class Worker:
@@ -115,6 +117,7 @@ class Worker:
         self.stats_dirty = threading.Event()
         self.stopping = threading.Event()
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
+        self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
@@ -163,16 +166,20 @@ class Worker:
         self.stats_dirty.set()
         return messages.Ok(), None
 
-    def on_call(self, msg: messages.Call):
-        entry = self.store.get(msg.model_id)
-        args = msg.args if isinstance(msg.args, tuple) else (msg.args,)
+    def run_model(self, model_id: int, args: tuple):
+        """The outputs of model ``model_id`` on ``args`` (either path's call); a model's failure is a
+        :class:`ModelExecutionError` naming it and the core."""
+        entry = self.store.get(model_id)
         if self.store.device != "cpu":  # inputs arrive on the host; the model lives on the core's device
             device = self.store.device
             args = tensors.map_tensors(args, lambda t: t.to(device, non_blocking=True))
         t0 = time.perf_counter()
+        self.busy = True
         try:
-            with collectives.active(entry.group):  # grad mode is off for this whole thread (see serve)
-                outputs = entry.module(*args)
+            if entry.group is None:
+                return entry.module(*args)  # grad mode is off for this whole thread (see serve)
+            with collectives.active(entry.group):
+                return entry.module(*args)
         except Exception as exc:
             first = str(exc).strip().splitlines()
             detail = first[-1] if first else ""
@@ -180,13 +187,52 @@ class Worker:
                 f"model {entry.name!r} raised on neuroncore {self.core}: {type(exc).__name__}: {detail}"
             ) from None
         finally:
+            self.busy = False
             self.times.busy_s += time.perf_counter() - t0
             entry.requests += 1
+
+    def on_call(self, msg: messages.Call):
+        outputs = self.run_model(msg.model_id, msg.args if isinstance(msg.args, tuple) else (msg.args,))
         sink = None
         if msg.reply_shm:
             seg = self.segments.get(msg.reply_shm)
             sink = tensors.TensorSink(shm=SegmentWriter(seg), shm_threshold=self.cfg.shm_threshold)
         return messages.Result(outputs=outputs), sink
+
+    def handle_box(self, box: ServedMailbox, kind: int, nbytes: int, received: float) -> bool:
+        """Serve the request taken from mailbox ``box``; False if the mailbox broke (its client is gone)."""
+        try:
+            if kind == mb.KIND_FRAMES:  # a structured call: the socket path's handling, over the mailbox
+                box.reply(frames=self.handle(box.request_frames(nbytes), received))
+                return True
+            try:
+                if kind != mb.KIND_LEAN:
+                    raise ProtocolError(f"unknown mailbox request kind {kind}")
+                model_id, container, args = box.reader.read(nbytes)
+                if container != mb.CONTAINER_TUPLE:
+                    raise ProtocolError("a mailbox call's arguments must be a tuple")
+                outputs = self.run_model(model_id, tuple(args))
+                self.requests += 1
+                box.reply(outputs=outputs)
+                self.times.record(time.perf_counter() - received, time.monotonic())
+            except (ProtocolError, NeuronRuntimeError) as exc:
+                self.errors += 1
+                box.reply(frames=codec.encode_reply(exc))
+            return True
+        except OSError as exc:  # its connection broke (a streamed reply the client did not take)
+            log.info("core %d: a fast-path client went away: %s", self.core, exc)
+            return False
+        except Exception as exc:  # a reply that cannot travel, or a bug: this call's error, as on the socket
+            self.errors += 1
+            log.exception("core %d: unexpected error", self.core)
+            try:
+                box.reply(frames=codec.encode_reply(NeuronRuntimeError(f"core {self.core}: "
+                                                                       f"{type(exc).__name__}: {exc}")))
+                return True
+            except OSError:
+                return False
+        finally:
+            self.stats_dirty.set()
 
     def handle(self, frames, received: float = 0.0) -> list:
         """The reply to one request; ``received`` (perf_counter) is when it came off the socket."""
@@ -202,11 +248,7 @@ class Worker:
             if handler is None:
                 raise ProtocolError(f"a worker does not serve {env.op!r}; it serves {', '.join(self.handlers)}")
             self.authorize(env.msg.token)
-            self.busy = True
-            try:
-                reply, sink = handler(env.msg)
-            finally:
-                self.busy = False
+            reply, sink = handler(env.msg)
             if env.op == "call":
                 self.requests += 1
             # encoded here, not by Comm.send: a reply that cannot travel (an output dtype the wire does not carry)
@@ -232,30 +274,107 @@ class Worker:
         torch.set_grad_enabled(False)  # inference only; cheaper than entering inference_mode on every call
         hard = 2 * self.cfg.max_message_bytes if self.cfg.max_message_bytes else 0
         comm = transport.Comm(transport.router(config.worker_address(self.cfg.directory, self.core), hard))
+        fast = self.open_fast_path()
+        poller = transport.poller(comm.sock)
+        if fast is not None:
+            poller.register(fast.listener.fileno(), transport.POLLIN)
         control = threading.Thread(target=self.control_loop, name=f"core{self.core}-control", daemon=True)
         control.start()
-        backlog: collections.deque = collections.deque()  # (identity, frames, received): FIFO, like the socket
+        # FIFO, like the socket: (mailbox, kind, bytes, received) or (None, identity, frames, received)
+        backlog: collections.deque = collections.deque()
         try:
             while not self.stopping.is_set():
-                if not backlog and not comm.poll(DATA_POLL_MS):
-                    continue
+                if not backlog and not (fast is not None and self.spin(fast, comm)):
+                    events = poller.poll(DATA_POLL_MS)
+                    if fast is not None and events:
+                        self.fast_events(fast, poller, events)
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
                 while len(backlog) < MAX_BACKLOG and comm.readable():
                     msg = comm.recv()
                     if len(msg) >= 2:
-                        backlog.append((msg[0], msg[1:], time.perf_counter()))
+                        backlog.append((None, msg[0], msg[1:], time.perf_counter()))
+                if fast is not None:
+                    for box in fast.boxes.values():
+                        if box.pending():
+                            now = time.perf_counter()
+                            self.note_gap(now - box.replied_at)
+                            backlog.append((box, *box.take(), now))
                 if not backlog:
                     continue
-                identity, frames, received = backlog.popleft()
+                box, a, b, received = backlog.popleft()
                 self.queued = len(backlog)
-                reply = self.handle(frames, received)
-                comm.send_frames(reply, to=identity)
+                if box is None:
+                    comm.send_frames(self.handle(b, received), to=a)
+                elif not box.closed and not self.handle_box(box, a, b, received):
+                    self.drop_box(fast, poller, box)
         finally:
             self.store.clear()
             self.segments.clear()
+            if fast is not None:
+                fast.close()
             comm.close()
             self.data_closed.set()
         control.join(DATA_STOP_WAIT_S + FINAL_STATS_LINGER_S + 1.0)  # its exit_after_flush ends the process
+
+    # -- the fast path ---------------------------------------------------------------------------------------
+    def open_fast_path(self) -> FastPath | None:
+        try:
+            return FastPath(self.cfg.directory, self.core, self.cfg.spin_us, self.cfg.placement.get("cpus", []),
+                            self.cfg.max_message_bytes)
+        except OSError as exc:  # the socket path serves every call
+            log.warning("core %d: no fast path (%s); calls take the socket", self.core, exc)
+            return None
+
+    def fast_events(self, fast: FastPath, poller, events) -> None:
+        """Act on the fast path's part of a poll: a connecting client, a doorbell (drained: the sequence numbers
+        say what waits), a closed connection."""
+        for item, _ev in events:
+            if not isinstance(item, int):
+                continue  # the ZeroMQ socket
+            if item == fast.listener.fileno():
+                box = fast.accept(self.owner_pid, self.segments.owner_uid if self.segments.owner_uid is not None
+                                  else os.getuid(), self.authorize)
+                if box is not None:
+                    poller.register(box.req_bell, transport.POLLIN)
+                    poller.register(box.conn.fileno(), transport.POLLIN)
+            elif item in fast.by_bell:
+                try:
+                    os.read(item, 8)
+                except OSError:
+                    pass
+            elif item in fast.boxes:  # a client never writes after its hello: this is its end
+                self.drop_box(fast, poller, fast.boxes[item])
+
+    def drop_box(self, fast: FastPath, poller, box: ServedMailbox) -> None:
+        for fd in (box.req_bell, box.conn.fileno()):
+            try:
+                poller.unregister(fd)
+            except KeyError:
+                pass
+        fast.drop(box)
+
+    def note_gap(self, gap_s: float) -> None:
+        """A request's wait after the previous reply of its mailbox: the spin is for clients that come back fast."""
+        self.gap_s += 0.125 * (min(gap_s, 1.0) - self.gap_s)
+
+    def spin(self, fast: FastPath, comm) -> bool:
+        """After a reply, watch the mailboxes (and the socket) for a bounded time before blocking: True if a request
+        came. Only where this worker has its CPUs to itself, and while clients come back within the window."""
+        window = self.cfg.spin_us / 1e6
+        if not window or not fast.boxes or self.gap_s > window:
+            return False
+        last = max(box.replied_at for box in fast.boxes.values())
+        stop = last + window
+        boxes = list(fast.boxes.values())
+        i = 0
+        while time.perf_counter() < stop:
+            for box in boxes:
+                if box.pending():
+                    return True
+            i += 1
+            if not i & 31 and comm.readable():
+                return True
+        return False
 
     # -- control plane ---------------------------------------------------------------------------------------
     def stats(self) -> messages.WorkerStats:

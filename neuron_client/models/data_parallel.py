@@ -17,8 +17,10 @@ Mirrors ``torch_neuronx.DataParallel`` (seed 002, reference-behaviour section 4)
 from __future__ import annotations
 
 import re
+import threading
 import warnings
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from neuron_client.models import batching
 from neuron_client.models.neuron_model import Replica, as_neuron_model
@@ -27,6 +29,7 @@ from neuron_client.runtime.lease import get_runtime
 from neuron_client.wire.errors import InputShapeError, NeuronRuntimeError
 
 _NC = re.compile(r"nc:(\d+)")
+SUBMIT_WINDOW = 4  # batches of one DataParallel in flight at once through submit()
 
 UNEVEN_WARNING = ("the NeuronCores are not fully used: input.shape[dim]={n} is not divisible by the {k} NeuronCores "
                   "in device_ids, so the chunks are {sizes}; for the best throughput make the batch a multiple of "
@@ -72,6 +75,8 @@ class DataParallel:
     """Replicate ``model`` on the cores ``device_ids`` names and split each call's batch across them."""
 
     def __init__(self, model, device_ids=None, dim: int = 0, set_dynamic_batching: bool = True):
+        self._submitter: ThreadPoolExecutor | None = None
+        self._submit_lock = threading.Lock()
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise TypeError(f"dim must be an int, got {type(dim).__name__}")
         self.module = _as_neuron_model(model)
@@ -214,6 +219,21 @@ class DataParallel:
         return batching.gather(outs, self.dim)
 
     forward = __call__
+
+    def submit(self, *inputs) -> Future:
+        """Run a call in the background; returns a ``concurrent.futures.Future`` of its gathered outputs.
+
+        Its inputs are checked now (a bad batch raises here, not in the future). Several submitted batches stay in
+        flight at once (up to :data:`SUBMIT_WINDOW`; more wait their turn), so the next batch's chunks are already
+        queued on a core that finishes its chunk of this one early: one caller keeps every core busy."""
+        plan = self._plan(inputs)
+        for calls in plan:
+            for args, _, _ in calls:
+                self.module.check_shapes(args)
+        with self._submit_lock:
+            if self._submitter is None:  # its own threads: a batch waits for chunks that run on the runtime's pool
+                self._submitter = ThreadPoolExecutor(max_workers=SUBMIT_WINDOW, thread_name_prefix="neuron-dp")
+        return self._submitter.submit(self.__call__, *inputs)
 
     def _on_core_error(self, i: int, replica: Replica, plan: list, exc: Exception) -> Exception:
         start = sum(real for calls in plan[:i] for _, real, _ in calls)

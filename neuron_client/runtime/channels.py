@@ -6,10 +6,11 @@ ZeroMQ sockets are single-threaded, so each thread of the process has its own ch
 from __future__ import annotations
 
 import logging
+import time
 import typing
 
 from neuron_client.wire import comm as transport, config, messages, shm, tensors
-from neuron_client.wire.errors import NotOwnerError, ProtocolError
+from neuron_client.wire.errors import NeuronRuntimeError, NotOwnerError, ProtocolError, WorkerUnavailableError
 from neuron_client.wire.procs import pid_running
 
 if typing.TYPE_CHECKING:
@@ -30,8 +31,16 @@ class _ReplySegments:
         return self.arena.segment.view(offset, nbytes)
 
 
+FAST_PATH_RETRY_S = 1.0  # after a fast path could not be set up, calls take the socket this long before a retry
+
+
 class WorkerChannel:
-    """One thread's connection to one core's worker, with its shared-memory arenas."""
+    """One thread's connection to one core's worker: its ZeroMQ channel with shared-memory arenas, and its
+    mailbox (the fast path, :mod:`neuron_client.wire.mailbox`) where the worker is on this host.
+
+    Calls go through the mailbox when there is one and the call fits it; everything else (loads, unloads, calls too
+    large for it, or every call with ``NEURON_FAST_PATH=0``) through the socket. Both give the same results and errors.
+    """
 
     def __init__(self, runtime: "Runtime", core: int, endpoint: str):
         self.runtime = runtime
@@ -42,6 +51,73 @@ class WorkerChannel:
         self._reply_segments = _ReplySegments(self.reply_arena)
         self._worker_pid = 0
         self.threshold = config.shm_threshold_bytes() if shm.available() else 1 << 62
+        self.fast = config.fast_path_enabled() and self._fast_path_supported()
+        self.spin_us = config.fast_path_spin_us()
+        self.mailbox = None  # neuron_client.wire.mailbox.ClientMailbox, made at the first call
+        self._fast_retry_at = 0.0
+        self._fast_capacity = 0
+        self._socket_models: set[int] = set()  # models whose replies are too large for a mailbox
+
+    @staticmethod
+    def _fast_path_supported() -> bool:
+        import os
+
+        return hasattr(os, "memfd_create") and hasattr(os, "eventfd")
+
+    def _mailbox(self, capacity: int = 0):
+        """This thread's mailbox to the core's current worker, set up at need; None where the fast path cannot
+        serve (then calls take the socket, and a new try is made after FAST_PATH_RETRY_S)."""
+        from neuron_client.wire import mailbox
+
+        box = self.mailbox
+        pid = self.runtime.workers[self.core].pid
+        if box is not None:
+            if not box.closed and box.worker_pid == pid and capacity <= box.capacity and not box.grow_to:
+                return box
+            capacity = max(capacity, box.grow_to and mailbox.capacity_for(box.grow_to, self.runtime.max_message_bytes)
+                           or 0, box.capacity)
+            box.close()
+            self.mailbox = None
+        if not pid or (time.monotonic() < self._fast_retry_at and not capacity):
+            return None
+        self.channel.check_process()
+        try:
+            self.mailbox = mailbox.ClientMailbox(
+                mailbox.fast_path_address(self.runtime.directory, self.core), pid, self.runtime.token,
+                capacity=min(max(capacity, self._fast_capacity, mailbox.CAPACITY_BYTES),
+                             mailbox.max_capacity(self.runtime.max_message_bytes)), spin_us=self.spin_us,
+                core=self.core)
+        except (OSError, NeuronRuntimeError) as exc:
+            log.debug("core %d: no fast path now (%s); calls take the socket", self.core, exc)
+            self._fast_retry_at = time.monotonic() + FAST_PATH_RETRY_S
+            return None
+        self._fast_capacity = self.mailbox.capacity
+        return self.mailbox
+
+    def _fast_call(self, model_id: int, args: tuple, timeout_s: float):
+        """The call through the mailbox; ``NotCarried`` (nothing sent) when it cannot take it."""
+        from neuron_client.wire import mailbox
+
+        box = self._mailbox()
+        if box is None:
+            raise mailbox.NotCarried(0)
+        for _ in range(2):
+            try:
+                out = box.call(model_id, args, self.runtime.token, timeout_s, self._alive)
+                if box.grow_to and mailbox.capacity_for(box.grow_to, self.runtime.max_message_bytes) is None:
+                    self._socket_models.add(model_id)  # its replies outgrow any mailbox: the socket's arenas
+                    box.grow_to = 0
+                return out
+            except mailbox.NotCarried as too_big:  # grow the mailbox to fit, within its limit
+                capacity = mailbox.capacity_for(too_big.args[0], self.runtime.max_message_bytes)
+                if capacity is None:
+                    raise
+                box = self._mailbox(capacity)
+                if box is None:
+                    raise
+            except WorkerUnavailableError:
+                raise self.runtime.worker_died(self.core, box.worker_pid) from None
+        raise mailbox.NotCarried(0)
 
     def _alive(self) -> None:
         """While waiting for a reply: the lease still held, the worker still there."""
@@ -74,6 +150,13 @@ class WorkerChannel:
             return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
+        if self.fast and model_id not in self._socket_models:
+            from neuron_client.wire.mailbox import NotCarried
+
+            try:
+                return self._fast_call(model_id, args, timeout_s)
+            except NotCarried:
+                pass
         carried = list(tensors.walk_tensors(args))
         msg = messages.Call(token=self.runtime.token, model_id=model_id, args=args,
                             reply_shm=self.reply_arena.name, reply_shm_size=self.reply_arena.size)
@@ -87,6 +170,8 @@ class WorkerChannel:
         return outputs
 
     def close(self) -> None:
+        if self.mailbox is not None:
+            self.mailbox.close()
         self.channel.close()
         self.request_arena.release()
         self.reply_arena.release()

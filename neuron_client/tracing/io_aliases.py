@@ -157,7 +157,8 @@ class TrafficMeter:
     """Counts the bytes this process's data-plane messages carry (a diagnostic; the wire format is unchanged).
 
     While active (``with TrafficMeter() as meter:``), every message the process encodes or decodes is measured: the
-    header frame plus every tensor it carries, whether the tensor travels in a frame or through shared memory.
+    header frame plus every tensor it carries, whether the tensor travels in a frame or through shared memory (a
+    fast-path call in the lean format: its header and tensor bytes in the mailbox).
     ``meter.sent`` / ``meter.received`` are bytes, ``meter.calls`` the ``call`` messages sent. One meter at a time.
     """
 
@@ -168,7 +169,7 @@ class TrafficMeter:
         self.sent = 0
         self.received = 0
         self.calls = 0
-        self._encode = self._decode = None
+        self._encode = self._decode = self._box_call = None
 
     def __enter__(self) -> "TrafficMeter":
         with TrafficMeter._lock:
@@ -190,10 +191,28 @@ class TrafficMeter:
             self.received += len(frames[0]) + _tensor_bytes(env.msg)
             return env
 
+        from neuron_client.wire import mailbox
+
+        self._box_call = call = mailbox.ClientMailbox.call
+
+        def counting_call(box, *args, **kw):  # the fast path's lean messages (its frames pass the codec above)
+            out = call(box, *args, **kw)
+            ctl = box.region.ctl
+            if ctl[mailbox._REQ_KIND] == mailbox.KIND_LEAN:
+                self.calls += 1
+                self.sent += ctl[mailbox._REQ_LEN]
+            if ctl[mailbox._REP_KIND] == mailbox.KIND_LEAN:
+                self.received += ctl[mailbox._REP_LEN]
+            return out
+
         codec.encode, codec.decode = counting_encode, counting_decode
+        mailbox.ClientMailbox.call = counting_call
         return self
 
     def __exit__(self, *exc) -> None:
+        from neuron_client.wire import mailbox
+
+        mailbox.ClientMailbox.call = self._box_call
         codec.encode, codec.decode = self._encode, self._decode
         with TrafficMeter._lock:
             TrafficMeter._active = None

@@ -253,6 +253,11 @@ class Channel:
         self._ids = itertools.count(1)
         self.pid = os.getpid()
 
+    def check_process(self) -> None:
+        if self.pid != os.getpid():
+            raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
+                               "create the runtime in the child instead")
+
     def request(self, msg, timeout_s: float, sink=None, source=None, alive=None, max_bytes: int | None = None):
         """Send ``msg`` and return the reply's :class:`codec.Envelope`.
 
@@ -261,9 +266,7 @@ class Channel:
         ``max_bytes`` (default: the channel's) refuses, with :class:`MessageTooLargeError` and before sending, a
         message larger than the peer reads. An error reply is raised as its named exception.
         """
-        if self.pid != os.getpid():
-            raise RuntimeError("a neuron_client connection cannot be used in a forked child; "
-                               "create the runtime in the child instead")
+        self.check_process()
         rid = next(self._ids)
         frames = codec.encode(msg, rid, sink)
         limit = self.max_bytes if max_bytes is None else max_bytes

@@ -186,3 +186,33 @@ def log_file(directory: str) -> str:
 
 def autostart_enabled() -> bool:
     return os.environ.get(ENV_AUTOSTART, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# -- the co-located fast path (neuron_client.wire.mailbox) ---------------------------------------------------------
+ENV_FAST_PATH = "NEURON_FAST_PATH"  # "0": every call takes the socket path
+ENV_FAST_PATH_SPIN_US = "NEURON_FAST_PATH_SPIN_US"  # a client's spin before it blocks (default: its worker's)
+FAST_PATH_SPIN_US = 100  # a worker's spin after a reply, where cores have CPUs of their own (0 where they share)
+
+
+def fast_path_enabled() -> bool:
+    value = os.environ.get(ENV_FAST_PATH, "1").strip().lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ENV_FAST_PATH}={value!r} is not a switch; use 1 (the default) or 0, e.g. {ENV_FAST_PATH}=0")
+
+
+def fast_path_spin_us() -> int | None:
+    """The client's spin budget from ``NEURON_FAST_PATH_SPIN_US``; None: its worker's."""
+    value = os.environ.get(ENV_FAST_PATH_SPIN_US)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        spin = int(value)
+        if spin < 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{ENV_FAST_PATH_SPIN_US}={value!r} is not a number of microseconds >= 0; "
+                         f"e.g. {ENV_FAST_PATH_SPIN_US}=50 (0: never spin)") from None
+    return spin

@@ -40,6 +40,17 @@ def test_default_uses_every_owned_core(dp, models):
     assert any("not divisible" in w for w in out.get("warnings", [])), out
 
 
+def test_submit_keeps_a_window_of_batches_in_flight(dp, models):
+    model = dp.ok("dp_model", name="conv", directory=models)["model"]
+    par = dp.ok("data_parallel", model=model)
+    # six batches submitted at once, of any size (dynamic batching); one with the wrong image size is refused at
+    # submit, and the others still come back, each its own batch's result
+    shapes = [[5, 3, 16, 16], [8, 3, 16, 16], [1, 3, 16, 16], [4, 3, 8, 8], [7, 3, 16, 16], [2, 3, 16, 16]]
+    out = dp.ok("dp_submit", dp=par["dp"], shapes=shapes, ref="conv")
+    assert out["is_future"] and out["refused"] == {"3": "InputShapeError"}, out
+    assert out["same"] == {str(i): True for i in (0, 1, 2, 4, 5)}
+
+
 def test_nc_strings_select_and_sort_cores(dp, models):
     model = dp.ok("dp_model", name="conv", directory=models)["model"]
     par = dp.ok("data_parallel", model=model, device_ids=["nc:2", "nc:0", "nc:1"])

@@ -21,9 +21,15 @@ def test_roundtrip_shm_and_model_errors(client, models_dir):
                                       "tensor"]}
 
     big = client.ok("load", path=os.path.join(models_dir, "big.pt"))["model"]
-    # twice: the reply arena exists after the first call, so the second output comes back through shared memory too
-    assert client.ok("call", model=big, ref="big", args=[{"rand": [1024, 1024], "seed": 1}], times=2)["same"]
-    assert len(shm.segments_of(client.pid)) >= 1  # the 4 MiB tensors went through shared memory
+    # twice: the mailbox grows to fit the first call, so both calls' 4 MiB tensors go through shared memory
+    out = client.ok("call", model=big, ref="big", args=[{"rand": [1024, 1024], "seed": 1}], times=2)
+    assert out["same"]
+    assert out["paths"]["2"]["mailbox_capacity"] >= 4 << 20 and out["paths"]["2"]["mailbox_calls"] >= 2
+    # with the fast path off, through the socket path's segments, named for the client
+    off = client.ok("call_in_thread", model=big, ref="big", args=[{"rand": [1024, 1024], "seed": 1}], times=2,
+                    env={"NEURON_FAST_PATH": "0"})
+    assert off["same"] and off["paths"]["2"]["mailbox_calls"] == 0
+    assert len(shm.segments_of(client.pid)) >= 1
 
     gather = client.ok("load", path=os.path.join(models_dir, "gather.pt"))["model"]
     raised = client.do("call", model=gather, args=[{"rand": [4, 3]}, {"tensor": [0, 9]}])

@@ -14,6 +14,7 @@ tensor shapes), so that a test can check that a worker only ever saw the traced 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
 
 import torch
 
@@ -168,6 +169,24 @@ def dp_call(dp: int, args, ref: str | None = None, split: int | None = None, dim
             want = fn(*x) if split is None else torch.cat([fn(c) for c in x[0].split(split, dim=dim)], dim)
         doc["same"] = harness.close(y, want, atol)
     return doc
+
+
+@harness.command
+def dp_submit(dp: int, shapes: list, ref: str, atol: float = 1e-5) -> dict:
+    """Submit a batch of each shape in ``shapes`` at once (a window in flight), then check each result; a batch
+    refused at submit (a bad shape) is reported by its index."""
+    d = harness.get(dp)
+    futures, refused = [], {}
+    xs = [torch.rand(*shape) for shape in shapes]
+    for i, x in enumerate(xs):
+        try:
+            futures.append((i, d.submit(x)))
+        except Exception as exc:  # noqa: BLE001 - the test asserts on it
+            refused[str(i)] = type(exc).__name__
+    fn = owner.REFERENCES[ref]
+    with torch.no_grad():
+        same = {str(i): harness.close(f.result(60), fn(xs[i]), atol) for i, f in futures}
+    return {"same": same, "refused": refused, "is_future": all(isinstance(f, Future) for _, f in futures)}
 
 
 @harness.command

@@ -43,6 +43,13 @@ class Gather(torch.nn.Module):
         return x.index_select(0, idx)
 
 
+class Expand(torch.nn.Module):
+    """A small input, a large output (512 KiB for a [1, 64] input)."""
+
+    def forward(self, x):
+        return x.repeat(2048, 1)
+
+
 class Wide(torch.nn.Module):
     """Heavy to load (about 16 MB of weights), light to run."""
 
@@ -86,13 +93,14 @@ def module(name: str):
             "slow": lambda: (MatmulChain(150, 256), torch.rand(64, 256)),  # ~0.1 s a call: overlaps are visible
             "slower": lambda: (MatmulChain(400, 256), torch.rand(256, 256)),  # long calls to be killed under
             "wide": lambda: (Wide(), torch.rand(1, 2048)),
+            "expand": lambda: (Expand(), torch.rand(1, 64)),
         }
         _modules[name] = makers[name]()
         owner.reference(name, _modules[name][0])
     return _modules[name]
 
 
-MODULES = ("affine", "slow", "slower", "wide")
+MODULES = ("affine", "slow", "slower", "wide", "expand")
 
 
 @harness.command

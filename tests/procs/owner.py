@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
+import unittest.mock
 
 import torch  # noqa: F401 - imported before the first command, as a real client would have it
 
@@ -84,6 +86,21 @@ def lost(wait_s: float = 0.0) -> dict:
 
 
 @harness.command
+def fast_hello(core: int, token: str) -> dict:
+    """Ask ``core``'s worker for a mailbox with ``token`` (not this lease's, say): its refusal, or ok."""
+    from neuron_client.wire import mailbox
+
+    rt = runtime()
+    try:
+        box = mailbox.ClientMailbox(mailbox.fast_path_address(rt.directory, core), rt.worker(core).pid, token,
+                                    core=core)
+    except Exception as exc:  # noqa: BLE001 - the test asserts on it
+        return harness.error_doc(exc)
+    box.close()
+    return {"ok": True}
+
+
+@harness.command
 def worker(core: int) -> dict:
     return dataclasses.asdict(runtime().worker(core))
 
@@ -136,6 +153,15 @@ def describe_output(y) -> dict:
     return doc
 
 
+def paths() -> dict:
+    """This thread's path to each core it has called: the mailbox's calls and capacity (0: none, the socket)."""
+    from neuron_client.runtime.lease import get_runtime
+
+    chans = getattr(get_runtime()._local, "channels", {})
+    return {str(core): {"mailbox_calls": ch.mailbox.calls if ch.mailbox else 0,
+                        "mailbox_capacity": ch.mailbox.capacity if ch.mailbox else 0} for core, ch in chans.items()}
+
+
 @harness.command
 def call(model: int, args=None, shape=None, fill=1.0, times: int = 1, ref: str | None = None, same_as=None,
          keep: bool = False, atol: float = 1e-6) -> dict:
@@ -145,13 +171,33 @@ def call(model: int, args=None, shape=None, fill=1.0, times: int = 1, ref: str |
     for _ in range(times):
         outs.append(m(*x))
         runs.append(getattr(m, "last_core", None))
-    doc = dict(describe_output(outs[-1]), runs=runs, last_core=runs[-1])
+    doc = dict(describe_output(outs[-1]), runs=runs, last_core=runs[-1], paths=paths())
     if ref is not None or same_as is not None:
         want = REFERENCES[ref](*x) if ref is not None else harness.get(same_as)
         doc["same"] = all(harness.close(y, want, atol) for y in outs)
     if keep:
         doc["output"] = harness.keep(outs[-1])
     return doc
+
+
+@harness.command
+def call_in_thread(model: int, env: dict, args=None, shape=None, fill=1.0, times: int = 1, ref: str | None = None,
+                   atol: float = 1e-6) -> dict:
+    """``call`` from a fresh thread whose channels are made under ``env`` (e.g. ``NEURON_FAST_PATH=0``: the socket
+    path); its error, if it raised, as the doc."""
+    box: dict = {}
+
+    def run():
+        with unittest.mock.patch.dict(os.environ, {k: str(v) for k, v in env.items()}):
+            try:
+                box["doc"] = call(model, args, shape, fill, times, ref, atol=atol)
+            except Exception as exc:  # noqa: BLE001 - the test asserts on it
+                box["doc"] = harness.error_doc(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(120)
+    return box["doc"]
 
 
 @harness.command

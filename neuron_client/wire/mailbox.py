@@ -1,0 +1,542 @@
+"""The co-located fast path: a per-(client thread, core) shared-memory mailbox with eventfd doorbells.
+
+A client thread and the worker of one of its cores, on one host, exchange calls through a mailbox instead of ZeroMQ:
+
+* **Memory**: an anonymous ``memfd`` made by the owner (never a name in ``/dev/shm`` another process could open),
+  its whole size reserved with ``posix_fallocate`` (no room is a :class:`~.shm.SharedMemoryFullError` at creation,
+  never a SIGBUS later) and sealed against shrinking and growing, so neither side can make the other's mapping
+  fault. Layout: a control page of sequence numbers, then the request area, then the reply area, ``capacity`` bytes
+  each.
+* **Doorbells**: two ``eventfd``\\ s, one per direction. A side writes its message, stores its sequence number, and
+  rings; the other may spin on the sequence number for a bounded, adaptive time (x86-64 only, where stores are seen in
+  order; and only where the peer has a CPU of its own) before it blocks in ``poll`` on the doorbell.
+* **Binding**: the memfd and both eventfds travel once, with ``SCM_RIGHTS``, over an AF_UNIX connection to the core's
+  worker (``<broker dir>/core-N.fast``). The client checks with ``SO_PEERCRED`` that the listening process is the
+  worker the broker named for the core; the worker accepts only its owner (pid and uid from the kernel) bearing the
+  lease's token. The connection stays open as each side's liveness signal: when a peer dies or closes, the other sees
+  it at once. The worker serves one owner in its life, so the mailbox ends with the lease.
+
+Two formats travel in an area (the kind is in the control page):
+
+* ``LEAN``: a flat call (a model id and a tuple of tensors; a result of one tensor, or a tuple or list of them). A
+  fixed header (tensor count, container, model id, header length), a 16-byte record plus the dims per tensor, then
+  each tensor's bytes at a 64-byte aligned offset. Both sides cache a layout per signature (dtypes and shapes), so a
+  static-shape model writes and reads its tensors in place, in preallocated slots.
+* ``FRAMES``: anything else, as :mod:`.codec` frames (the same messages as on the socket: a structured call or
+  result, and every error), each length-prefixed.
+
+A reply too large for the reply area (``STREAM``) follows on the connection itself, as length-prefixed frames; the
+client then grows its mailbox for the next call. A request too large for :data:`MAX_CAPACITY_BYTES` takes the socket
+path, whose shared-memory arenas carry large tensors.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import select
+import socket
+import struct
+import time
+
+import msgpack
+import torch
+
+from . import codec, tensors
+from .errors import NeuronRuntimeError, ProtocolError, RequestTimeoutError, WorkerUnavailableError, from_code
+from .shm import SharedMemoryError, _full_error
+
+VERSION = 1
+CTL_BYTES = 4096
+ALIGN = 64
+CAPACITY_BYTES = 256 * 1024  # each direction, at first; a mailbox grows to fit a call, up to ...
+MAX_CAPACITY_BYTES = 16 * 1024 * 1024  # ... this (larger calls take the socket path and its shm arenas)
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 1024
+MAX_LAYOUTS = 64  # cached layouts per area (a model of many input shapes just rebuilds them)
+HANDSHAKE_TIMEOUT_S = 5.0
+MAX_HANDSHAKE_BYTES = 4096
+
+# control page: u64 slots; the request's on one cache line, the reply's on another
+_REQ_SEQ, _REQ_KIND, _REQ_LEN = 8, 9, 10
+_REP_SEQ, _REP_KIND, _REP_LEN = 16, 17, 18
+KIND_LEAN, KIND_FRAMES, KIND_STREAM = 1, 2, 3
+
+CONTAINER_ONE, CONTAINER_TUPLE, CONTAINER_LIST = 0, 1, 2
+_HEAD = struct.Struct("<IIII")  # tensors, container, model id, header bytes
+_TENSOR = struct.Struct("<BB6xQ")  # dtype code, ndim, (pad), offset from the area's start
+_DTYPE_LIST = list(tensors.DTYPES.values())
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPE_LIST)}
+_ONE = (1).to_bytes(8, "little")
+_U64 = struct.Struct("<Q")
+
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+# Spinning on a sequence number reads it without a barrier: sound where stores become visible in program order.
+SPIN_ARCH = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+
+
+class NotCarried(Exception):
+    """This call does not fit the mailbox (too large); the caller sends it by the socket path."""
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def mapping_size(capacity: int) -> int:
+    return CTL_BYTES + 2 * capacity
+
+
+def fast_path_address(directory: str, core: int) -> str:
+    return os.path.join(directory, f"core-{core}.fast")
+
+
+# -- the mapping -------------------------------------------------------------------------------------------------
+
+
+class Region:
+    """A mailbox's mapping: the control page's u64 slots and the two areas."""
+
+    def __init__(self, fd: int, capacity: int):
+        self.capacity = capacity
+        self.size = mapping_size(capacity)
+        self.mm = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        mv = memoryview(self.mm)
+        self.ctl = mv[:CTL_BYTES].cast("Q")
+        self.request = mv[CTL_BYTES:CTL_BYTES + capacity]
+        self.reply = mv[CTL_BYTES + capacity:self.size]
+
+
+def create_memfd(capacity: int) -> int:
+    """A sealed memfd of a mailbox of ``capacity`` bytes per direction, its memory reserved."""
+    size = mapping_size(capacity)
+    fd = os.memfd_create("neuron-mailbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise _full_error("neuron-mailbox (memfd)", size, os.strerror(exc.errno)) from None
+            raise SharedMemoryError(f"cannot reserve {size} bytes for a mailbox: {exc}") from None
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_memfd(fd: int, capacity: int) -> None:
+    """Refuse a mailbox memfd that could fault its mapper: wrong size, or not sealed against shrinking."""
+    st = os.fstat(fd)
+    if not (st.st_mode & 0o170000 == 0o100000):
+        raise ProtocolError("a mailbox must be a regular memory file")
+    if st.st_size != mapping_size(capacity):
+        raise ProtocolError(f"a mailbox of capacity {capacity} must be {mapping_size(capacity)} bytes, "
+                            f"not {st.st_size}")
+    if st.st_blocks * 512 < st.st_size:
+        raise ProtocolError("a mailbox's memory must be reserved (posix_fallocate)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = 0
+    if seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL) != fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL:
+        raise ProtocolError("a mailbox memfd must be sealed against shrinking (F_SEAL_SHRINK, F_SEAL_SEAL)")
+
+
+# -- the lean format ---------------------------------------------------------------------------------------------
+
+
+class LeanWriter:
+    """Writes flat tensor messages into one area, through a layout cached per signature: the header's bytes and a
+    preallocated slot (a tensor over the area) per tensor."""
+
+    def __init__(self, area: memoryview):
+        self.area = area
+        self.layouts: dict = {}
+
+    def _layout(self, key, ts, container: int, model_id: int):
+        n = len(ts)
+        hlen = _HEAD.size + sum(_TENSOR.size + 8 * t.dim() for t in ts)
+        offset = _align(hlen)
+        need = offset + sum(_align(t.numel() * tensors.ITEMSIZE.get(t.dtype, 0)) for t in ts)
+        if need > len(self.area):
+            raise NotCarried(need)
+        parts, slots = [], []
+        for t in ts:
+            dtype = t.dtype
+            code = _DTYPE_CODE.get(dtype)
+            if code is None:
+                return None
+            parts.append(_TENSOR.pack(code, t.dim(), offset) + struct.pack(f"<{t.dim()}q", *t.shape))
+            nbytes = t.numel() * tensors.ITEMSIZE[dtype]
+            if t.numel():
+                slots.append(torch.frombuffer(self.area, dtype=dtype, count=t.numel(), offset=offset).view(t.shape))
+            else:
+                slots.append(None)
+            offset = _align(offset + nbytes)
+        head = _HEAD.pack(n, container, model_id, hlen) + b"".join(parts)
+        if len(self.layouts) >= MAX_LAYOUTS:
+            self.layouts.clear()
+        layout = self.layouts[key] = (head, slots, offset)
+        return layout
+
+    def write(self, ts, container: int, model_id: int = 0) -> int:
+        """Write tensors ``ts``; their bytes' end. -1: not a lean message (a dtype the wire does not carry);
+        raises :class:`NotCarried` when it does not fit."""
+        key = (model_id, container, *[(t.dtype, t.shape) for t in ts])
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self._layout(key, ts, container, model_id)
+            if layout is None:
+                return -1
+        head, slots, end = layout
+        self.area[:len(head)] = head
+        for slot, t in zip(slots, ts):
+            if slot is not None:
+                slot.copy_(t.detach() if t.requires_grad else t)
+        return end
+
+
+class LeanReader:
+    """Reads flat tensor messages from one area: views of its slots, through a layout cached per header."""
+
+    def __init__(self, area: memoryview):
+        self.area = area
+        self.layouts: dict = {}
+
+    def read(self, nbytes: int):
+        """(model id, container, tensors over the area) of the message of ``nbytes`` bytes; ProtocolError if it is
+        malformed (every offset and size is checked against the area)."""
+        area = self.area
+        if not _HEAD.size <= nbytes <= len(area):
+            raise ProtocolError(f"a lean message of {nbytes} bytes does not fit an area of {len(area)}")
+        n, container, model_id, hlen = _HEAD.unpack_from(area, 0)
+        if not _HEAD.size <= hlen <= min(nbytes, MAX_HEADER_BYTES):
+            raise ProtocolError(f"a lean header of {hlen} bytes in a message of {nbytes}")
+        head = bytes(area[:hlen])
+        layout = self.layouts.get(head)
+        if layout is None:
+            layout = self._parse(head, n, container, nbytes)
+        if layout[1] > nbytes:
+            raise ProtocolError(f"a lean message of {nbytes} bytes whose tensors end at {layout[1]}")
+        return model_id, container, layout[0]
+
+    def _parse(self, head: bytes, n: int, container: int, nbytes: int):
+        if n > MAX_TENSORS or container not in (CONTAINER_ONE, CONTAINER_TUPLE, CONTAINER_LIST):
+            raise ProtocolError(f"a lean message of {n} tensors in container {container}")
+        if container == CONTAINER_ONE and n != 1:
+            raise ProtocolError("a lean message of one tensor must hold one")
+        pos, end, views = _HEAD.size, _align(len(head)), []
+        for _ in range(n):
+            if pos + _TENSOR.size > len(head):
+                raise ProtocolError("a lean header cut short")
+            code, ndim, offset = _TENSOR.unpack_from(head, pos)
+            pos += _TENSOR.size
+            if code >= len(_DTYPE_LIST) or ndim > 64 or pos + 8 * ndim > len(head):
+                raise ProtocolError(f"a lean tensor of dtype code {code} and {ndim} dims")
+            shape = struct.unpack_from(f"<{ndim}q", head, pos)
+            pos += 8 * ndim
+            if any(d < 0 for d in shape):
+                raise ProtocolError(f"a lean tensor of shape {list(shape)}")
+            dtype = _DTYPE_LIST[code]
+            count = 1
+            for d in shape:
+                count *= d
+            size = count * tensors.ITEMSIZE[dtype]
+            if offset % ALIGN or offset < end or offset + size > len(self.area):
+                raise ProtocolError(f"a lean tensor at offset {offset} of {size} bytes in an area of "
+                                    f"{len(self.area)}")
+            views.append(torch.frombuffer(self.area, dtype=dtype, count=count, offset=offset).view(shape) if count
+                         else torch.empty(shape, dtype=dtype))
+            end = _align(offset + size)
+        if pos != len(head):
+            raise ProtocolError("a lean header longer than its tensors")
+        if len(self.layouts) >= MAX_LAYOUTS:
+            self.layouts.clear()
+        layout = self.layouts[head] = (views, end)
+        return layout
+
+
+def flat_tensors(obj):
+    """(container, tensors) when ``obj`` is a tensor or a plain tuple or list of CPU-or-device tensors; else None."""
+    if isinstance(obj, torch.Tensor):
+        return CONTAINER_ONE, (obj,)
+    kind = type(obj)
+    if kind is tuple or kind is list:
+        for t in obj:
+            if not isinstance(t, torch.Tensor):
+                return None
+        return (CONTAINER_TUPLE if kind is tuple else CONTAINER_LIST), obj
+    return None
+
+
+def rebuild(container: int, ts):
+    if container == CONTAINER_ONE:
+        return ts[0]
+    return tuple(ts) if container == CONTAINER_TUPLE else list(ts)
+
+
+# -- frames ------------------------------------------------------------------------------------------------------
+
+
+def frames_size(frames) -> int:
+    return 4 + 8 * len(frames) + sum(memoryview(f).nbytes for f in frames)
+
+
+def write_frames(area: memoryview, frames) -> int:
+    """Write codec frames (count, lengths, bytes) into ``area``; their end. NotCarried if they do not fit."""
+    need = frames_size(frames)
+    if need > len(area):
+        raise NotCarried(need)
+    struct.pack_into("<I", area, 0, len(frames))
+    pos = 4 + 8 * len(frames)
+    for i, f in enumerate(frames):
+        b = memoryview(f).cast("B")
+        _U64.pack_into(area, 4 + 8 * i, b.nbytes)
+        area[pos:pos + b.nbytes] = b
+        pos += b.nbytes
+    return pos
+
+
+def read_frames(area, nbytes: int) -> list:
+    """The codec frames of a FRAMES message of ``nbytes`` (copied out: the area is reused)."""
+    if not 4 <= nbytes <= len(area):
+        raise ProtocolError(f"a frames message of {nbytes} bytes in an area of {len(area)}")
+    (count,) = struct.unpack_from("<I", area, 0)
+    if not 1 <= count <= codec.MAX_FRAMES or 4 + 8 * count > nbytes:
+        raise ProtocolError(f"a frames message of {count} frames in {nbytes} bytes")
+    pos, frames = 4 + 8 * count, []
+    for i in range(count):
+        (n,) = _U64.unpack_from(area, 4 + 8 * i)
+        if pos + n > nbytes:
+            raise ProtocolError("a frames message cut short")
+        frames.append(bytes(area[pos:pos + n]))
+        pos += n
+    return frames
+
+
+def send_stream(conn: socket.socket, frames) -> None:
+    """Frames on the connection (a reply too large for the area): total length, then :func:`write_frames`' form."""
+    lengths = b"".join(_U64.pack(memoryview(f).nbytes) for f in frames)
+    head = struct.pack("<I", len(frames)) + lengths
+    conn.sendall(_U64.pack(len(head) + sum(memoryview(f).nbytes for f in frames)) + head)
+    for f in frames:
+        conn.sendall(f)
+
+
+def recv_exact(conn: socket.socket, n: int, deadline: float) -> bytearray:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeoutError(f"a streamed reply stalled after {got} of {n} bytes")
+        conn.settimeout(left)
+        k = conn.recv_into(view[got:])
+        if not k:
+            raise ConnectionError("the worker closed the fast-path connection")
+        got += k
+    return buf
+
+
+# -- the client side ---------------------------------------------------------------------------------------------
+
+
+def close_fds(*fds: int) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
+class ClientMailbox:
+    """One client thread's mailbox to one core's worker (used by that thread only).
+
+    ``calls`` counts the calls it carried; ``spin_us`` is its spin budget (0: it always blocks)."""
+
+    def __init__(self, address: str, worker_pid: int, token: str, capacity: int = CAPACITY_BYTES,
+                 spin_us: int | None = None, core: int = -1):
+        self.worker_pid = worker_pid
+        self.core = core
+        self.address = address
+        self.capacity = capacity
+        self.calls = 0
+        self.seq = 0
+        self.closed = False
+        fds = []
+        self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            memfd = create_memfd(capacity)
+            fds.append(memfd)
+            self.req_bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fds.append(self.req_bell)
+            self.rep_bell = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            fds.append(self.rep_bell)
+            self.conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            self.conn.connect(address)
+            pid, uid = _peer(self.conn)
+            if pid != worker_pid or uid != os.getuid():
+                raise ProtocolError(f"{address} is served by pid {pid} (uid {uid}), not by the core's worker "
+                                    f"(pid {worker_pid}); not sending it the mailbox")
+            hello = msgpack.packb({"v": VERSION, "token": token, "capacity": capacity})
+            socket.send_fds(self.conn, [hello], [memfd, self.req_bell, self.rep_bell])
+            answer = msgpack.unpackb(self.conn.recv(MAX_HANDSHAKE_BYTES), raw=False)
+            if not isinstance(answer, dict):
+                raise ProtocolError("the worker's fast-path answer is not a map")
+            if not answer.get("ok"):
+                raise from_code(str(answer.get("code", "")), str(answer.get("message", "refused")))
+            self.region = Region(memfd, capacity)
+        except BaseException:
+            self.conn.close()
+            close_fds(*fds[1:])
+            raise
+        finally:
+            if fds:
+                os.close(fds[0])  # the mapping (and the worker's) keeps the memory
+        self.conn.setblocking(False)
+        worker_spin = int(answer.get("spin_us", 0))
+        cpus = set(answer.get("cpus") or [])
+        free_cpu = bool(set(os.sched_getaffinity(0)) - cpus) if cpus else False
+        self.spin_s = (worker_spin if spin_us is None else spin_us) / 1e6 if (SPIN_ARCH and free_cpu) else 0.0
+        self.latency_s = 0.0  # recent round trips (an EWMA): the spin is skipped for calls that take longer
+        self.writer = LeanWriter(self.region.request)
+        self.reader = LeanReader(self.region.reply)
+        self.poll = select.poll()
+        self.poll.register(self.rep_bell, select.POLLIN)
+        self.poll.register(self.conn, select.POLLIN)
+
+    def call(self, model_id: int, args: tuple, token: str, timeout_s: float, alive=None):
+        """The outputs of one call; :class:`NotCarried` (nothing sent) if it does not fit."""
+        flat = flat_tensors(args)
+        end = -1
+        if flat is not None and type(args) is tuple:
+            end = self.writer.write(args, CONTAINER_TUPLE, model_id)
+        if end >= 0:
+            kind = KIND_LEAN
+        else:
+            from .messages import Call
+
+            frames = codec.encode(Call(token=token, model_id=model_id, args=args), 1, tensors.TensorSink())
+            end = write_frames(self.region.request, frames)
+            kind = KIND_FRAMES
+        t0 = time.perf_counter()
+        ctl = self.region.ctl
+        ctl[_REQ_KIND] = kind
+        ctl[_REQ_LEN] = end
+        self.seq += 1
+        ctl[_REQ_SEQ] = self.seq
+        try:
+            os.write(self.req_bell, _ONE)
+            self._wait(timeout_s, alive)
+        except BaseException:
+            self.close()  # a call abandoned half way: its reply may still come, so this mailbox is not reused
+            raise
+        took = time.perf_counter() - t0
+        self.latency_s += 0.125 * (took - self.latency_s)
+        self.calls += 1
+        return self._read_reply(timeout_s)
+
+    def _wait(self, timeout_s: float, alive) -> None:
+        ctl, seq = self.region.ctl, self.seq
+        if self.spin_s and self.latency_s <= self.spin_s:
+            stop = time.perf_counter() + self.spin_s
+            while time.perf_counter() < stop:
+                if ctl[_REP_SEQ] == seq:
+                    return
+        from .config import LIVENESS_POLL_S
+
+        now = time.monotonic()
+        deadline, check_at = now + timeout_s, now + LIVENESS_POLL_S
+        slice_ms = int(LIVENESS_POLL_S * 1000)
+        while ctl[_REP_SEQ] != seq:
+            events = self.poll.poll(slice_ms)
+            for fd, _ev in events:
+                if fd == self.rep_bell:
+                    try:
+                        os.read(self.rep_bell, 8)  # a count left by a call its spin served, or this reply's
+                    except BlockingIOError:
+                        pass
+                elif ctl[_REP_SEQ] != seq and not self._conn_alive():
+                    raise WorkerUnavailableError("the worker closed the fast path")
+            if ctl[_REP_SEQ] == seq:
+                return
+            now = time.monotonic()
+            if now >= deadline:
+                raise RequestTimeoutError(f"no reply to 'call' from the worker of core {self.core} (pid "
+                                          f"{self.worker_pid}) within {timeout_s:.1f}s; the peer is busy or gone")
+            if alive is not None and now >= check_at:
+                check_at = now + LIVENESS_POLL_S
+                alive()
+
+    def _conn_alive(self) -> bool:
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _read_reply(self, timeout_s: float):
+        ctl = self.region.ctl
+        kind, nbytes = ctl[_REP_KIND], ctl[_REP_LEN]
+        if kind == KIND_LEAN:
+            _, container, views = self.reader.read(nbytes)
+            return rebuild(container, [v.clone() for v in views])
+        if kind == KIND_FRAMES:
+            frames = read_frames(self.region.reply, nbytes)
+        elif kind == KIND_STREAM:
+            deadline = time.monotonic() + max(timeout_s, 1.0)
+            try:
+                (total,) = _U64.unpack(recv_exact(self.conn, 8, deadline))
+                if total > MAX_CAPACITY_BYTES * 64:
+                    raise ProtocolError(f"a streamed reply of {total} bytes")
+                frames = read_frames(recv_exact(self.conn, total, deadline), total)
+            except (ConnectionError, OSError) as exc:
+                self.close()
+                raise WorkerUnavailableError(f"the fast-path connection broke during a streamed reply: {exc}") \
+                    from None
+            finally:
+                self.conn.setblocking(False)
+            self.grow_to = nbytes  # the reply needed this much: the next mailbox holds it
+        else:
+            raise ProtocolError(f"unknown mailbox reply kind {kind}")
+        env = codec.decode(frames)
+        from .messages import Error
+
+        if isinstance(env.msg, Error):
+            raise from_code(env.msg.code, env.msg.message)
+        return env.msg.outputs
+
+    grow_to = 0
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        close_fds(self.req_bell, self.rep_bell)
+        self.conn.close()
+
+
+def max_capacity(max_message_bytes: int) -> int:
+    """The largest mailbox a worker takes: :data:`MAX_CAPACITY_BYTES`, or less under the broker's message limit."""
+    return min(MAX_CAPACITY_BYTES, max_message_bytes) if max_message_bytes else MAX_CAPACITY_BYTES
+
+
+def capacity_for(nbytes: int, max_message_bytes: int = 0) -> int | None:
+    """The capacity of a mailbox that holds a message of ``nbytes`` (a power of two from the default), or None above
+    :func:`max_capacity` (the call takes the socket path, which has its own limit and errors)."""
+    cap = CAPACITY_BYTES
+    while cap < nbytes:
+        cap *= 2
+    return cap if cap <= max_capacity(max_message_bytes) else None
+
+
+__all__ = ["ClientMailbox", "NotCarried", "LeanReader", "LeanWriter", "NeuronRuntimeError"]
