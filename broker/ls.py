@@ -175,13 +175,22 @@ def run(directory: str, as_json: bool) -> int:
 
 
 def main(argv=None) -> int:
+    from neuron_client.tools.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from neuron_client.tools.cli import Formatter, add_version
+
     from . import commands
 
     command = commands.load("ls")
     p = argparse.ArgumentParser(prog="neuron-ls", description=commands.description(command),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Formatter)
+    add_version(p)
     command.add_arguments(p)
-    p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
+    p.add_argument("--dir", default=None, help=commands.DIR_HELP)
     args = p.parse_args(argv)
     try:
         return run(os.path.abspath(args.dir or config.broker_dir()), args.json)

@@ -270,10 +270,18 @@ def run_live(directory: str, interval_s: float) -> int:
 
 
 def main(argv=None) -> int:
+    from neuron_client.tools.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from neuron_client.tools.cli import Formatter, add_version
+
     from .commands import plain
 
-    p = argparse.ArgumentParser(prog="neuron-top", description=plain(__doc__),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="neuron-top", description=plain(__doc__), formatter_class=Formatter)
+    add_version(p)
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--interval", type=float, default=DEFAULT_INTERVAL_S, help="seconds between samples")
     p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")

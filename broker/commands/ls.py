@@ -10,6 +10,7 @@ Never starts a broker.
 
 Examples:
   neuron-ls
+  neuron-ls -j | jq '.processes'
   neuron-broker ls --json | jq '.processes'
 
 Exit codes: 0, 1 when no broker answers (neuron-ls: 2 when the directory is not private).
@@ -20,7 +21,9 @@ import argparse
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--json", action="store_true", help="print the neuron-ls document as JSON instead of a table")
+    s.add_argument("-j", "--json", "--json-output", dest="json", action="store_true",
+                   help="print the neuron-ls document as JSON instead of a table (-j/--json-output: AWS neuron-ls's "
+                        "names)")
 
 
 def run(args) -> int:

@@ -18,7 +18,8 @@ import argparse
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--json", action="store_true", help="print the status document as JSON")
+    s.add_argument("-j", "--json", "--json-output", dest="json", action="store_true",
+                   help="print the status document as JSON")
 
 
 def run(args) -> int:

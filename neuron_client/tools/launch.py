@@ -1,6 +1,6 @@
 """``neuron-run``: launch N inference processes, each on its own NeuronCores (like torchrun for NeuronCores).
 
-Usage::
+Usage:
 
     neuron-run --nproc N [--cores-per-proc K | --num-cores K] [--first-core C] [--max-restarts R] -- CMD ARGS...
 
@@ -343,8 +343,10 @@ def _tree(pid: int) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuron-run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Formatter, add_version, plain
+
+    p = argparse.ArgumentParser(prog="neuron-run", description=plain(__doc__), formatter_class=Formatter)
+    add_version(p)
     p.add_argument("--nproc", type=int, required=True, help="number of processes to launch")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--cores-per-proc", type=int, default=None,
@@ -360,6 +362,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

@@ -163,6 +163,48 @@ def test_ls_table_and_json(ops, capsys):
 
     assert cli.main(["--dir", ops.broker.directory, "ls"]) == 0
     assert "affine.pt x2 loaded" in capsys.readouterr().out
+    assert cli.main(["ls", "-j", "--dir", ops.broker.directory]) == 0  # AWS neuron-ls's flag; --dir after
+    assert json.loads(capsys.readouterr().out)["cores"][0]["owner"]["pid"] == pid
+
+    # the reader of a pipe goes away first (`neuron-ls --json | head -c0`): no traceback
+    proc = subprocess.Popen(NEURON_LS + ["--json-output"], env=tool_env(ops.broker), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(CLI_TIMEOUT_S) == 141 and "Traceback" not in err, err
+
+
+def test_processes_are_named_and_the_broker_runs_in_its_directory(ops):
+    ops.serving()
+    doc = ops.broker.status()
+
+    def cmdline(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+
+    for c in doc.cores:
+        assert cmdline(c.worker.pid).startswith(f"neuron-worker nc{c.index}"), cmdline(c.worker.pid)
+    assert cmdline(doc.broker.pid).startswith(f"neuron-broker --dir {ops.broker.directory}")
+    assert os.readlink(f"/proc/{doc.broker.pid}/cwd") == ops.broker.directory
+
+
+def test_second_start_says_what_runs_and_a_failed_start_shows_its_log(ops, tmp_path, capsys, monkeypatch):
+    from broker import cli
+
+    d = ops.broker.directory
+    assert cli.main(["start", "--dir", d, "--cores", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"already running in {d} (pid {ops.broker.status().broker.pid} with 4 cpu cores); you asked for 2 cores" \
+        in err and "neuron-broker stop" in err
+    assert cli.main(["start", "--dir", d, "--cores", "4"]) == 0  # what runs is what was asked for
+    assert "already running" in capsys.readouterr().out
+
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # the daemon imports this checkout
+    bad = str(tmp_path / "bad")
+    assert cli.main(["start", "--dir", bad, "--cores", "1", "--listen", "udp://nowhere"]) == 1
+    err = capsys.readouterr().err
+    assert "exited with code 2 while starting; the last lines of" in err and "broker.log" in err
+    assert "--listen takes a tcp:// endpoint" in err  # the log's own line, printed
 
 
 def test_json_documents_of_a_real_broker_follow_their_schemas(ops, owners):
@@ -242,6 +284,17 @@ def test_top_live_in_a_terminal_quits_on_q(ops):
     finally:
         if child.isalive():
             child.close(force=True)
+    child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
+                          dimensions=(40, 180), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:  # Ctrl-C quits as quietly as q
+        child.expect("nc3")
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=20)
+        child.close()
+        assert "Traceback" not in child.before and child.exitstatus in (0, 130), child.before
+    finally:
+        if child.isalive():
+            child.close(force=True)
 
 
 # -- neuron-broker release / drain ---------------------------------------------------------------------------------
@@ -282,6 +335,7 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
         out, err = drain.communicate(timeout=60)
         assert drain.returncode == 0, err
         assert "waiting" in out and str(ops.app.pid) in out and "drained" in out
+        assert "keeps refusing new leases until 'neuron-broker drain --cancel'" in out
     finally:
         if drain.poll() is None:
             drain.kill()
