@@ -472,7 +472,8 @@ class Broker:
                     memory_bytes=current.rss if current else 0,
                     device_memory_bytes=current.device_memory if current else 0,
                     device_util_percent=current.device_util if current else None,
-                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit),
+                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit,
+                    recent_crashes=s.recent_crashes(slot, now)),
                 owner=None if lease is None else status.OwnerStatus(
                     pid=lease.pid, cmd=lease.cmd, lease_id=lease.lease_id, lease_age_s=round(lease.age_s(now), 3),
                     state=lease.state.value),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,12 +113,15 @@ def client(ops, kept):
         yield app
 
 
+def scrape_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
 def scrape(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    return {f.name: f for f in text_string_to_metric_families(scrape_text(port))}
 
 
 def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
@@ -374,6 +378,15 @@ def test_metrics_endpoint(ops):
     assert sample(families, "neuron_process_cores", pid=str(pid)) == 2
     assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
     assert ops.broker.status().broker.metrics == f"http://127.0.0.1:{ops.port}/metrics"
+    assert families["neuron_core_latency_seconds"].type == "summary"
+    assert sample(families, "neuron_model_requests", "neuron_model_requests_total", model="affine.pt", core="0") > 0
+    assert sample(families, "neuron_worker_restarts", "neuron_worker_restarts_total", core="0") == 0
+    assert sample(families, "neuron_build_info", "neuron_build_info") == 1
+    promtool = shutil.which("promtool")
+    if promtool:  # the real endpoint's text, with the broker's process_* metrics
+        checked = subprocess.run([promtool, "check", "metrics"], input=scrape_text(ops.port), capture_output=True,
+                                 text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # -- neuron-run ----------------------------------------------------------------------------------------------------
