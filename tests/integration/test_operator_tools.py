@@ -170,6 +170,15 @@ def test_ls_table_and_json(ops, capsys):
     assert cli.main(["ls", "-j", "--dir", ops.broker.directory]) == 0  # AWS neuron-ls's flag; --dir after
     assert json.loads(capsys.readouterr().out)["cores"][0]["owner"]["pid"] == pid
 
+    # a terminal of 80 columns: every line fits, each owner keeps the part of its command that tells it apart
+    for cmd in (NEURON_LS, NEURON_BROKER + ["status"]):
+        narrow = run(ops.broker, cmd, env={"COLUMNS": "80"})
+        assert narrow.returncode == 0 and max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
+        row = next(line for line in narrow.stdout.splitlines() if line.startswith("nc0"))
+        assert f"{pid}" in row and "tests.procs.ops" in row and "affine" in row, narrow.stdout
+        wide = run(ops.broker, cmd + ["-w"], env={"COLUMNS": "80"})
+        assert "-m tests.procs.ops" in wide.stdout and "cpu cpus 0" in wide.stdout, wide.stdout
+
     # the reader of a pipe goes away first (`neuron-ls --json | head -c0`): no traceback
     proc = subprocess.Popen(NEURON_LS + ["--json-output"], env=tool_env(ops.broker), cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -252,6 +261,54 @@ def test_ls_without_broker_says_how_to_start(tmp_path):
 # -- neuron-top ----------------------------------------------------------------------------------------------------
 
 
+def test_top_fits_80_columns_keeping_owners_and_models():
+    """A frame at 80 columns drops the bar, the USS column and the history, never owners or models, and keeps the
+    part of a command that tells owners apart; at 160 everything is there."""
+    from rich.console import Console
+
+    from broker import top
+    from tests.helpers import sample_status_doc
+
+    cmd = "/opt/venv/bin/python -u /srv/app/serve_embeddings.py --port 8080 --model-dir /models/minilm --batch 32"
+    before, after = sample_status_doc(cmd), sample_status_doc(cmd)
+    after.cores[0].perf.busy_s, after.cores[0].requests = 0.5, 40
+    view = top.View()
+    view.record({0: top.CoreRate(0.25, 1.0)})
+    frames = {}
+    for width in (80, 160):
+        con = Console(width=width, no_color=True, highlight=False)
+        with con.capture() as cap:
+            con.print(top.frame(top.Sample(before, 0.0), top.Sample(after, 1.0), width, view=view,
+                                memory={7: (30 << 20, 20 << 20)}))
+        frames[width] = cap.get()
+        assert max(len(line) for line in frames[width].splitlines()) <= width, frames[width]
+    core80 = next(line for line in frames[80].splitlines() if line.startswith("nc0"))
+    assert "4242 serve_embeddings.py" in core80 and "m.pt" in core80 and "50%" in core80 and "30.0MiB" in core80
+    assert "[|" not in frames[80] and "USS" not in frames[80]
+    core160 = next(line for line in frames[160].splitlines() if line.startswith("nc0"))
+    assert "[|||||     ]" in core160 and "20.0MiB" in core160 and "--batch 32" in core160
+    assert "HISTORY" in frames[160] and "▃" in core160
+
+
+def test_top_keys():
+    from broker import top
+
+    view = top.View(pids=[10, 20])
+    assert top.key_presses("s\x1b[Bk?") == ["s", "down", "k", "?"]
+    top.handle(view, "s", "/nonexistent")
+    assert view.sort == "util"
+    top.handle(view, "down", "/nonexistent")
+    top.handle(view, "down", "/nonexistent")
+    assert view.selected == 1  # not past the last process
+    top.handle(view, "r", "/nonexistent")
+    assert view.confirm == 20
+    top.handle(view, "n", "/nonexistent")  # anything but y cancels
+    assert view.confirm == 0 and view.message == "pid 20 keeps its cores"
+    top.handle(view, "h", "/nonexistent")
+    assert view.help and top.handle(view, "x", "/nonexistent") and not view.help
+    assert top.handle(view, "q", "/nonexistent") is False
+
+
 def test_top_once_prints_cores_and_processes(ops):
     pid = ops.serving().served["pid"]
     out = run(ops.broker, NEURON_TOP + ["--once", "--interval", "0.5"])
@@ -265,14 +322,17 @@ def test_top_once_prints_cores_and_processes(ops):
     assert "free" in rows["nc3"]
     proc_rows = [line for line in text.splitlines() if line.strip().startswith(str(pid))]
     assert proc_rows and "nc0-nc1" in proc_rows[0]  # the per-process group
-    for header in ("UTIL", "REQ/S", "P50", "P99", "QUEUE", "MEM"):
+    for header in ("UTIL", "HISTORY", "REQ/S", "P50", "P99", "QUEUE", "PSS", "USS"):
         assert header in text
 
 
-def test_top_live_in_a_terminal_quits_on_q(ops):
+def test_top_live_in_a_terminal_help_sort_release_and_quit(ops, client):
+    """The live view through a pseudo-terminal: help screen, sorting, selecting a process and releasing its cores
+    (after a y), q; then Ctrl-C in a second one."""
     import pexpect
 
     pid = ops.serving().served["pid"]
+    assert client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})["cores"] == [3]
     env = tool_env(ops.broker, {"TERM": "xterm-256color"})
     env.pop("COLUMNS", None)
     child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
@@ -281,6 +341,22 @@ def test_top_live_in_a_terminal_quits_on_q(ops):
         child.expect("nc3")  # the core table is on the screen ...
         child.expect(str(pid))  # ... with the owner's pid (as a row and as a process group)
         child.expect("req/s")
+        child.send("h")
+        child.expect("neuron-top keys")
+        child.send("x")  # any key closes the help
+        child.expect("HISTORY")
+        child.send("s")
+        child.expect("sort: util")
+        child.send("sss")  # back round to sorting by core: the serving app (nc0-nc1), then the client (nc3)
+        child.expect("sort: core")
+        child.send("j")
+        child.send("r")
+        child.expect(f"release pid {client.pid}")
+        child.expect(r"\[y/N\]")
+        child.send("y")
+        child.expect(f"released nc3 of pid {client.pid}")
+        ops.broker.wait_for(lambda d: d.cores[3].owner is None and d.cores[0].owner is not None, 10,
+                            "nc3 released, nc0 still owned")
         child.send("q")
         child.expect(pexpect.EOF, timeout=20)
         child.close()
