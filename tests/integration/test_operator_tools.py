@@ -410,6 +410,8 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
         assert refused.get("error") == "BrokerDrainingError" and "draining" in refused["message"], refused
         status = run(ops.broker, NEURON_BROKER + ["status"])
         assert "DRAINING" in status.stdout
+        refused = launch(ops, "--nproc", "1", "--first-core", "3", "--", "true")  # checked before any rank starts
+        assert refused.returncode == 2 and "is draining" in refused.stderr and "drain --cancel" in refused.stderr
         assert drain.poll() is None  # still waiting for the serving app
         ops.app.kill()
         out, err = drain.communicate(timeout=60)
@@ -516,25 +518,38 @@ def test_run_failure_stops_the_others_and_propagates_the_code(ops, tmp_path):
     assert out.returncode == 7, out.stderr
     assert "[rank 1] failing now" in out.stdout
     assert "rank 1" in out.stderr and "failed with exit code 7" in out.stderr and "stopping the other 2" in out.stderr
+    summary = out.stderr.split("failure summary: ", 1)[1]  # each failed rank, its code, its stderr's last lines
+    assert summary.startswith("1 of 3 rank(s) failed; rank 1 failed for good")
+    assert "rank 1 (attempt 1): exit code 7 (exit code 7)" in summary and "| rank 1 gives up: exit 7" in summary
     for rank in (0, 2):
         pid = int((pids / f"rank{rank}.pid").read_text())
         assert not alive(pid), f"rank {rank} (pid {pid}) still runs"
 
 
 def test_run_restarts_a_failed_process(ops, tmp_path):
-    out = launch(ops, "--nproc", "2", "--first-core", "2", "--max-restarts", "1", "--", *RANKS, "flaky",
-                 str(tmp_path))
+    logs = tmp_path / "logs"
+    out = launch(ops, "--nproc-per-node", "2", "--first-core", "2", "--max-restarts", "1", "--log-dir", str(logs),
+                 "--tee", "--", *RANKS, "flaky", str(tmp_path))
     assert out.returncode == 0, out.stderr
+    for rank in (0, 1):  # --log-dir: per-rank files, appended across the restart; --tee: on the terminal too
+        stdout = (logs / f"rank{rank}" / "stdout.log").read_text()
+        stderr = (logs / f"rank{rank}" / "stderr.log").read_text()
+        assert "attempt 1 ---" in stdout and "attempt 2 ---" in stdout
+        assert "first attempt fails (restarts=0)" in stdout and "second attempt succeeds (restarts=1)" in stdout
+        assert f"rank {rank} fails on purpose" in stderr and "[rank" not in stdout
     for rank in (0, 1):
         assert f"[rank {rank}] first attempt fails (restarts=0)" in out.stdout
         assert f"[rank {rank}] second attempt succeeds (restarts=1)" in out.stdout
         assert f"rank {rank} (pid" in out.stderr
     assert out.stderr.count("restarting it (restart 1 of 1)") == 2
     assert "all 2 processes finished successfully" in out.stderr
-    # without restarts left, the same failure ends the launch with the child's code
+    # without restarts left, the same failure ends the launch with the child's code; --log-dir alone: files only
     (tmp_path / "fresh").mkdir()
-    out = launch(ops, "--nproc", "1", "--first-core", "2", "--", *RANKS, "flaky", str(tmp_path / "fresh"))
+    out = launch(ops, "--nproc", "1", "--first-core", "2", "--log-dir", str(tmp_path / "quiet"), "--", *RANKS,
+                 "flaky", str(tmp_path / "fresh"))
     assert out.returncode == 3, out.stderr
+    assert "[rank 0]" not in out.stdout + out.stderr.split("failure summary")[0]
+    assert f"its output: {tmp_path / 'quiet' / 'rank0'}/" in out.stderr and "| rank 0 fails on purpose" in out.stderr
 
 
 def test_run_forwards_signals(ops, tmp_path):
