@@ -77,7 +77,7 @@ def distinguishing(cmd: str) -> str:
     if words and words[0].startswith("python"):
         rest = words[1:]
         while rest and rest[0].startswith("-") and rest[0] not in ("-m", "-c"):
-            rest = rest[1:]
+            rest = rest[2:] if rest[0] in ("-W", "-X", "--check-hash-based-pycs") else rest[1:]  # and its value
         if rest[:1] == ["-m"]:
             rest = rest[1:]
         if rest:

@@ -114,8 +114,8 @@ HELP = """neuron-top keys
   r           release the selected process's cores (asks y/n; its next call fails with LeaseLostError)
   q, Ctrl-C   quit
 
-UTIL is the share of the last interval the core's worker ran models; HISTORY its last {n} intervals. PSS and USS are
-the worker's memory: its share of pages it shares with other workers, and what its exit would free."""
+UTIL is the share of the last interval the core's worker ran models; HISTORY its last {n} intervals. """
+"""PSS and USS are the worker's memory: its share of pages it shares with other workers, and what its exit would free."""
 
 
 def sparkline(values) -> str:

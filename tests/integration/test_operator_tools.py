@@ -290,6 +290,15 @@ def test_top_fits_80_columns_keeping_owners_and_models():
     assert "HISTORY" in frames[160] and "▃" in core160
 
 
+def test_an_owner_is_shown_by_what_tells_it_apart():
+    from broker.status import distinguishing
+
+    assert distinguishing("/usr/bin/python3 -u -W ignore -X dev /srv/app/serve.py --port 1") == "serve.py --port 1"
+    assert distinguishing("/opt/venv/bin/python -m app.serve --port 1") == "app.serve --port 1"
+    assert distinguishing("/usr/local/bin/gunicorn app:wsgi") == "gunicorn app:wsgi"
+    assert distinguishing("python") == "python"
+
+
 def test_top_keys():
     from broker import top
 
