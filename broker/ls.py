@@ -17,10 +17,12 @@ from neuron_client.wire.cores import format_visible
 from neuron_client.wire.errors import NeuronRuntimeError
 from neuron_client.wire.status import OwnerStatus, StatusDoc, WorkerStatus, record, to_json
 
-from .status import _age, _bytes, _cut, short_command, table
+from .status import _age, _bytes, _cut, distinguishing, short_command, table
 
 SCHEMA = 2  # 1: index / lease_age_s / memory_bytes (then status said core / age_s / rss); 2: status's names, a timestamp
-HEADERS = ["NC", "DEVICE", "STATE", "OWNER PID", "COMMAND", "LEASE AGE", "MODELS", "WORKER MEMORY"]
+HEADERS = ["NC", "DEVICE", "STATE", "OWNER PID", "COMMAND", "LEASE AGE", "MODELS", "MEMORY"]
+# at 80 columns: commands and models are cut first (keeping the part that tells owners apart), then devices left out
+FLEXIBLE = {"DEVICE": (12, 1), "COMMAND": (12, 3), "MODELS": (14, 3)}  # MEMORY: the worker's
 
 
 @record
@@ -123,7 +125,9 @@ def _models(core: LsCore) -> str:
     return ", ".join(parts) or "-"
 
 
-def render(ls: Listing) -> str:
+def render(ls: Listing, width: int | None = None) -> str:
+    """The table, fitted to ``width`` columns (None: nothing cut; else commands keep what tells them apart)."""
+    command = short_command if width is None else distinguishing
     rows = []
     for c in ls.cores:
         owner, w = c.owner, c.worker
@@ -132,16 +136,16 @@ def render(ls: Listing) -> str:
             _device(c),
             c.state if w.ready or c.state == "failed" else f"{c.state} (worker starting)",
             str(owner.pid) if owner else "-",
-            _cut(short_command(owner.cmd), 40) if owner else "-",
+            command(owner.cmd) if owner else "-",
             _age(owner.lease_age_s) if owner else "-",
-            _cut(_models(c), 60),
+            _models(c),
             _bytes(w.memory_bytes) if w.memory_bytes else "-",
         ])
     b = ls.broker
     owned = sum(1 for c in ls.cores if c.owner)
     head = (f"{b.cores} NeuronCores ({b.backend} backend), {owned} owned by {len(ls.processes)} "
             f"process(es) · broker pid {b.pid}{' · DRAINING' if b.draining else ''}")
-    return "\n".join([head, table(HEADERS, rows)])
+    return "\n".join([head if width is None else _cut(head, width), table(HEADERS, rows, width, FLEXIBLE)])
 
 
 def fetch(directory: str, timeout_s: float = config.BROKER_REQUEST_TIMEOUT_S) -> StatusDoc | None:
@@ -165,26 +169,37 @@ def not_running(prog: str, directory: str) -> int:
     return 1
 
 
-def run(directory: str, as_json: bool) -> int:
+def run(directory: str, as_json: bool, wide: bool = False) -> int:
+    from .status import output_width
+
     doc = fetch(directory)
     if doc is None:
         return not_running("neuron-ls", directory)
     ls = listing(doc)
-    print(json.dumps(to_json(ls), indent=2) if as_json else render(ls))
+    print(json.dumps(to_json(ls), indent=2) if as_json else render(ls, output_width(wide)))
     return 0
 
 
 def main(argv=None) -> int:
+    from neuron_client.tools.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
+    from neuron_client.tools.cli import Formatter, add_version
+
     from . import commands
 
     command = commands.load("ls")
     p = argparse.ArgumentParser(prog="neuron-ls", description=commands.description(command),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=Formatter)
+    add_version(p)
     command.add_arguments(p)
-    p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
+    p.add_argument("--dir", default=None, help=commands.DIR_HELP)
     args = p.parse_args(argv)
     try:
-        return run(os.path.abspath(args.dir or config.broker_dir()), args.json)
+        return run(os.path.abspath(args.dir or config.broker_dir()), args.json, args.wide)
     except NeuronRuntimeError as exc:  # a squatted directory
         print(f"neuron-ls: {exc}", file=sys.stderr)
         return 2

@@ -12,10 +12,16 @@ Metrics (labels in braces):
 * ``neuron_core_owner_info{core,pid,cmd}`` (1 per owned core)
 * ``neuron_core_requests_total{core}``, ``neuron_core_errors_total{core}``, ``neuron_core_busy_seconds_total{core}``
 * ``neuron_core_request_duration_seconds{core}`` (histogram: receipt to reply, in the worker)
-* ``neuron_core_latency_seconds{core,quantile}`` (0.5 and 0.99 over the worker's recent window)
+* ``neuron_core_latency_seconds{core,quantile}`` (a summary: 0.5 and 0.99 over the worker's recent window; its
+  ``_sum`` and ``_count`` since the worker started), ``neuron_core_wait_seconds_total{core}`` (time in the worker
+  outside the model; ``neuron_core_busy_seconds_total`` is the time in it)
 * ``neuron_core_queue_depth{core}``, ``neuron_core_models{core}``
-* ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}``
+* ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}`` (every
+  crash since the broker started), ``neuron_worker_recent_crashes{core}`` (those within ``--restart-window``)
 * ``neuron_model_loads_total{core}``, ``neuron_model_load_seconds_total{core}``
+* ``neuron_model_requests_total{model,core}``, ``neuron_model_bytes{model,core}`` (per model name, as Triton and
+  TorchServe label them)
+* ``neuron_build_info{version,python}``
 * ``neuron_leases_active``, ``neuron_acquires_waiting``, ``neuron_leases_granted_total``,
   ``neuron_leases_ended_total{reason}`` (reason: a :class:`broker.state.EndReason` value),
   ``neuron_leases_reclaimed_total`` (every reason but released)
@@ -109,11 +115,17 @@ class BrokerCollector:
 
 def families(doc, show_cmdline: bool = False):
     """Prometheus metric families of a broker status document (``cmd`` labels: see :func:`command_label`)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    import platform
 
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+    from neuron_client import __version__
     from neuron_client.wire.messages import LATENCY_BUCKETS_S
 
     b = doc.broker
+    build = GaugeMetricFamily("neuron_build_info", "The runtime's version (1)", labels=["version", "python"])
+    build.add_metric([__version__, platform.python_version()], 1)
+    yield build
     g = GaugeMetricFamily("neuron_broker_cores", "Cores the broker manages", labels=["backend"])
     g.add_metric([b.backend], b.cores)
     yield g
@@ -129,14 +141,26 @@ def families(doc, show_cmdline: bool = False):
     busy = CounterMetricFamily("neuron_core_busy_seconds", "Seconds the core spent running models", labels=["core"])
     latency = HistogramMetricFamily("neuron_core_request_duration_seconds",
                                     "Call latency in the worker, from receipt to reply", labels=["core"])
-    quantiles = GaugeMetricFamily("neuron_core_latency_seconds", "Call latency over the worker's recent window",
-                                  labels=["core", "quantile"])
+    # a summary: its quantiles over the worker's recent window (the last 512 calls within 60 s), its sum and count
+    # since the worker started (as prometheus_client's own summaries, whose quantiles are windowed too)
+    quantiles = Metric("neuron_core_latency_seconds", "Call latency in the worker: quantiles over its recent window",
+                       "summary")
+    wait = CounterMetricFamily("neuron_core_wait_seconds", "Seconds calls spent in the worker outside the model "
+                               "(queued behind others, decoding, encoding): the request duration less the compute",
+                               labels=["core"])
+    model_requests = CounterMetricFamily("neuron_model_requests", "Calls served by a model, by model name and core",
+                                         labels=["model", "core"])
+    model_bytes = GaugeMetricFamily("neuron_model_bytes", "Bytes of a loaded model (its file and separated weights)",
+                                    labels=["model", "core"])
+    recent = GaugeMetricFamily("neuron_worker_recent_crashes", "Worker crashes of the core within the broker's "
+                               "--restart-window (more than --max-restarts fail the core for its lease)",
+                               labels=["core"])
     queue = GaugeMetricFamily("neuron_core_queue_depth", "Requests waiting behind the running one", labels=["core"])
     models = GaugeMetricFamily("neuron_core_models", "Models loaded on the core", labels=["core"])
     memory = GaugeMetricFamily("neuron_worker_memory_bytes", "Resident memory of the core's worker", labels=["core"])
     ready = GaugeMetricFamily("neuron_worker_ready", "1 if the core's worker is ready", labels=["core"])
-    restarts = CounterMetricFamily("neuron_worker_restarts", "Recent worker crashes (restarts) of the core",
-                                   labels=["core"])
+    restarts = CounterMetricFamily("neuron_worker_restarts", "Worker crashes (each followed by a restart) of the core "
+                                   "since the broker started", labels=["core"])
     loads = CounterMetricFamily("neuron_model_loads", "Models loaded by the core's worker", labels=["core"])
     load_s = CounterMetricFamily("neuron_model_load_seconds", "Seconds the core's worker spent loading models",
                                  labels=["core"])
@@ -158,8 +182,20 @@ def families(doc, show_cmdline: bool = False):
             total += n
             cumulative.append((le, total))
         latency.add_metric([core], cumulative, perf.latency_sum_s)
-        quantiles.add_metric([core, "0.5"], perf.p50_ms / 1000)
-        quantiles.add_metric([core, "0.99"], perf.p99_ms / 1000)
+        quantiles.add_sample("neuron_core_latency_seconds", {"core": core, "quantile": "0.5"}, perf.p50_ms / 1000)
+        quantiles.add_sample("neuron_core_latency_seconds", {"core": core, "quantile": "0.99"}, perf.p99_ms / 1000)
+        quantiles.add_sample("neuron_core_latency_seconds_sum", {"core": core}, perf.latency_sum_s)
+        quantiles.add_sample("neuron_core_latency_seconds_count", {"core": core}, total)
+        wait.add_metric([core], max(0.0, perf.latency_sum_s - perf.busy_s))
+        named: dict[str, list[int]] = {}
+        for m in c.models:
+            entry = named.setdefault(m.name, [0, 0])
+            entry[0] += m.requests
+            entry[1] += m.bytes
+        for name, (n, nbytes) in sorted(named.items()):
+            model_requests.add_metric([name, core], n)
+            model_bytes.add_metric([name, core], nbytes)
+        recent.add_metric([core], c.worker.recent_crashes)
         queue.add_metric([core], perf.queue)
         models.add_metric([core], len(c.models))
         memory.add_metric([core], c.worker.memory_bytes)
@@ -167,8 +203,8 @@ def families(doc, show_cmdline: bool = False):
         restarts.add_metric([core], c.worker.restarts)
         loads.add_metric([core], perf.loads)
         load_s.add_metric([core], perf.load_s)
-    yield from (state, owned, owner, requests, errors, busy, latency, quantiles, queue, models, memory, ready,
-                restarts, loads, load_s)
+    yield from (state, owned, owner, requests, errors, busy, wait, latency, quantiles, queue, models, memory, ready,
+                restarts, recent, loads, load_s, model_requests, model_bytes)
 
     yield GaugeMetricFamily("neuron_leases_active", "Leases held now", value=len(doc.leases))
     yield GaugeMetricFamily("neuron_acquires_waiting", "Acquires waiting for cores", value=len(doc.pending))

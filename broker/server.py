@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -27,7 +28,7 @@ from . import state as st
 from .journal import Journal, JournalError
 from .metrics import Counters, Snapshots
 from .status import perf_status
-from .supervisor import RestartPolicy, Supervisor
+from .supervisor import RestartPolicy, Supervisor, set_title
 
 log = logging.getLogger("neuron.broker")
 LIVENESS_CHECK_S = 0.1  # the tick: worker silence, grant and re-attach deadlines, waiting acquires
@@ -471,7 +472,8 @@ class Broker:
                     memory_bytes=current.rss if current else 0,
                     device_memory_bytes=current.device_memory if current else 0,
                     device_util_percent=current.device_util if current else None,
-                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit),
+                    busy=current.busy if current else False, restarts=slot.restarts, last_exit=slot.last_exit,
+                    recent_crashes=s.recent_crashes(slot, now)),
                 owner=None if lease is None else status.OwnerStatus(
                     pid=lease.pid, cmd=lease.cmd, lease_id=lease.lease_id, lease_age_s=round(lease.age_s(now), 3),
                     state=lease.state.value),
@@ -622,19 +624,59 @@ def take_instance_lock(directory: str):
     return fd
 
 
+LOG_FORMAT = "%(asctime)s broker %(levelname)s %(message)s"
+
+
+class RotatingLog(logging.handlers.RotatingFileHandler):
+    """The daemon's log, ``<dir>/broker.log``, rotated by size. The daemon's stdout and stderr are that file too
+    (what it prints before logging is set up, a crash's traceback): at each rollover they are pointed at the new file.
+    Workers already started keep writing to the file they inherited until they are replaced."""
+
+    def doRollover(self):
+        super().doRollover()
+        if self.stream is not None:
+            for fd in (1, 2):
+                try:
+                    os.dup2(self.stream.fileno(), fd)
+                except OSError:
+                    pass
+
+
+def configure_logging(directory: str, level: str = "INFO", max_bytes: int = 10 << 20, backups: int = 3) -> None:
+    """The broker's logging at ``level``: into a rotating ``broker.log`` when stderr is that file (the daemon, as
+    ``neuron-broker start`` runs it), else to stderr (``--foreground`` in a terminal or under systemd)."""
+    path = config.log_file(directory)
+    handler: logging.Handler
+    try:
+        daemon = os.path.samestat(os.fstat(2), os.stat(path))
+    except OSError:
+        daemon = False
+    if daemon:
+        handler = RotatingLog(path, maxBytes=max_bytes, backupCount=backups)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
 def run_foreground(directory: str, backend, lease_timeout_s: float, address: str | None,
                    restart_policy: RestartPolicy | None = None,
                    max_message_bytes: int = config.MAX_MESSAGE_BYTES, metrics_port: int | None = None,
                    metrics_host: str = "127.0.0.1", shm_threshold: int = config.SHM_THRESHOLD_BYTES,
                    listen: str | None = None) -> int:
     """Run a broker in this process until stopped (``neuron-broker start --foreground``)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s broker %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=LOG_FORMAT)  # unless configure_logging ran
     try:
         config.ensure_private_dir(directory)
     except NeuronRuntimeError as exc:
         print(f"neuron-broker: {exc}", file=sys.stderr)
         return 2
+    os.chdir(directory)  # a safe working directory: private, and no mount point or user directory kept busy
+    set_title(f"neuron-broker --dir {directory}")
     lock = take_instance_lock(directory)
     if lock is None:
         print(f"neuron-broker: a broker already runs in {directory}", file=sys.stderr)

@@ -724,6 +724,10 @@ class BrokerState:
                         self._notify(lease)  # a fresh worker after a crash: the owner loads its models again
                     self._maybe_granted(lease, now)
 
+    def recent_crashes(self, slot: Slot, now: float) -> int:
+        """The core's worker crashes within the restart window (those charged to the current lease)."""
+        return sum(1 for t in slot.crashes if now - t < self.policy.window_s)
+
     def on_WorkerExited(self, ev: WorkerExited, now: float) -> None:
         slot = self.slots[ev.core]
         if slot.state == SlotState.DOWN or (slot.pid and ev.pid and ev.pid != slot.pid):

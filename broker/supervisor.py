@@ -25,8 +25,22 @@ STOP_GRACE_S = 2.0
 WORKER_ENTRY = "worker.main:run"  # called with the worker's settings as keyword arguments
 
 
+def set_title(title: str) -> None:
+    """Name this process in ``ps`` and ``top`` (``neuron-worker nc3``), with setproctitle; also its thread name
+    (``/proc/PID/comm``, what ``top`` and ``pkill`` see), cut to the kernel's 15 characters."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+        setproctitle.setthreadtitle(title[:15])
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def run_entry(entry: str, settings: dict) -> None:
-    """The target of a worker process (in the forkserver's child): import ``entry``'s module and call it."""
+    """The target of a worker process (in the forkserver's child): name it ``neuron-worker nc<core>``, import
+    ``entry``'s module and call it."""
+    set_title(f"neuron-worker nc{settings.get('core')}")
     module, _, name = entry.partition(":")
     getattr(importlib.import_module(module), name)(**settings)
 

@@ -25,7 +25,7 @@ from ._torch_hook import when_torch_imported
 
 __version__ = "0.1.0"
 
-_ERRORS = ("BrokerUnavailableError", "InputShapeError", "LeaseLostError", "ModelExecutionError", "ModelLoadError",
+_ERRORS = ("BrokerUnavailableError", "ConfigError", "InputShapeError", "LeaseLostError", "ModelExecutionError", "ModelLoadError",
            "NeuronCoreSpecError", "NeuronCoreUnavailableError", "NeuronRuntimeError", "NotOwnerError",
            "WorkerUnavailableError")
 

@@ -32,6 +32,12 @@ def load(f, map_location=None, _extra_files=None) -> NeuronModel:
     saved after ``async_load`` starts loading now in the background and its first call waits.
     """
     name, data = _read(f)
+    if trace_meta.saved_kind(data) == "torch.save":
+        raise ModelLoadError(
+            f"{name!r} was written by torch.save (a checkpoint or state dict: weights without a graph), not by "
+            "torch.jit.save; trace the model and save that: traced = neuron_client.trace(model, example); "
+            f"torch.jit.save(traced, {name!r}) (for a state dict, load it into the model first with "
+            "model.load_state_dict(torch.load(path)))")
     parts = script.unwrap(data)  # a self-placing module's graph and record; None: a plain traced file (older form)
     data, meta = parts if parts is not None else (data, trace_meta.read_meta(data))
     model = NeuronModel(str(name), data, meta, placement.current())

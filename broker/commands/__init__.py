@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
+
+from neuron_client.tools.cli import plain
 
 COMMANDS = ("start", "status", "ls", "release", "drain", "stop")
 PROG = "neuron-broker"
@@ -34,18 +35,6 @@ def load(name: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def plain(text: str) -> str:
-    """A docstring as plain text for a terminal: no reST markup (``code``, ``::``), its indentation removed."""
-    import textwrap
-
-    first, _, rest = text.strip("\n").partition("\n")
-    text = (first.strip() + "\n" + textwrap.dedent(rest)).strip()
-    text = re.sub(r"``([^`]+)``", r"\1", text)
-    text = re.sub(r":(\w+):`~?([^`]+)`", r"\2", text)
-    text = re.sub(r"::$", ":", text, flags=re.M)
-    return text
-
-
 def summary(module) -> str:
     """The first line of a command's help."""
     return plain(module.__doc__).split("\n", 1)[0].rstrip(".")
@@ -55,20 +44,33 @@ def description(module) -> str:
     return plain(module.__doc__)
 
 
+DIR_HELP = "broker directory (default: $NEURON_BROKER_DIR or a private one)"
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
-    p.add_argument("--dir", default=None, help="broker directory (default: $NEURON_BROKER_DIR or a private one)")
+    from neuron_client.tools.cli import Formatter, add_version
+
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter)
+    add_version(p)
+    p.add_argument("--dir", default=None, help=DIR_HELP)
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         module = load(name)
-        s = sub.add_parser(name, help=summary(module), description=description(module),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s = sub.add_parser(name, help=summary(module), description=description(module), formatter_class=Formatter)
         module.add_arguments(s)
+        s.add_argument("--dir", dest="sub_dir", metavar="DIR", default=None,
+                       help=DIR_HELP + "; also accepted before the command")
         s.set_defaults(func=module.run)
     return p
 
 
 def main(argv=None) -> int:
+    from neuron_client.tools.cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     from neuron_client.wire import config
     from neuron_client.wire.errors import NeuronRuntimeError
 

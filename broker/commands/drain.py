@@ -45,7 +45,8 @@ def run(args) -> int:
             return 0
         broker.drain()
         doc = broker.status()
-        print(f"neuron-broker: draining: no new leases are granted; {len(doc.leases)} owner(s) hold cores"
+        print(f"neuron-broker: draining: no new leases are granted until 'neuron-broker drain --cancel'; "
+              f"{len(doc.leases)} owner(s) hold cores"
               + (f", waiting up to {args.timeout:g}s for them to finish" if args.timeout > 0 and doc.leases else ""),
               flush=True)
         if args.timeout <= 0:
@@ -66,7 +67,9 @@ def run(args) -> int:
                 last, last_print = owners, now
             time.sleep(DRAIN_POLL_S)
             doc = broker.status()
-    print(f"neuron-broker: drained in {time.monotonic() - t0:.1f}s: no process holds cores", flush=True)
+    print(f"neuron-broker: drained in {time.monotonic() - t0:.1f}s: no process holds cores"
+          + ("" if args.stop else "; the broker keeps refusing new leases until 'neuron-broker drain --cancel'"),
+          flush=True)
     if args.stop:
         return stop.run(args)
     return 0

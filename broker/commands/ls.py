@@ -10,6 +10,7 @@ Never starts a broker.
 
 Examples:
   neuron-ls
+  neuron-ls -j | jq '.processes'
   neuron-broker ls --json | jq '.processes'
 
 Exit codes: 0, 1 when no broker answers (neuron-ls: 2 when the directory is not private).
@@ -20,10 +21,15 @@ import argparse
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--json", action="store_true", help="print the neuron-ls document as JSON instead of a table")
+    s.add_argument("-j", "--json", "--json-output", dest="json", action="store_true",
+                   help="print the neuron-ls document as JSON instead of a table (-j/--json-output: AWS neuron-ls's "
+                        "names)")
+    s.add_argument("-w", "--wide", action="store_true",
+                   help="every column in full (a terminal's table fits its width: commands and models are cut "
+                        "first, devices left out; piped output is never cut)")
 
 
 def run(args) -> int:
     from .. import ls
 
-    return ls.run(args.dir, args.json)
+    return ls.run(args.dir, args.json, args.wide)

@@ -18,7 +18,11 @@ import argparse
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--json", action="store_true", help="print the status document as JSON")
+    s.add_argument("-j", "--json", "--json-output", dest="json", action="store_true",
+                   help="print the status document as JSON")
+    s.add_argument("-w", "--wide", action="store_true",
+                   help="every column in full (a terminal's table fits its width: commands and models are cut "
+                        "first, devices left out; piped output is never cut)")
 
 
 def run(args) -> int:
@@ -26,12 +30,12 @@ def run(args) -> int:
 
     from neuron_client.wire.status import to_json
 
-    from ..status import render
+    from ..status import output_width, render
     from . import _shared
 
     with _shared.client(args.dir) as broker:
         if broker.ping() is None:
             return _shared.not_running(args.dir)
         doc = broker.status()
-    print(json.dumps(to_json(doc), indent=2) if args.json else render(doc))
+    print(json.dumps(to_json(doc), indent=2) if args.json else render(doc, output_width(args.wide)))
     return 0

@@ -53,6 +53,29 @@ def safe_pythonpath(value: str) -> str:
     return os.pathsep.join(os.path.abspath(p) for p in value.split(os.pathsep) if p)
 
 
+LOG_TAIL_LINES = 12
+
+
+def log_tail(directory: str, lines: int = LOG_TAIL_LINES, since: int = 0) -> str:
+    """The last ``lines`` lines of the broker's log written after byte ``since`` (indented), or '' if none."""
+    try:
+        with open(config.log_file(directory), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(since, size - 64 * 1024) if size >= since else 0)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return "\n".join("    " + line for line in tail)
+
+
+def _failed(what: str, directory: str, since: int) -> str:
+    tail = log_tail(directory, since=since)
+    return (f"{what}; the last lines of {config.log_file(directory)}:\n{tail}" if tail else
+            f"{what}; see {config.log_file(directory)}")
+
+
 def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
                  timeout_s: float = config.BROKER_START_TIMEOUT_S, detach: bool = False):
     """Start a broker in the background and wait until it answers; returns its :class:`protocol.Pong`.
@@ -85,6 +108,7 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
                 f"{(done.stderr or done.stdout).strip()[-2000:]}; see {config.log_file(directory)}")
         return pong
     with open(config.log_file(directory), "ab") as log:
+        since = log.tell()
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=directory,
                                 start_new_session=True, close_fds=True)
     deadline = time.monotonic() + timeout_s
@@ -96,10 +120,10 @@ def spawn_broker(directory: str, cores: int | None = None, extra_args=(),
         if code is not None:
             if code == config.EXIT_ALREADY_RUNNING:  # another broker won the race; it answers soon
                 continue
-            raise BrokerUnavailableError(
-                f"the broker exited with code {code} while starting; see {config.log_file(directory)}")
-    raise BrokerUnavailableError(
-        f"the broker did not answer within {timeout_s:.0f}s of starting; see {config.log_file(directory)}")
+            raise BrokerUnavailableError(_failed(f"the broker exited with code {code} while starting", directory,
+                                                 since))
+    raise BrokerUnavailableError(_failed(f"the broker did not answer within {timeout_s:.0f}s of starting",
+                                         directory, since))
 
 
 def ensure_broker(directory: str | None = None, cores: int | None = None, detach: bool = False,

@@ -23,24 +23,14 @@ from neuron_client.runtime import autostart
 from neuron_client.runtime.channels import WorkerChannel
 from neuron_client.wire import config, cores, lease_link, messages
 from neuron_client.wire.broker_client import BrokerClient
-from neuron_client.wire.errors import (BrokerUnavailableError, LeaseLostError, NeuronCoreSpecError, NeuronRuntimeError,
-                                       WorkerUnavailableError)
+from neuron_client.wire.errors import BrokerUnavailableError, LeaseLostError, NeuronRuntimeError, WorkerUnavailableError
 from neuron_client.wire.procs import pid_running
 
 log = logging.getLogger("neuron_client")
 
 
 def acquire_timeout_s(env) -> float:
-    text = env.get(config.ENV_ACQUIRE_TIMEOUT, "").strip()
-    if not text:
-        return 0.0
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0:
-        raise NeuronCoreSpecError(f"{config.ENV_ACQUIRE_TIMEOUT}={text!r} is not a number of seconds >= 0")
-    return value
+    return config.acquire_timeout_s(None if env is os.environ else env)
 
 
 class Runtime:
@@ -56,6 +46,7 @@ class Runtime:
     def __init__(self, env=None):
         env = os.environ if env is None else env
         self.pid = os.getpid()
+        config.validate_env()  # a bad variable fails here, naming itself, not at the first call
         request = cores.request_from_env(env)
         wait_s = acquire_timeout_s(env)
         self.directory = config.broker_dir()

@@ -48,8 +48,10 @@ def validate_count(nc_count, available: int) -> None:
         raise ValueError("Cannot be set to 0")
     if nc_count < -1:
         raise ValueError("Values less than -1 are invalid")
-    if nc_count > available:
-        raise ValueError(f"NeuronCores available: {available}")
+    if nc_count > available:  # the reference's message first, then what was asked and what to do
+        raise ValueError(f"NeuronCores available: {available} (nc_count={nc_count} asks for {nc_count} cores, but this "
+                         f"process owns {available}: nc0-nc{available - 1}; ask for at most {available}, or start "
+                         f"the process with more cores, e.g. NEURON_RT_NUM_CORES={nc_count})")
 
 
 def validate_start(start_nc, available: int) -> None:

@@ -1,25 +1,29 @@
 """``neuron-run``: launch N inference processes, each on its own NeuronCores (like torchrun for NeuronCores).
 
-Usage::
+Usage:
 
-    neuron-run --nproc N [--cores-per-proc K | --num-cores K] [--first-core C] [--max-restarts R] -- CMD ARGS...
+    neuron-run --nproc-per-node N [--cores-per-proc K | --num-cores K] [--first-core C] [--max-restarts R]
+               [--log-dir DIR [--tee]] -- CMD ARGS...
 
 Rank r gets NEURON_RT_VISIBLE_CORES with the K consecutive cores C+r*K .. C+r*K+K-1 (--cores-per-proc, the default
 with K=1), or NEURON_RT_NUM_CORES=K (--num-cores: the broker picks K free contiguous cores, first fit). Every process
 also gets RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT (as torchrun sets them),
-NEURON_RUN_RESTARTS (how often this rank was restarted) and NEURON_BROKER_DIR. A broker is started if none runs.
-Asking for more cores than the broker has, or for cores other processes hold, fails before anything starts (unless
-NEURON_RT_ACQUIRE_TIMEOUT lets the processes wait for them).
+NEURON_RUN_RESTARTS and TORCHELASTIC_RESTART_COUNT (how often this rank was restarted) and NEURON_BROKER_DIR. A
+broker is started if none runs. Asking for more cores than the broker has, for cores other processes hold (unless
+NEURON_RT_ACQUIRE_TIMEOUT lets the processes wait for them), or a draining broker, fails before anything starts.
 
-Each output line of a process is prefixed with its rank ("[rank 0] ..."); neuron-run's own lines start with
-"[neuron-run]" and go to stderr. SIGINT and SIGTERM are forwarded to every process (a second one kills them). A process
+Each output line of a process is prefixed with its rank ("[rank 0] ..."), or with --log-dir DIR written to
+DIR/rank{r}/stdout.log and stderr.log (--tee: both); neuron-run's own lines start with "[neuron-run]" and go to
+stderr. SIGINT and SIGTERM are forwarded to every process (a second one kills them). A process
 that fails is restarted up to R times (after the broker took its cores back); when one fails for good, the others are
 stopped (SIGTERM, then SIGKILL after --stop-timeout) and neuron-run exits with the failed process's exit code
-(128+N for a signal N). Exit codes: that, 0 when all succeed, 2 for a request that cannot be met.
+(128+N for a signal N), after a failure summary naming each failed rank, its exit code and the last lines of its
+stderr. Exit codes: that, 0 when all succeed, 2 for a request that cannot be met.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import signal
 import socket
@@ -43,6 +47,7 @@ READY_POLL_S = 0.5
 READY_WATCH_S = 300.0  # report "all ready" if the processes take their cores within this long
 RECLAIM_WAIT_S = 5.0  # before a restart, wait at most this long for the broker to take the failed process's cores back
 DEFAULT_STOP_TIMEOUT_S = 10.0
+TAIL_LINES = 10  # of each failed rank's stderr, in the failure summary
 
 
 class LaunchError(Exception):
@@ -60,6 +65,8 @@ class Rank:
     done: bool = False
     holds: bool = False  # its process was seen holding cores
     pumps: list = field(default_factory=list)
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=TAIL_LINES))
+    failures: list = field(default_factory=list)  # (exit code, last stderr lines) of each failed attempt
 
 
 OUT_LOCK = threading.Lock()  # one line at a time on the launcher's stdout and stderr
@@ -139,19 +146,28 @@ def check_free(cores_per_rank: list, per_proc: int, doc: StatusDoc | None) -> No
             "<seconds> to let the processes wait")
 
 
-def _pump(stream, out, prefix: bytes, lock: threading.Lock) -> None:
-    """Copy a child's output to ``out`` line by line, each line prefixed with its rank."""
+def _pump(stream, out, prefix: bytes, lock: threading.Lock, log=None, tail=None) -> None:
+    """Copy a child's output line by line: to ``out`` (None: not), each line prefixed with its rank; to the file
+    ``log`` as it is; the last lines into the deque ``tail``."""
     try:
         for line in iter(stream.readline, b""):
             if not line.endswith(b"\n"):
                 line += b"\n"
-            with lock:
-                out.write(prefix + line)
-                out.flush()
+            if tail is not None:
+                tail.append(line)
+            if log is not None:
+                log.write(line)
+                log.flush()
+            if out is not None:
+                with lock:
+                    out.write(prefix + line)
+                    out.flush()
     except (OSError, ValueError):
         pass
     finally:
         stream.close()
+        if log is not None:
+            log.close()
 
 
 def _exit_code(returncode: int) -> int:
@@ -175,8 +191,10 @@ class Launcher:
     """
 
     def __init__(self, cmd: list[str], ranks: list[Rank], max_restarts: int, stop_timeout_s: float,
-                 directory: str):
+                 directory: str, log_dir: str | None = None, tee: bool = False):
         self.cmd = cmd
+        self.log_dir = log_dir
+        self.tee = tee
         self.ranks = ranks
         self.max_restarts = max_restarts
         self.stop_timeout_s = stop_timeout_s
@@ -189,14 +207,32 @@ class Launcher:
         self.reported_holding = -1
 
     # -- processes -------------------------------------------------------------------------------------------
+    def log_files(self, r: Rank) -> tuple:
+        """The rank's (stdout, stderr) files under --log-dir (``rank{r}/stdout.log``, appended over restarts), or
+        (None, None)."""
+        if not self.log_dir:
+            return None, None
+        d = os.path.join(self.log_dir, f"rank{r.rank}")
+        os.makedirs(d, exist_ok=True)
+        files = tuple(open(os.path.join(d, name), "ab") for name in ("stdout.log", "stderr.log"))
+        for f in files:
+            f.write(f"--- neuron-run: rank {r.rank}, attempt {r.restarts + 1} ---\n".encode())
+            f.flush()
+        return files
+
     def start(self, r: Rank) -> None:
-        env = dict(r.env, NEURON_RUN_RESTARTS=str(r.restarts))
+        env = dict(r.env, NEURON_RUN_RESTARTS=str(r.restarts), TORCHELASTIC_RESTART_COUNT=str(r.restarts))
         r.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, start_new_session=True)
         r.started_at, r.done, r.holds = time.monotonic(), False, False
+        r.stderr_tail.clear()
         prefix = f"[rank {r.rank}] ".encode()
-        r.pumps = [threading.Thread(target=_pump, args=(stream, out, prefix, self.out_lock), daemon=True)
-                   for stream, out in ((r.proc.stdout, sys.stdout.buffer), (r.proc.stderr, sys.stderr.buffer))]
+        echo = not self.log_dir or self.tee
+        logs = self.log_files(r)
+        r.pumps = [threading.Thread(target=_pump, args=(stream, out if echo else None, prefix, self.out_lock, log,
+                                                        tail), daemon=True)
+                   for stream, out, log, tail in ((r.proc.stdout, sys.stdout.buffer, logs[0], None),
+                                                  (r.proc.stderr, sys.stderr.buffer, logs[1], r.stderr_tail))]
         for t in r.pumps:
             t.start()
 
@@ -239,6 +275,19 @@ class Launcher:
             return
         self.signalled = signum
         self.signal_all(signum)
+
+    def summary(self, first: Rank) -> None:
+        """Name each failed rank (the one that ended the run first), its exit and the last lines of its stderr."""
+        failed = [r for r in self.ranks if r.failures]
+        lines = [f"failure summary: {len(failed)} of {len(self.ranks)} rank(s) failed; rank {first.rank} failed "
+                 "for good and ended the run"]
+        for r in failed:
+            for attempt, (code, tail) in enumerate(r.failures, 1):
+                where = (f"; its output: {os.path.join(self.log_dir, f'rank{r.rank}')}/" if self.log_dir else "")
+                lines.append(f"  rank {r.rank} (attempt {attempt}): {_describe_exit(code)} "
+                             f"(exit code {_exit_code(code)}){where}")
+                lines += [f"    | {line}" for line in tail] or ["    (no output on stderr)"]
+        _say("\n".join(lines))
 
     # -- the broker's view -----------------------------------------------------------------------------------
     def wait_reclaimed(self, pid: int) -> None:
@@ -304,6 +353,9 @@ class Launcher:
                 if code == 0:
                     _say(f"rank {r.rank} (pid {r.proc.pid}) finished")
                     continue
+                for t in r.pumps:
+                    t.join(1.0)
+                r.failures.append((code, [line.decode(errors="replace").rstrip("\n") for line in r.stderr_tail]))
                 if r.restarts < self.max_restarts and not self.signalled:
                     r.restarts += 1
                     _say(f"rank {r.rank} (pid {r.proc.pid}) failed with {_describe_exit(code)}; restarting it "
@@ -321,6 +373,7 @@ class Launcher:
                      + (f"; stopping the other {others} process(es)" if others else ""))
                 self.failure = (r, code)
                 self.stop_all()
+                self.summary(r)
                 _say(f"exiting with code {_exit_code(code)} (rank {r.rank})")
                 return _exit_code(code)
             if all(r.done for r in self.ranks):
@@ -343,9 +396,12 @@ def _tree(pid: int) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuron-run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, required=True, help="number of processes to launch")
+    from .cli import Formatter, add_version, plain
+
+    p = argparse.ArgumentParser(prog="neuron-run", description=plain(__doc__), formatter_class=Formatter)
+    add_version(p)
+    p.add_argument("--nproc", "--nproc-per-node", dest="nproc", type=int, required=True,
+                   help="number of processes to launch (--nproc-per-node: torchrun's name)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--cores-per-proc", type=int, default=None,
                      help="K consecutive cores per process via NEURON_RT_VISIBLE_CORES (default 1)")
@@ -355,11 +411,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-restarts", type=int, default=0, help="restart a failed process up to R times")
     p.add_argument("--stop-timeout", type=float, default=DEFAULT_STOP_TIMEOUT_S,
                    help="seconds a process gets to exit after SIGTERM before it is killed")
+    p.add_argument("--log-dir", default=None,
+                   help="write each rank's output to DIR/rank{r}/stdout.log and stderr.log (appended across "
+                        "restarts) instead of the terminal")
+    p.add_argument("--tee", action="store_true", help="with --log-dir, also show the output on the terminal")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run (after --)")
     return p
 
 
 def main(argv=None) -> int:
+    from .cli import guarded
+
+    return guarded(_main, argv)
+
+
+def _main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -367,6 +433,8 @@ def main(argv=None) -> int:
         p.error("give the command to run after '--', e.g. neuron-run --nproc 2 -- python serve.py")
     if args.max_restarts < 0:
         p.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
+    if args.tee and not args.log_dir:
+        p.error("--tee copies the output that --log-dir writes to files: give --log-dir DIR too")
     if cmd[0].endswith(".py") and not os.access(cmd[0], os.X_OK):
         cmd = [sys.executable, *cmd]
     per_proc = next(k for k in (args.num_cores, args.cores_per_proc, 1) if k is not None)
@@ -376,7 +444,12 @@ def main(argv=None) -> int:
         address = config.broker_address(directory)
         cores_per_rank = plan(args.nproc, per_proc, args.num_cores is not None, args.first_core, pong.cores,
                               pong.backend, address)
-        check_free(cores_per_rank, per_proc, _status(directory))
+        doc = _status(directory)
+        if doc is not None and doc.broker.draining:
+            raise LaunchError(f"the broker at {address} is draining: it grants no new leases, so no rank could take "
+                              "its cores; resume it with 'neuron-broker drain --cancel' (or wait for the operator "
+                              "who drains it)")
+        check_free(cores_per_rank, per_proc, doc)
     except (LaunchError, NeuronRuntimeError) as exc:
         print(f"neuron-run: {exc}", file=sys.stderr)
         return EXIT_BAD_REQUEST
@@ -403,7 +476,8 @@ def main(argv=None) -> int:
         all_cores = [c for cores in cores_per_rank for c in cores]
         _say(f"starting {args.nproc} processes on cores {format_visible(all_cores)} ({per_proc} each: "
              + ", ".join(f"rank {r} {format_cores(c)}" for r, c in enumerate(cores_per_rank)) + ") ...")
-    return Launcher(cmd, ranks, args.max_restarts, args.stop_timeout, directory).run()
+    return Launcher(cmd, ranks, args.max_restarts, args.stop_timeout, directory,
+                    os.path.abspath(args.log_dir) if args.log_dir else None, args.tee).run()
 
 
 if __name__ == "__main__":

@@ -123,3 +123,21 @@ def read_meta(data: bytes) -> dict:
         except (ValueError, RecursionError):
             return {}
     return {}
+
+
+def saved_kind(data: bytes) -> str:
+    """What a model file's bytes are, read without running anything: ``"torchscript"`` (``torch.jit.save``),
+    ``"torch.save"`` (a pickled checkpoint or state dict: no graph in it), or ``"unknown"``."""
+    if data[:2] == b"\x80\x02":  # the legacy (pre-1.6) torch.save format: a bare pickle stream
+        return "torch.save"
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return "unknown"
+    tails = {n.split("/", 1)[1] for n in names if "/" in n}
+    if "constants.pkl" in tails or any(t.startswith("code/") for t in tails):
+        return "torchscript"
+    if "data.pkl" in tails:
+        return "torch.save"
+    return "unknown"

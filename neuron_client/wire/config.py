@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
-from neuron_client.wire.errors import NeuronRuntimeError
+from neuron_client.wire.errors import ConfigError, NeuronRuntimeError
 
 ENV_BROKER_DIR = "NEURON_BROKER_DIR"
 ENV_BROKER_ADDRESS = "NEURON_BROKER_ADDRESS"
@@ -40,13 +40,109 @@ ENV_SHM_THRESHOLD = "NEURON_SHM_THRESHOLD_BYTES"
 MAX_MESSAGE_BYTES = 1 << 30  # a worker refuses (with an error reply) data messages larger than this
 
 
+# -- environment variables ---------------------------------------------------------------------------------------
+# Each is parsed and checked when first read; a bad value raises ConfigError naming the variable, the value and an
+# example. The parsed value is kept with the text it came from, so that the call path does not parse again (an
+# accessor costs one environment lookup) and a changed variable is read afresh.
+_parsed: dict[str, tuple[str | None, object]] = {}
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _setting(name: str, parse, env=None):
+    """``parse(text or None)`` of variable ``name``, cached per text (``env``: another mapping, not cached)."""
+    if env is not None:
+        return parse(env.get(name))
+    raw = os.environ.get(name)
+    hit = _parsed.get(name)
+    if hit is not None and hit[0] == raw:
+        return hit[1]
+    value = parse(raw)
+    _parsed[name] = (raw, value)
+    return value
+
+
+def parse_seconds(name: str, text: str | None, default: float, minimum: float = 0.0, allow_minimum: bool = True,
+                  error=None) -> float:
+    """Seconds in ``text`` (``30``, ``2.5``, ``10s``, ``500ms``); ``default`` when unset or empty."""
+    text = (text or "").strip()
+    if not text:
+        return default
+    low = text.lower()
+    scale, number = (1e-3, low[:-2]) if low.endswith("ms") else (1.0, low[:-1]) if low.endswith("s") else (1.0, low)
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = float("nan")
+    if not (value > minimum or (allow_minimum and value == minimum)) or value != value or value == float("inf"):
+        bound = f">= {minimum:g}" if allow_minimum else f"> {minimum:g}"
+        raise (error or ConfigError)(
+            f"{name}={text!r} is not a number of seconds {bound}; set it like {name}=30 (or 30s, 500ms), or unset "
+            f"it for the default ({default:g})")
+    return value
+
+
+def parse_bytes(name: str, text: str | None, default: int) -> int:
+    """A byte count in ``text`` (``65536``, ``64k``, ``64KiB``, ``1M``); ``default`` when unset or empty."""
+    text = (text or "").strip()
+    if not text:
+        return default
+    low = text.lower().replace(" ", "")
+    digits = low.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = low[len(digits):]
+    try:
+        value = float(digits) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if value < 0 or value != value or value == float("inf") or value != int(value):
+        raise ConfigError(f"{name}={text!r} is not a size in bytes; set it like {name}=65536 (or 64k, 1MiB), or "
+                          f"unset it for the default ({default})")
+    return int(value)
+
+
+def parse_flag(name: str, text: str | None, default: bool) -> bool:
+    text = (text or "").strip().lower()
+    if not text:
+        return default
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{name}={text!r} is not a yes/no setting; set it like {name}=0 (or 1, true, false, yes, "
+                      f"no, on, off), or unset it for the default ({'1' if default else '0'})")
+
+
 def shm_threshold_bytes() -> int:
     """A client's shared-memory threshold: ``NEURON_SHM_THRESHOLD_BYTES``, else the measured default."""
-    return int(os.environ.get(ENV_SHM_THRESHOLD, SHM_THRESHOLD_BYTES))
+    return _setting(ENV_SHM_THRESHOLD, lambda t: parse_bytes(ENV_SHM_THRESHOLD, t, SHM_THRESHOLD_BYTES))
 
 
 def call_timeout_s() -> float:
-    return float(os.environ.get(ENV_CALL_TIMEOUT, DEFAULT_CALL_TIMEOUT_S))
+    """Seconds a call may take: ``NEURON_CALL_TIMEOUT`` (> 0), else :data:`DEFAULT_CALL_TIMEOUT_S`. Cheap: the
+    parsed value is cached."""
+    return _setting(ENV_CALL_TIMEOUT, lambda t: parse_seconds(ENV_CALL_TIMEOUT, t, DEFAULT_CALL_TIMEOUT_S,
+                                                              allow_minimum=False))
+
+
+def acquire_timeout_s(env=None) -> float:
+    """Seconds an acquire waits for busy cores: ``NEURON_RT_ACQUIRE_TIMEOUT`` (>= 0; default 0, fail at once). A bad
+    value is a :class:`NeuronCoreSpecError` (it is part of the core request)."""
+    from neuron_client.wire.errors import NeuronCoreSpecError
+
+    return _setting(ENV_ACQUIRE_TIMEOUT, lambda t: parse_seconds(ENV_ACQUIRE_TIMEOUT, t, 0.0,
+                                                                 error=NeuronCoreSpecError), env)
+
+
+def validate_env() -> None:
+    """Read (and so check) every variable of the runtime: a process fails at its start, not at its first call."""
+    shm_threshold_bytes()
+    call_timeout_s()
+    acquire_timeout_s()
+    autostart_enabled()
+    broker_address()
+    broker_dir()
+    fast_path_enabled()
+    fast_path_spin_us()
 
 
 def broker_dir() -> str:
@@ -164,8 +260,18 @@ def peer_uid_ok(uid: int) -> bool:
     return isinstance(uid, int) and not isinstance(uid, bool) and uid == os.getuid()
 
 
+def _parse_address(text: str | None) -> str:
+    text = (text or "").strip()
+    if text and not text.startswith(("ipc://", "tcp://")):
+        raise ConfigError(f"{ENV_BROKER_ADDRESS}={text!r} is not a broker address; set it like "
+                          f"{ENV_BROKER_ADDRESS}=tcp://10.0.0.5:7700 (or ipc:///path/broker.sock), or unset it to use "
+                          "the broker directory's socket")
+    return text
+
+
 def broker_address(directory: str | None = None) -> str:
-    return os.environ.get(ENV_BROKER_ADDRESS) or f"ipc://{os.path.join(directory or broker_dir(), 'broker.sock')}"
+    explicit = _setting(ENV_BROKER_ADDRESS, _parse_address)
+    return explicit or f"ipc://{os.path.join(directory or broker_dir(), 'broker.sock')}"
 
 
 def workers_address(directory: str) -> str:
@@ -185,7 +291,7 @@ def log_file(directory: str) -> str:
 
 
 def autostart_enabled() -> bool:
-    return os.environ.get(ENV_AUTOSTART, "1").strip().lower() not in ("0", "false", "no", "off")
+    return _setting(ENV_AUTOSTART, lambda t: parse_flag(ENV_AUTOSTART, t, True))
 
 
 # -- the co-located fast path (neuron_client.wire.mailbox) ---------------------------------------------------------
@@ -195,24 +301,25 @@ FAST_PATH_SPIN_US = 100  # a worker's spin after a reply, where cores have CPUs 
 
 
 def fast_path_enabled() -> bool:
-    value = os.environ.get(ENV_FAST_PATH, "1").strip().lower()
-    if value in ("1", "true", "yes", "on", ""):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{ENV_FAST_PATH}={value!r} is not a switch; use 1 (the default) or 0, e.g. {ENV_FAST_PATH}=0")
+    """``NEURON_FAST_PATH``: calls to a worker on this host go through a mailbox (default 1)."""
+    return _setting(ENV_FAST_PATH, lambda t: parse_flag(ENV_FAST_PATH, t, True))
+
+
+def _parse_spin(text: str | None) -> int | None:
+    text = (text or "").strip().lower()
+    if not text:
+        return None
+    try:
+        spin = float(text[:-2]) if text.endswith("us") else float(text)
+    except ValueError:
+        spin = -1.0
+    if not 0 <= spin < 1e6:
+        raise ConfigError(f"{ENV_FAST_PATH_SPIN_US}={text!r} is not a number of microseconds from 0 to 999999; set "
+                          f"it like {ENV_FAST_PATH_SPIN_US}=50 (0: never spin), or unset it for the worker's "
+                          f"({FAST_PATH_SPIN_US} where cores have CPUs of their own, else 0)")
+    return int(spin)
 
 
 def fast_path_spin_us() -> int | None:
     """The client's spin budget from ``NEURON_FAST_PATH_SPIN_US``; None: its worker's."""
-    value = os.environ.get(ENV_FAST_PATH_SPIN_US)
-    if value is None or value.strip() == "":
-        return None
-    try:
-        spin = int(value)
-        if spin < 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{ENV_FAST_PATH_SPIN_US}={value!r} is not a number of microseconds >= 0; "
-                         f"e.g. {ENV_FAST_PATH_SPIN_US}=50 (0: never spin)") from None
-    return spin
+    return _setting(ENV_FAST_PATH_SPIN_US, _parse_spin)

@@ -24,6 +24,13 @@ class NeuronCoreSpecError(NeuronRuntimeError, ValueError):
     code = "BAD_CORE_SPEC"
 
 
+class ConfigError(NeuronRuntimeError, ValueError):
+    """An environment variable of the runtime with a value it cannot use; the message names the variable, the value
+    and an example of a good one."""
+
+    code = "BAD_CONFIG"
+
+
 class BrokerUnavailableError(NeuronRuntimeError):
     """No broker answers at the configured address."""
 
@@ -96,6 +103,7 @@ ERRORS: dict[str, type[NeuronRuntimeError]] = {
         NeuronRuntimeError,
         NeuronCoreUnavailableError,
         NeuronCoreSpecError,
+        ConfigError,
         BrokerUnavailableError,
         LeaseLostError,
         NotOwnerError,

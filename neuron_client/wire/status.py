@@ -71,8 +71,9 @@ class WorkerStatus:
     device_memory_bytes: int  # accelerator memory it holds (cuda backend; 0 on cpu)
     device_util_percent: typing.Optional[float]  # the driver's utilisation of its GPU (None where not reported)
     busy: bool  # running a call
-    restarts: int  # recent crashes
+    restarts: int  # crashes (each followed by a restart) since the broker started
     last_exit: str  # how its predecessor ended ("" if none did)
+    recent_crashes: int = 0  # crashes within the broker's --restart-window
 
 
 @record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,12 +113,15 @@ def client(ops, kept):
         yield app
 
 
+def scrape_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
 def scrape(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
+    return {f.name: f for f in text_string_to_metric_families(scrape_text(port))}
 
 
 def sample(families: dict, family: str, name: str | None = None, **labels) -> float:
@@ -163,6 +167,57 @@ def test_ls_table_and_json(ops, capsys):
 
     assert cli.main(["--dir", ops.broker.directory, "ls"]) == 0
     assert "affine.pt x2 loaded" in capsys.readouterr().out
+    assert cli.main(["ls", "-j", "--dir", ops.broker.directory]) == 0  # AWS neuron-ls's flag; --dir after
+    assert json.loads(capsys.readouterr().out)["cores"][0]["owner"]["pid"] == pid
+
+    # a terminal of 80 columns: every line fits, each owner keeps the part of its command that tells it apart
+    for cmd in (NEURON_LS, NEURON_BROKER + ["status"]):
+        narrow = run(ops.broker, cmd, env={"COLUMNS": "80"})
+        assert narrow.returncode == 0 and max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
+        row = next(line for line in narrow.stdout.splitlines() if line.startswith("nc0"))
+        assert f"{pid}" in row and "tests.procs.ops" in row and "affine" in row, narrow.stdout
+        wide = run(ops.broker, cmd + ["-w"], env={"COLUMNS": "80"})
+        assert "-m tests.procs.ops" in wide.stdout and "cpu cpus 0" in wide.stdout, wide.stdout
+
+    # the reader of a pipe goes away first (`neuron-ls --json | head -c0`): no traceback
+    proc = subprocess.Popen(NEURON_LS + ["--json-output"], env=tool_env(ops.broker), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(CLI_TIMEOUT_S) == 141 and "Traceback" not in err, err
+
+
+def test_processes_are_named_and_the_broker_runs_in_its_directory(ops):
+    ops.serving()
+    doc = ops.broker.status()
+
+    def cmdline(pid: int) -> str:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode().strip()
+
+    for c in doc.cores:
+        assert cmdline(c.worker.pid).startswith(f"neuron-worker nc{c.index}"), cmdline(c.worker.pid)
+    assert cmdline(doc.broker.pid).startswith(f"neuron-broker --dir {ops.broker.directory}")
+    assert os.readlink(f"/proc/{doc.broker.pid}/cwd") == ops.broker.directory
+
+
+def test_second_start_says_what_runs_and_a_failed_start_shows_its_log(ops, tmp_path, capsys, monkeypatch):
+    from broker import cli
+
+    d = ops.broker.directory
+    assert cli.main(["start", "--dir", d, "--cores", "2"]) == 1
+    err = capsys.readouterr().err
+    assert f"already running in {d} (pid {ops.broker.status().broker.pid} with 4 cpu cores); you asked for 2 cores" \
+        in err and "neuron-broker stop" in err
+    assert cli.main(["start", "--dir", d, "--cores", "4"]) == 0  # what runs is what was asked for
+    assert "already running" in capsys.readouterr().out
+
+    monkeypatch.setenv("PYTHONPATH", ROOT)  # the daemon imports this checkout
+    bad = str(tmp_path / "bad")
+    assert cli.main(["start", "--dir", bad, "--cores", "1", "--listen", "udp://nowhere"]) == 1
+    err = capsys.readouterr().err
+    assert "exited with code 2 while starting; the last lines of" in err and "broker.log" in err
+    assert "--listen takes a tcp:// endpoint" in err  # the log's own line, printed
 
 
 def test_json_documents_of_a_real_broker_follow_their_schemas(ops, owners):
@@ -206,6 +261,63 @@ def test_ls_without_broker_says_how_to_start(tmp_path):
 # -- neuron-top ----------------------------------------------------------------------------------------------------
 
 
+def test_top_fits_80_columns_keeping_owners_and_models():
+    """A frame at 80 columns drops the bar, the USS column and the history, never owners or models, and keeps the
+    part of a command that tells owners apart; at 160 everything is there."""
+    from rich.console import Console
+
+    from broker import top
+    from tests.helpers import sample_status_doc
+
+    cmd = "/opt/venv/bin/python -u /srv/app/serve_embeddings.py --port 8080 --model-dir /models/minilm --batch 32"
+    before, after = sample_status_doc(cmd), sample_status_doc(cmd)
+    after.cores[0].perf.busy_s, after.cores[0].requests = 0.5, 40
+    view = top.View()
+    view.record({0: top.CoreRate(0.25, 1.0)})
+    frames = {}
+    for width in (80, 160):
+        con = Console(width=width, no_color=True, highlight=False)
+        with con.capture() as cap:
+            con.print(top.frame(top.Sample(before, 0.0), top.Sample(after, 1.0), width, view=view,
+                                memory={7: (30 << 20, 20 << 20)}))
+        frames[width] = cap.get()
+        assert max(len(line) for line in frames[width].splitlines()) <= width, frames[width]
+    core80 = next(line for line in frames[80].splitlines() if line.startswith("nc0"))
+    assert "4242 serve_embeddings.py" in core80 and "m.pt" in core80 and "50%" in core80 and "30.0MiB" in core80
+    assert "[|" not in frames[80] and "USS" not in frames[80]
+    core160 = next(line for line in frames[160].splitlines() if line.startswith("nc0"))
+    assert "[|||||     ]" in core160 and "20.0MiB" in core160 and "--batch 32" in core160
+    assert "HISTORY" in frames[160] and "▃" in core160
+
+
+def test_an_owner_is_shown_by_what_tells_it_apart():
+    from broker.status import distinguishing
+
+    assert distinguishing("/usr/bin/python3 -u -W ignore -X dev /srv/app/serve.py --port 1") == "serve.py --port 1"
+    assert distinguishing("/opt/venv/bin/python -m app.serve --port 1") == "app.serve --port 1"
+    assert distinguishing("/usr/local/bin/gunicorn app:wsgi") == "gunicorn app:wsgi"
+    assert distinguishing("python") == "python"
+
+
+def test_top_keys():
+    from broker import top
+
+    view = top.View(pids=[10, 20])
+    assert top.key_presses("s\x1b[Bk?") == ["s", "down", "k", "?"]
+    top.handle(view, "s", "/nonexistent")
+    assert view.sort == "util"
+    top.handle(view, "down", "/nonexistent")
+    top.handle(view, "down", "/nonexistent")
+    assert view.selected == 1  # not past the last process
+    top.handle(view, "r", "/nonexistent")
+    assert view.confirm == 20
+    top.handle(view, "n", "/nonexistent")  # anything but y cancels
+    assert view.confirm == 0 and view.message == "pid 20 keeps its cores"
+    top.handle(view, "h", "/nonexistent")
+    assert view.help and top.handle(view, "x", "/nonexistent") and not view.help
+    assert top.handle(view, "q", "/nonexistent") is False
+
+
 def test_top_once_prints_cores_and_processes(ops):
     pid = ops.serving().served["pid"]
     out = run(ops.broker, NEURON_TOP + ["--once", "--interval", "0.5"])
@@ -219,14 +331,17 @@ def test_top_once_prints_cores_and_processes(ops):
     assert "free" in rows["nc3"]
     proc_rows = [line for line in text.splitlines() if line.strip().startswith(str(pid))]
     assert proc_rows and "nc0-nc1" in proc_rows[0]  # the per-process group
-    for header in ("UTIL", "REQ/S", "P50", "P99", "QUEUE", "MEM"):
+    for header in ("UTIL", "HISTORY", "REQ/S", "P50", "P99", "QUEUE", "PSS", "USS"):
         assert header in text
 
 
-def test_top_live_in_a_terminal_quits_on_q(ops):
+def test_top_live_in_a_terminal_help_sort_release_and_quit(ops, client):
+    """The live view through a pseudo-terminal: help screen, sorting, selecting a process and releasing its cores
+    (after a y), q; then Ctrl-C in a second one."""
     import pexpect
 
     pid = ops.serving().served["pid"]
+    assert client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "3"})["cores"] == [3]
     env = tool_env(ops.broker, {"TERM": "xterm-256color"})
     env.pop("COLUMNS", None)
     child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
@@ -235,10 +350,37 @@ def test_top_live_in_a_terminal_quits_on_q(ops):
         child.expect("nc3")  # the core table is on the screen ...
         child.expect(str(pid))  # ... with the owner's pid (as a row and as a process group)
         child.expect("req/s")
+        child.send("h")
+        child.expect("neuron-top keys")
+        child.send("x")  # any key closes the help
+        child.expect("HISTORY")
+        child.send("s")
+        child.expect("sort: util")
+        child.send("sss")  # back round to sorting by core: the serving app (nc0-nc1), then the client (nc3)
+        child.expect("sort: core")
+        child.send("j")
+        child.send("r")
+        child.expect(f"release pid {client.pid}")
+        child.expect(r"\[y/N\]")
+        child.send("y")
+        child.expect(f"released nc3 of pid {client.pid}")
+        ops.broker.wait_for(lambda d: d.cores[3].owner is None and d.cores[0].owner is not None, 10,
+                            "nc3 released, nc0 still owned")
         child.send("q")
         child.expect(pexpect.EOF, timeout=20)
         child.close()
         assert child.exitstatus == 0, child.before
+    finally:
+        if child.isalive():
+            child.close(force=True)
+    child = pexpect.spawn(NEURON_TOP[0], NEURON_TOP[1:] + ["--interval", "0.3"], env=env, cwd=ROOT,
+                          dimensions=(40, 180), timeout=60, encoding="utf-8", codec_errors="replace")
+    try:  # Ctrl-C quits as quietly as q
+        child.expect("nc3")
+        child.sendintr()
+        child.expect(pexpect.EOF, timeout=20)
+        child.close()
+        assert "Traceback" not in child.before and child.exitstatus in (0, 130), child.before
     finally:
         if child.isalive():
             child.close(force=True)
@@ -277,11 +419,14 @@ def test_drain_refuses_new_leases_and_waits_for_owners(ops, client):
         assert refused.get("error") == "BrokerDrainingError" and "draining" in refused["message"], refused
         status = run(ops.broker, NEURON_BROKER + ["status"])
         assert "DRAINING" in status.stdout
+        refused = launch(ops, "--nproc", "1", "--first-core", "3", "--", "true")  # checked before any rank starts
+        assert refused.returncode == 2 and "is draining" in refused.stderr and "drain --cancel" in refused.stderr
         assert drain.poll() is None  # still waiting for the serving app
         ops.app.kill()
         out, err = drain.communicate(timeout=60)
         assert drain.returncode == 0, err
         assert "waiting" in out and str(ops.app.pid) in out and "drained" in out
+        assert "keeps refusing new leases until 'neuron-broker drain --cancel'" in out
     finally:
         if drain.poll() is None:
             drain.kill()
@@ -320,6 +465,15 @@ def test_metrics_endpoint(ops):
     assert sample(families, "neuron_process_cores", pid=str(pid)) == 2
     assert "process_resident_memory_bytes" in {s.name for f in families.values() for s in f.samples}
     assert ops.broker.status().broker.metrics == f"http://127.0.0.1:{ops.port}/metrics"
+    assert families["neuron_core_latency_seconds"].type == "summary"
+    assert sample(families, "neuron_model_requests", "neuron_model_requests_total", model="affine.pt", core="0") > 0
+    assert sample(families, "neuron_worker_restarts", "neuron_worker_restarts_total", core="0") == 0
+    assert sample(families, "neuron_build_info", "neuron_build_info") == 1
+    promtool = shutil.which("promtool")
+    if promtool:  # the real endpoint's text, with the broker's process_* metrics
+        checked = subprocess.run([promtool, "check", "metrics"], input=scrape_text(ops.port), capture_output=True,
+                                 text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 # -- neuron-run ----------------------------------------------------------------------------------------------------
@@ -373,25 +527,38 @@ def test_run_failure_stops_the_others_and_propagates_the_code(ops, tmp_path):
     assert out.returncode == 7, out.stderr
     assert "[rank 1] failing now" in out.stdout
     assert "rank 1" in out.stderr and "failed with exit code 7" in out.stderr and "stopping the other 2" in out.stderr
+    summary = out.stderr.split("failure summary: ", 1)[1]  # each failed rank, its code, its stderr's last lines
+    assert summary.startswith("1 of 3 rank(s) failed; rank 1 failed for good")
+    assert "rank 1 (attempt 1): exit code 7 (exit code 7)" in summary and "| rank 1 gives up: exit 7" in summary
     for rank in (0, 2):
         pid = int((pids / f"rank{rank}.pid").read_text())
         assert not alive(pid), f"rank {rank} (pid {pid}) still runs"
 
 
 def test_run_restarts_a_failed_process(ops, tmp_path):
-    out = launch(ops, "--nproc", "2", "--first-core", "2", "--max-restarts", "1", "--", *RANKS, "flaky",
-                 str(tmp_path))
+    logs = tmp_path / "logs"
+    out = launch(ops, "--nproc-per-node", "2", "--first-core", "2", "--max-restarts", "1", "--log-dir", str(logs),
+                 "--tee", "--", *RANKS, "flaky", str(tmp_path))
     assert out.returncode == 0, out.stderr
+    for rank in (0, 1):  # --log-dir: per-rank files, appended across the restart; --tee: on the terminal too
+        stdout = (logs / f"rank{rank}" / "stdout.log").read_text()
+        stderr = (logs / f"rank{rank}" / "stderr.log").read_text()
+        assert "attempt 1 ---" in stdout and "attempt 2 ---" in stdout
+        assert "first attempt fails (restarts=0)" in stdout and "second attempt succeeds (restarts=1)" in stdout
+        assert f"rank {rank} fails on purpose" in stderr and "[rank" not in stdout
     for rank in (0, 1):
         assert f"[rank {rank}] first attempt fails (restarts=0)" in out.stdout
         assert f"[rank {rank}] second attempt succeeds (restarts=1)" in out.stdout
         assert f"rank {rank} (pid" in out.stderr
     assert out.stderr.count("restarting it (restart 1 of 1)") == 2
     assert "all 2 processes finished successfully" in out.stderr
-    # without restarts left, the same failure ends the launch with the child's code
+    # without restarts left, the same failure ends the launch with the child's code; --log-dir alone: files only
     (tmp_path / "fresh").mkdir()
-    out = launch(ops, "--nproc", "1", "--first-core", "2", "--", *RANKS, "flaky", str(tmp_path / "fresh"))
+    out = launch(ops, "--nproc", "1", "--first-core", "2", "--log-dir", str(tmp_path / "quiet"), "--", *RANKS,
+                 "flaky", str(tmp_path / "fresh"))
     assert out.returncode == 3, out.stderr
+    assert "[rank 0]" not in out.stdout + out.stderr.split("failure summary")[0]
+    assert f"its output: {tmp_path / 'quiet' / 'rank0'}/" in out.stderr and "| rank 0 fails on purpose" in out.stderr
 
 
 def test_run_forwards_signals(ops, tmp_path):

@@ -51,6 +51,7 @@ def fail(failing: str, code: str, pid_dir: str) -> None:
         world = int(os.environ["WORLD_SIZE"])
         wait_until(lambda: len(os.listdir(pid_dir)) >= world)
         print("failing now", flush=True)
+        print(f"rank {rank()} gives up: exit {code}", file=sys.stderr, flush=True)
         sys.exit(int(code))
     time.sleep(HOLD_S)
 
@@ -59,7 +60,9 @@ def flaky(marker_dir: str) -> None:
     """Fail (exit 3) the first time this rank runs, succeed the second: a marker file remembers."""
     marker = os.path.join(marker_dir, f"rank{rank()}.failed-once")
     restarts = os.environ.get("NEURON_RUN_RESTARTS")
+    assert os.environ.get("TORCHELASTIC_RESTART_COUNT") == restarts  # torchrun's name for it
     if not os.path.exists(marker):
+        print(f"rank {rank()} fails on purpose", file=sys.stderr, flush=True)
         open(marker, "w").close()
         print(f"first attempt fails (restarts={restarts})", flush=True)
         sys.exit(3)

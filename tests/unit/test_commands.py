@@ -87,3 +87,91 @@ def test_plain_strips_restructured_text():
 def test_no_command_is_an_error_that_names_the_commands():
     out = python("-m", "broker")
     assert out.returncode == 2 and "{start,status,ls,release,drain,stop}" in out.stderr
+
+
+# -- what every command line shares (neuron_client.tools.cli) ----------------------------------------------------
+
+TOOLS = {"neuron-broker": "broker", "neuron-ls": "broker.ls", "neuron-top": "broker.top",
+         "neuron-run": "neuron_client.tools.launch"}
+
+
+@pytest.mark.parametrize("prog", sorted(TOOLS))
+def test_every_tool_has_version_and_plain_help_with_defaults(prog, capsys):
+    import importlib
+
+    import neuron_client
+
+    main = importlib.import_module(TOOLS[prog] if prog != "neuron-broker" else "broker.cli").main
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"{prog} {neuron_client.__version__}\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {prog}") and not MARKUP.search(text), text
+    assert "-V, --version" in text
+    if prog == "neuron-top":
+        assert "(default: 1.0)" in " ".join(text.split())  # --interval
+    if prog == "neuron-run":
+        assert "(default: 10.0)" in " ".join(text.split())  # --stop-timeout
+
+
+def test_defaults_are_shown_in_command_help(capsys):
+    from broker import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["start", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--max-restarts MAX_RESTARTS a core whose", "(default: 5)", "(default: 60.0)", "(default: info)",
+                  "(default: 127.0.0.1)", "(default: cpu)"):
+        assert shown in text, shown
+    assert "(default: False)" not in text and "(default: None)" not in text
+
+
+@pytest.mark.parametrize("argv", [["status", "--dir", "{d}"], ["--dir", "{d}", "status"], ["ls", "--dir", "{d}"],
+                                  ["drain", "--dir", "{d}", "--cancel"], ["release", "--pid", "1", "--dir", "{d}"]])
+def test_dir_is_accepted_before_and_after_the_command(argv, tmp_path, capsys):
+    from broker import cli
+
+    d = str(tmp_path / "nobroker")
+    assert cli.main([a.format(d=d) for a in argv]) == 1
+    assert f"no broker answers at ipc://{d}/broker.sock" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_and_ctrl_c_end_quietly():
+    from neuron_client.tools import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert cli.guarded(interrupted) == cli.EXIT_INTERRUPTED
+    # a real closed pipe: the reader is gone before the tool writes
+    code = ("import sys; from neuron_client.tools import cli; "
+            "sys.exit(cli.guarded(lambda argv: print('x' * 100000) or 0))")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == cli.EXIT_BROKEN_PIPE and err == "", err
+
+
+def test_the_systemd_unit_runs_the_broker_in_the_foreground():
+    import configparser
+    import shlex
+
+    from broker import cli
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    path = os.path.join(ROOT, "scripts", "systemd", "neuron-broker.service")
+    unit.read(path)
+    service = unit["Service"]
+    start, stop = shlex.split(service["ExecStart"]), shlex.split(service["ExecStop"])
+    assert os.path.basename(start[0]) == os.path.basename(stop[0]) == "neuron-broker"
+    args = cli.parser().parse_args(start[1:])  # every flag in it is one the command takes
+    assert args.command == "start" and args.foreground and args.cores == 8
+    assert cli.parser().parse_args(stop[1:]).command == "stop"
+    with open(path) as f:
+        lines = f.read().splitlines()
+    assert service["KillMode"] == "mixed" and "Environment=NEURON_BROKER_DIR=%t/neuron-broker" in lines
+    assert unit["Install"]["WantedBy"] == "default.target"

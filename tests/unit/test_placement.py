@@ -86,7 +86,9 @@ def test_count_below_minus_one_message(count):
 def test_count_above_owned_message(n, extra):
     with pytest.raises(ValueError) as info:
         resolve(Placement(-1, n + extra), [0] * n)
-    assert str(info.value) == f"NeuronCores available: {n}"
+    message = str(info.value)  # the reference's words first, then what was asked and what this process owns
+    assert message.startswith(f"NeuronCores available: {n} (nc_count={n + extra} ")
+    assert f"nc0-nc{n - 1}" in message and f"NEURON_RT_NUM_CORES={n + extra}" in message
 
 
 def test_start_plus_count_past_the_end():

@@ -272,6 +272,7 @@ def test_crashes_are_charged_to_the_lease_and_forgiven_for_the_next_owner():
         loop.feed(st.Tick())
     slot = loop.s.slots[0]
     assert slot.failed and slot.state == st.SlotState.DOWN and loop.s.core_state(0) == "failed"
+    assert slot.restarts == 3 and loop.s.recent_crashes(slot, loop.now) == 3  # every crash in the window counted
     pushed = [m for m in loop.replies(1) if isinstance(m, messages.HeartbeatAck)]
     assert pushed[-1].workers[0].failed is True
     loop.feed(st.LinkClosed(1))
@@ -279,6 +280,11 @@ def test_crashes_are_charged_to_the_lease_and_forgiven_for_the_next_owner():
     assert not slot.failed and slot.state == st.SlotState.FRESH and loop.s.core_state(0) == "free"
     loop.open(2, 600)
     assert granted(loop.ask(2)).lease_id != g.lease_id
+    assert loop.s.recent_crashes(slot, loop.now) == 0  # forgiven for the next owner ...
+    loop.feed(st.WorkerExited(0, slot.pid, "signal SIGSEGV"))
+    assert slot.restarts == 4  # ... but the counter runs on since the broker started
+    loop.now += 120.0
+    assert loop.s.recent_crashes(slot, loop.now) == 0 and slot.restarts == 4
 
 
 def test_a_crashed_worker_of_an_active_lease_is_replaced_and_the_owner_told():
