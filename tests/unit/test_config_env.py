@@ -76,3 +76,18 @@ def test_parsed_once_per_value_and_again_when_it_changes(monkeypatch):
     monkeypatch.setenv(config.ENV_CALL_TIMEOUT, "13")
     assert config.call_timeout_s() == 13.0
     assert calls == ["12", "13"]
+
+
+def test_fast_path_variables_are_checked(monkeypatch):
+    monkeypatch.setenv("NEURON_FAST_PATH", "0")
+    assert config.fast_path_enabled() is False
+    monkeypatch.setenv("NEURON_FAST_PATH", "maybe")
+    with pytest.raises(ConfigError, match="NEURON_FAST_PATH='maybe'"):
+        config.fast_path_enabled()
+    monkeypatch.setenv("NEURON_FAST_PATH_SPIN_US", "50us")
+    assert config.fast_path_spin_us() == 50
+    monkeypatch.setenv("NEURON_FAST_PATH_SPIN_US", "-3")
+    with pytest.raises(ConfigError, match="NEURON_FAST_PATH_SPIN_US='-3'.*0: never spin"):
+        config.fast_path_spin_us()
+    monkeypatch.delenv("NEURON_FAST_PATH_SPIN_US")
+    assert config.fast_path_spin_us() is None
