@@ -76,6 +76,25 @@ class CallTimes:
         return recent[min(n - 1, int(0.5 * n))], recent[min(n - 1, int(0.99 * n))], n
 
 
+class Flag:
+    """A flag the data thread raises on every request and the control thread lowers when it sends stats: a plain
+    attribute (the GIL orders it), no lock or wake-up per call as a ``threading.Event`` would cost."""
+
+    __slots__ = ("up",)
+
+    def __init__(self):
+        self.up = False
+
+    def set(self) -> None:
+        self.up = True
+
+    def clear(self) -> None:
+        self.up = False
+
+    def is_set(self) -> bool:
+        return self.up
+
+
 @dataclass
 class WorkerConfig:
     core: int
@@ -114,7 +133,7 @@ class Worker:
         self.queued = 0  # requests waiting in the backlog behind the one running
         self.loads = 0
         self.load_s = 0.0
-        self.stats_dirty = threading.Event()
+        self.stats_dirty = Flag()
         self.stopping = threading.Event()
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
         self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)

@@ -178,10 +178,14 @@ class NeuronModel(PlacedModel):
     # -- calls -----------------------------------------------------------------------------------------------
     def _pick(self) -> Replica:
         with self._lock:
-            n = len(self.replicas)
-            order = [self.replicas[(self._rr + i) % n] for i in range(n)]
-            chosen = min(order, key=lambda r: r.in_flight)  # first idle one in round-robin order
-            self._rr = (self.replicas.index(chosen) + 1) % n
+            replicas = self.replicas
+            n = len(replicas)
+            if n == 1:
+                chosen = replicas[0]
+            else:
+                order = [replicas[(self._rr + i) % n] for i in range(n)]
+                chosen = min(order, key=lambda r: r.in_flight)  # first idle one in round-robin order
+                self._rr = (replicas.index(chosen) + 1) % n
             chosen.in_flight += 1
             return chosen
 
@@ -200,12 +204,13 @@ class NeuronModel(PlacedModel):
             with self._lock:
                 r.in_flight += 1
         try:
-            if r.stale or rt.worker(r.core).pid != r.worker_pid:
+            if r.stale or rt.workers[r.core].pid != r.worker_pid:
                 with r.lock:
                     if r.stale or rt.worker(r.core).pid != r.worker_pid:
                         self._recover(rt, r, rt.worker(r.core).last_exit or "exited")
+            timeout_s = config.call_timeout_s()
             try:
-                out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
+                out = rt.channel(r.core).call(r.model_id, args, timeout_s)
             except WorkerUnavailableError:
                 r.stale = True  # the next call waits for the fresh worker and loads this replica there
                 raise
@@ -213,7 +218,7 @@ class NeuronModel(PlacedModel):
                 with r.lock:
                     rt.refresh_workers()
                     self._recover(rt, r, "was replaced")
-                out = rt.channel(r.core).call(r.model_id, args, config.call_timeout_s())
+                out = rt.channel(r.core).call(r.model_id, args, timeout_s)
         finally:
             with self._lock:
                 r.in_flight -= 1

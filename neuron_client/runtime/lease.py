@@ -24,7 +24,7 @@ from neuron_client.runtime.channels import WorkerChannel
 from neuron_client.wire import config, cores, lease_link, messages
 from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import BrokerUnavailableError, LeaseLostError, NeuronRuntimeError, WorkerUnavailableError
-from neuron_client.wire.procs import pid_running
+from neuron_client.wire.procs import current_pid, pid_running
 
 log = logging.getLogger("neuron_client")
 
@@ -95,7 +95,7 @@ class Runtime:
 
     # -- lease -----------------------------------------------------------------------------------------------
     def check_lease(self) -> None:
-        if self.pid != os.getpid():
+        if self.pid != current_pid():
             raise NeuronRuntimeError("this neuron_client runtime belongs to the parent process; a forked child "
                                      "must not use it (start children with the 'spawn' method)")
         if self.lost:

@@ -185,7 +185,11 @@ class LeanWriter:
     def write(self, ts, container: int, model_id: int = 0) -> int:
         """Write tensors ``ts``; their bytes' end. -1: not a lean message (a dtype the wire does not carry);
         raises :class:`NotCarried` when it does not fit."""
-        key = (model_id, container, *[(t.dtype, t.shape) for t in ts])
+        if len(ts) == 1:
+            t = ts[0]
+            key = (model_id, container, t.dtype, t.shape)
+        else:
+            key = (model_id, container, *[(t.dtype, t.shape) for t in ts])
         layout = self.layouts.get(key)
         if layout is None:
             layout = self._layout(key, ts, container, model_id)
@@ -205,6 +209,7 @@ class LeanReader:
     def __init__(self, area: memoryview):
         self.area = area
         self.layouts: dict = {}
+        self.last = None  # (header, layout) of the last message
 
     def read(self, nbytes: int):
         """(model id, container, tensors over the area) of the message of ``nbytes`` bytes; ProtocolError if it is
@@ -215,10 +220,15 @@ class LeanReader:
         n, container, model_id, hlen = _HEAD.unpack_from(area, 0)
         if not _HEAD.size <= hlen <= min(nbytes, MAX_HEADER_BYTES):
             raise ProtocolError(f"a lean header of {hlen} bytes in a message of {nbytes}")
-        head = bytes(area[:hlen])
-        layout = self.layouts.get(head)
-        if layout is None:
-            layout = self._parse(head, n, container, nbytes)
+        last = self.last
+        if last is not None and len(last[0]) == hlen and area[:hlen] == last[0]:  # the same shapes as last time
+            layout = last[1]
+        else:
+            head = bytes(area[:hlen])
+            layout = self.layouts.get(head)
+            if layout is None:
+                layout = self._parse(head, n, container, nbytes)
+            self.last = (head, layout)
         if layout[1] > nbytes:
             raise ProtocolError(f"a lean message of {nbytes} bytes whose tensors end at {layout[1]}")
         return model_id, container, layout[0]

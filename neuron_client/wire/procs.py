@@ -8,6 +8,23 @@ import time
 import psutil
 
 
+_pid = os.getpid()  # this process's pid, kept current across fork without a system call per use
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without the system call (the call path asks on every call)."""
+    return _pid
+
+
 def pid_running(pid: int) -> bool:
     """True if ``pid`` is a process that has not exited (a zombie has)."""
     try:

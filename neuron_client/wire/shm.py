@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
+from neuron_client.wire.procs import current_pid
 
 if TYPE_CHECKING:
     import torch
@@ -44,18 +45,6 @@ class SharedMemoryError(NeuronRuntimeError):
 
 class SharedMemoryFullError(SharedMemoryError):
     """/dev/shm has not enough free memory for a new segment."""
-
-
-_pid = os.getpid()  # this process's pid, kept current across fork without a system call per use
-
-
-def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _align(n: int) -> int:
@@ -261,7 +250,7 @@ class Arena:
         Raises :class:`SharedMemoryFullError` (and holds no segment) if /dev/shm cannot hold the new one."""
         self.offset = 0
         seg = self.segment
-        if seg is not None and seg.creator_pid != _pid:  # inherited across fork: the parent's segment
+        if seg is not None and seg.creator_pid != current_pid():  # inherited across fork: the parent's segment
             seg.close()
             self.segment = None
         if need_bytes > self.size:
@@ -273,7 +262,7 @@ class Arena:
         """Copy ``t`` in; ``(name, offset)``, or None if it does not fit."""
         n = t.numel() * t.element_size()
         seg = self.segment
-        if seg is None or self.offset + n > seg.size or seg.creator_pid != _pid:
+        if seg is None or self.offset + n > seg.size or seg.creator_pid != current_pid():
             return None
         off = self.offset
         seg.write(off, t)
