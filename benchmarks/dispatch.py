@@ -160,25 +160,43 @@ def _path_of(rt, core: int) -> dict:
             "mailbox_spin_us": round(box.spin_s * 1e6) if box else None}
 
 
+def _zmq_threads_cpu_s() -> float:
+    """CPU seconds of this process's ZeroMQ I/O threads (``ZMQbg/...``): a bare pyzmq call's cost is partly theirs."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if not f.read().startswith("ZMQbg"):
+                    continue
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def _cpu_per_call(call, n: int, server_pid: int) -> dict:
-    """CPU seconds per call of ``call`` over ``n`` calls: this process's (every thread: ZeroMQ's I/O thread too) and
-    the server's (the worker, or the echo process)."""
+    """CPU seconds per call of ``call`` over ``n`` calls: the client's (the calling thread and the process's ZeroMQ
+    I/O threads; not Ray's or the runtime's other threads, which idle) and the server's (the worker, or the echo
+    process: all its threads)."""
     import time
 
     import psutil
 
     server = psutil.Process(server_pid)
 
-    def cpu(p):
-        t = p.cpu_times()
+    def server_cpu():
+        t = server.cpu_times()
         return t.user + t.system
 
-    me = psutil.Process()
-    c0, s0, w0 = cpu(me), cpu(server), time.perf_counter()
+    c0, z0, s0, w0 = time.thread_time(), _zmq_threads_cpu_s(), server_cpu(), time.perf_counter()
     for _ in range(n):
         call()
-    c1, s1, w1 = cpu(me), cpu(server), time.perf_counter()
-    return {"client_us": (c1 - c0) / n * 1e6, "server_us": (s1 - s0) / n * 1e6, "total_us": (c1 - c0 + s1 - s0) / n * 1e6,
+    c1, z1, s1, w1 = time.thread_time(), _zmq_threads_cpu_s(), server_cpu(), time.perf_counter()
+    client = (c1 - c0) + (z1 - z0)
+    return {"client_us": client / n * 1e6, "server_us": (s1 - s0) / n * 1e6, "total_us": (client + s1 - s0) / n * 1e6,
             "wall_us": (w1 - w0) / n * 1e6, "calls": n}
 
 
@@ -194,6 +212,8 @@ def run(ctx) -> SectionResult:
         _part_roundtrip(ctx, stack, res)
     with contextlib.ExitStack() as stack:
         _part_sweep(ctx, stack, res)
+    with contextlib.ExitStack() as stack:
+        _part_closed_loop(ctx, stack, res)
     res.notes += [
         "Shared memory off: a `WorkerChannel` reads `NEURON_SHM_THRESHOLD_BYTES` when it is created (one channel per "
         "thread and core), so the suite creates one thread's channel with the threshold at 2^62; a channel that never "
@@ -418,8 +438,9 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
     L += md_table(["target", "measured", "round spread", "goal", "verdict"],
                   [[t["what"], fmt_ratio(t["value"]), fmt_spread(t["round_spread"]), t["goal"], verdict(t["met"])]
                    for t in targets.values()])
-    L += ["", "CPU per 1 KiB call (median of 3 alternating runs; this process counts all its threads, ZeroMQ's I/O "
-          "thread included; the server is the core's worker, or the echo process):", ""]
+    L += ["", "CPU per 1 KiB call (median of 3 alternating runs; the client is the calling thread plus this process's "
+          "ZeroMQ I/O threads; the server is the core's worker, or the echo process, all threads; per-thread times "
+          "tick at 10 ms, hence the round figures):", ""]
     L += md_table(["variant", "client CPU", "server CPU", "total", "wall", "total / pyzmq"],
                   [[name, fmt_us(c["client_us"]), fmt_us(c["server_us"]), fmt_us(c["total_us"]), fmt_us(c["wall_us"]),
                     fmt_ratio(ratio(c["total_us"], cpu[PYZMQ]["total_us"]))] for name, c in cpu.items()])
@@ -626,3 +647,84 @@ def crossover(points: list[dict]) -> dict:
     return {"text": f"shared memory wins from {fmt_bytes(s1)} on ({fmt_ratio(r1)}; {rule}); at {fmt_bytes(s0)} it is "
                     f"{below} ({fmt_ratio(r0)}){near}. Measured setting: SHM_THRESHOLD_BYTES = {s1} ({fmt_bytes(s1)})",
             "rule": rule, "first_winning_bytes": s1, "interpolated_bytes": at, "suggested_threshold_bytes": s1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part 4: closed-loop throughput of one process per core.
+
+LOOP_SECONDS = (2.0, 0.5)  # per variant and round (full, quick)
+LOOP_ROUNDS = (8, 3)
+TARGET_LOOP_RATIO = 0.4  # calls/s through neuron_client at least 0.4x in-process, one process per CPU
+INPROC_LOOP = "in-process, one process per CPU"
+
+
+def _save_mlp(directory: str) -> str:
+    import torch
+
+    import neuron_client
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)).eval()
+    path = os.path.join(directory, "mlp.pt")
+    torch.jit.save(neuron_client.trace(mlp, torch.rand(8, 256)), path)
+    return path
+
+
+def _part_closed_loop(ctx, stack: contextlib.ExitStack, res: SectionResult) -> None:
+    from neuron_client.wire import config
+
+    from .loop import LoopChild, run_together
+
+    p = ctx.progress
+    n = BROKER_CORES
+    path = _save_mlp(str(ctx.tmp))
+    paths = {NEURON: {}, NEURON_BLOCK: {config.ENV_FAST_PATH_SPIN_US: "0"}, NEURON_SOCKET: {config.ENV_FAST_PATH: "0"}}
+    p.note(f"closed loop: {n} processes per variant (one per core and CPU), a small MLP ([8, 256] -> 256 -> 256); "
+           f"one broker of {n} cores per neuron_client variant")
+    groups = {INPROC_LOOP: [LoopChild("inproc", path, i, dict(os.environ)) for i in range(n)]}
+    for g in groups[INPROC_LOOP]:
+        stack.callback(g.close)
+    for name, env in paths.items():
+        broker = ctx.start_broker(f"loop-{len(groups)}", cores=n)
+        stack.callback(broker.stop)
+        groups[name] = [LoopChild("neuron", path, i, {**broker.env, **env}) for i in range(n)]
+        for g in groups[name]:
+            stack.callback(g.close)
+    rounds = ctx.n_rounds(*LOOP_ROUNDS)
+    seconds = LOOP_SECONDS[1] if ctx.quick else LOOP_SECONDS[0]
+    task = p.task(f"closed loop ({len(groups)} variants x {seconds:g}s)", rounds)
+    per_round = []
+    load = []
+    for _ in range(rounds):
+        order = list(groups)
+        ctx.rng.shuffle(order)
+        per_round.append({name: run_together(groups[name], seconds) for name in order})
+        load.append(os.getloadavg()[0])
+        task.advance()
+    task.finish()
+    import statistics
+
+    table, figures = [], {}
+    base = [r[INPROC_LOOP] for r in per_round]
+    for name in groups:
+        rates = [r[name] for r in per_round]
+        ratios = sorted(r[name] / r[INPROC_LOOP] for r in per_round if r[INPROC_LOOP])
+        figures[name] = {"calls_per_s": statistics.median(rates), "ratio_to_inproc": statistics.median(ratios),
+                         "ratio_p25": ratios[len(ratios) // 4], "ratio_p75": ratios[(3 * len(ratios)) // 4]}
+        table.append([name, f"{figures[name]['calls_per_s']:,.0f}", fmt_ratio(figures[name]["ratio_to_inproc"]),
+                      f"{figures[name]['ratio_p25']:.2f}-{figures[name]['ratio_p75']:.2f}"])
+    best = figures[NEURON]["ratio_to_inproc"]
+    res.figures["closed_loop"] = {"processes": n, "seconds": seconds, "rounds": rounds, "variants": figures,
+                                  "load_avg_1m": load, "inproc_calls_per_s": statistics.median(base),
+                                  "target": {"goal": f">= {TARGET_LOOP_RATIO}x", "value": best,
+                                             "met": best >= TARGET_LOOP_RATIO}}
+    L = res.lines
+    L += ["### Closed-loop throughput, one process per core", "",
+          f"{n} processes at once, each calling a small MLP ([8, 256] through two 256-wide layers) back to back for "
+          f"{seconds:g} s, in {rounds} rounds (variants in a fresh order each round): in-process (each pinned to one "
+          f"CPU, one torch thread: the machine's ceiling) against processes owning one core each of a {n}-core "
+          "broker (one broker per variant). Load average (1 min) during the rounds: "
+          f"{', '.join(f'{v:.1f}' for v in load)}.", ""]
+    L += md_table(["variant", "calls/s (all processes)", "vs in-process", "round spread"], table)
+    L += ["", f"Target: neuron_client (default path) >= {TARGET_LOOP_RATIO}x in-process: "
+          f"{fmt_ratio(best)} {verdict(best >= TARGET_LOOP_RATIO)}.", ""]

@@ -30,7 +30,7 @@ import psutil
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 from neuron_client.wire import codec, comm as transport, config, mailbox as mb, messages, tensors
 from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError
-from neuron_client.wire.procs import pid_running
+from neuron_client.wire.procs import cpu_free, pid_running
 from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
 from . import devices
@@ -378,9 +378,13 @@ class Worker:
 
     def spin(self, fast: FastPath, comm) -> bool:
         """After a reply, watch the mailboxes (and the socket) for a bounded time before blocking: True if a request
-        came. Only where this worker has its CPUs to itself, and while clients come back within the window."""
+        came. Only where this worker has its CPUs to itself, while a CPU of the host is free, and while clients come
+        back within the window."""
         window = self.cfg.spin_us / 1e6
         if not window or not fast.boxes or self.gap_s > window:
+            return False
+        now = time.perf_counter()
+        if not cpu_free(now):  # every CPU is taken: a spin would take one from the client it waits for
             return False
         last = max(box.replied_at for box in fast.boxes.values())
         stop = last + window

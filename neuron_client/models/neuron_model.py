@@ -194,7 +194,7 @@ class NeuronModel(PlacedModel):
 
         A replica whose worker was replaced since it was loaded (a crash, a broker restart) is loaded again first.
         """
-        if self.state is not LoadState.LOADED:
+        if self._state is not LoadState.LOADED:
             self.wait_loaded()
         rt = self._runtime
         r = replica
@@ -208,9 +208,9 @@ class NeuronModel(PlacedModel):
                 with r.lock:
                     if r.stale or rt.worker(r.core).pid != r.worker_pid:
                         self._recover(rt, r, rt.worker(r.core).last_exit or "exited")
-            timeout_s = config.call_timeout_s()
+            ch = rt.channel(r.core)
             try:
-                out = rt.channel(r.core).call(r.model_id, args, timeout_s)
+                out = ch.call(r.model_id, args, ch.timeout_s)
             except WorkerUnavailableError:
                 r.stale = True  # the next call waits for the fresh worker and loads this replica there
                 raise
@@ -218,7 +218,7 @@ class NeuronModel(PlacedModel):
                 with r.lock:
                     rt.refresh_workers()
                     self._recover(rt, r, "was replaced")
-                out = rt.channel(r.core).call(r.model_id, args, timeout_s)
+                out = rt.channel(r.core).call(r.model_id, args, ch.timeout_s)
         finally:
             with self._lock:
                 r.in_flight -= 1
@@ -240,7 +240,7 @@ class NeuronModel(PlacedModel):
         return bucketing.unpack_outputs(self.run(args), self.meta)
 
     def __call__(self, *args):
-        if self.state is not LoadState.LOADED:
+        if self._state is not LoadState.LOADED:
             self.wait_loaded()
         if self.bucketed:  # the kernel in the worker pads and picks the bucket: no static shapes to check
             return self._run_bucketed(args)

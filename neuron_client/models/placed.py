@@ -118,9 +118,12 @@ class PlacedModel:
         expected = self._expected()
         if expected is None:
             return
-        if len(args) == len(expected) and all(isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d
-                                              for a, (s, d) in zip(args, expected)):
-            return  # the common case: flat tensor arguments of the traced shapes
+        if len(args) == len(expected):  # the common case: flat tensor arguments of the traced shapes
+            for a, (s, d) in zip(args, expected):
+                if not (isinstance(a, torch.Tensor) and a.shape == s and a.dtype == d):
+                    break
+            else:
+                return
         given = [(tuple(t.shape), t.dtype) for t in tensors.walk_tensors(args)]
         if given != expected:
             def fmt(pairs):

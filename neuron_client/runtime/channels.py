@@ -51,9 +51,13 @@ class WorkerChannel:
         self._reply_segments = _ReplySegments(self.reply_arena)
         self._worker_pid = 0
         self.threshold = config.shm_threshold_bytes() if shm.available() else 1 << 62
+        self.timeout_s = config.call_timeout_s()  # read once, as the threshold: a call parses nothing
         self.fast = config.fast_path_enabled() and self._fast_path_supported()
         self.spin_us = config.fast_path_spin_us()
         self.mailbox = None  # neuron_client.wire.mailbox.ClientMailbox, made at the first call
+        from neuron_client.wire import mailbox  # torch: a channel carries tensors
+
+        self._mb = mailbox
         self._fast_retry_at = 0.0
         self._fast_capacity = 0
         self._socket_models: set[int] = set()  # models whose replies are too large for a mailbox
@@ -67,8 +71,7 @@ class WorkerChannel:
     def _mailbox(self, capacity: int = 0):
         """This thread's mailbox to the core's current worker, set up at need; None where the fast path cannot
         serve (then calls take the socket, and a new try is made after FAST_PATH_RETRY_S)."""
-        from neuron_client.wire import mailbox
-
+        mailbox = self._mb
         box = self.mailbox
         pid = self.runtime.workers[self.core].pid
         if box is not None:
@@ -96,8 +99,7 @@ class WorkerChannel:
 
     def _fast_call(self, model_id: int, args: tuple, timeout_s: float):
         """The call through the mailbox; ``NotCarried`` (nothing sent) when it cannot take it."""
-        from neuron_client.wire import mailbox
-
+        mailbox = self._mb
         box = self._mailbox()
         if box is None:
             raise mailbox.NotCarried(0)
@@ -151,11 +153,9 @@ class WorkerChannel:
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
         if self.fast and model_id not in self._socket_models:
-            from neuron_client.wire.mailbox import NotCarried
-
             try:
                 return self._fast_call(model_id, args, timeout_s)
-            except NotCarried:
+            except self._mb.NotCarried:
                 pass
         carried = list(tensors.walk_tensors(args))
         msg = messages.Call(token=self.runtime.token, model_id=model_id, args=args,

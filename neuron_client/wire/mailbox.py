@@ -8,8 +8,9 @@ A client thread and the worker of one of its cores, on one host, exchange calls 
   fault. Layout: a control page of sequence numbers, then the request area, then the reply area, ``capacity`` bytes
   each.
 * **Doorbells**: two ``eventfd``\\ s, one per direction. A side writes its message, stores its sequence number, and
-  rings; the other may spin on the sequence number for a bounded, adaptive time (x86-64 only, where stores are seen in
-  order; and only where the peer has a CPU of its own) before it blocks in ``poll`` on the doorbell.
+  rings; the other may spin on the sequence number for a bounded, adaptive time before it blocks in ``poll`` on the
+  doorbell: on x86-64 only (where stores are seen in order), where the peer has a CPU of its own, while a CPU of the
+  host is free (:func:`~.procs.cpu_free`), and while replies come within the spin.
 * **Binding**: the memfd and both eventfds travel once, with ``SCM_RIGHTS``, over an AF_UNIX connection to the core's
   worker (``<broker dir>/core-N.fast``). The client checks with ``SO_PEERCRED`` that the listening process is the
   worker the broker named for the core; the worker accepts only its owner (pid and uid from the kernel) bearing the
@@ -44,8 +45,10 @@ import time
 import msgpack
 import torch
 
-from . import codec, tensors
+from . import codec, messages, tensors
+from .config import LIVENESS_POLL_S
 from .errors import NeuronRuntimeError, ProtocolError, RequestTimeoutError, WorkerUnavailableError, from_code
+from .procs import cpu_free
 from .shm import SharedMemoryError, _full_error
 
 VERSION = 1
@@ -432,9 +435,7 @@ class ClientMailbox:
         if end >= 0:
             kind = KIND_LEAN
         else:
-            from .messages import Call
-
-            frames = codec.encode(Call(token=token, model_id=model_id, args=args), 1, tensors.TensorSink())
+            frames = codec.encode(messages.Call(token=token, model_id=model_id, args=args), 1, tensors.TensorSink())
             end = write_frames(self.region.request, frames)
             kind = KIND_FRAMES
         t0 = time.perf_counter()
@@ -456,13 +457,11 @@ class ClientMailbox:
 
     def _wait(self, timeout_s: float, alive) -> None:
         ctl, seq = self.region.ctl, self.seq
-        if self.spin_s and self.latency_s <= self.spin_s:
+        if self.spin_s and self.latency_s <= self.spin_s and cpu_free(time.perf_counter()):
             stop = time.perf_counter() + self.spin_s
             while time.perf_counter() < stop:
                 if ctl[_REP_SEQ] == seq:
                     return
-        from .config import LIVENESS_POLL_S
-
         now = time.monotonic()
         deadline, check_at = now + timeout_s, now + LIVENESS_POLL_S
         slice_ms = int(LIVENESS_POLL_S * 1000)
@@ -519,9 +518,7 @@ class ClientMailbox:
         else:
             raise ProtocolError(f"unknown mailbox reply kind {kind}")
         env = codec.decode(frames)
-        from .messages import Error
-
-        if isinstance(env.msg, Error):
+        if isinstance(env.msg, messages.Error):
             raise from_code(env.msg.code, env.msg.message)
         return env.msg.outputs
 

@@ -25,6 +25,26 @@ def current_pid() -> int:
     return _pid
 
 
+CPU_FREE_TTL_S = 0.05  # how long a look at the run queue stands
+_cpu_free = [0.0, False]  # (when looked, a CPU was free)
+
+
+def cpu_free(now: float) -> bool:
+    """A CPU of this host is free right now: fewer runnable threads than CPUs (``/proc/loadavg``'s running count,
+    the caller included), looked at most every :data:`CPU_FREE_TTL_S` (``now``: ``time.perf_counter()``). A spin
+    before blocking pays only then; on a busy host it takes the CPU from the peer it waits for."""
+    if now - _cpu_free[0] < CPU_FREE_TTL_S:
+        return _cpu_free[1]
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+        free = running < (os.cpu_count() or 1)
+    except (OSError, IndexError, ValueError):
+        free = False
+    _cpu_free[0], _cpu_free[1] = now, free
+    return free
+
+
 def pid_running(pid: int) -> bool:
     """True if ``pid`` is a process that has not exited (a zombie has)."""
     try:
