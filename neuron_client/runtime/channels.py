@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import typing
+import warnings
 
 from neuron_client.wire import comm as transport, config, messages, shm, tensors
 from neuron_client.wire.errors import NeuronRuntimeError, NotOwnerError, ProtocolError, WorkerUnavailableError
@@ -59,6 +60,7 @@ class WorkerChannel:
 
         self._mb = mailbox
         self._fast_retry_at = 0.0
+        self._fast_warned = False
         self._fast_capacity = 0
         self._socket_models: set[int] = set()  # models whose replies are too large for a mailbox
 
@@ -91,6 +93,10 @@ class WorkerChannel:
                              mailbox.max_capacity(self.runtime.max_message_bytes)), spin_us=self.spin_us,
                 core=self.core)
         except (OSError, NeuronRuntimeError) as exc:
+            if isinstance(exc, shm.SharedMemoryError) and not self._fast_warned:  # the operator can act on this one
+                self._fast_warned = True
+                warnings.warn(f"neuroncore {self.core}: no fast path ({exc}); calls take the socket path until "
+                              "memory is free", RuntimeWarning, stacklevel=6)
             log.debug("core %d: no fast path now (%s); calls take the socket", self.core, exc)
             self._fast_retry_at = time.monotonic() + FAST_PATH_RETRY_S
             return None

@@ -91,6 +91,35 @@ def test_only_the_owner_with_its_token_gets_a_mailbox(broker, client, models_dir
     assert own["same"] and own["paths"]["5"]["mailbox_calls"] == 1, own
 
 
+def test_no_memory_for_a_mailbox_is_a_warning_and_the_socket_path(fresh_broker, apps, models_dir):
+    b = fresh_broker(1)
+    app = apps(b)
+    app.ok("acquire")
+    m = app.ok("load", path=os.path.join(models_dir, "affine.pt"))["model"]
+    app.ok("limit_file_size", nbytes=4096)  # no mailbox (256 KiB) can be reserved from now on
+    out = app.ok("call_in_thread", model=m, ref="affine", args=[{"rand": [2, 4]}], times=3, env={})
+    assert out["same"] and out["paths"]["0"]["mailbox_calls"] == 0, out
+    assert any("no fast path" in w and "cannot reserve" in w for w in out.get("warnings", [])), out
+
+
+def test_a_client_sends_its_mailbox_only_to_the_cores_worker(tmp_path):
+    """A socket planted at the fast path's address (by a process that is not the core's worker) gets nothing."""
+    address = str(tmp_path / "core-0.fast")
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    impostor.bind(address)
+    impostor.listen(1)
+    impostor.settimeout(5)
+    try:
+        with pytest.raises(Exception, match="not by the core's worker"):
+            mailbox.ClientMailbox(address, worker_pid=1, token="0" * 64)  # the broker named pid 1 the worker
+        conn, _ = impostor.accept()
+        conn.settimeout(2)
+        assert conn.recv(4096) == b""  # the client hung up without a byte (and so without a descriptor)
+        conn.close()
+    finally:
+        impostor.close()
+
+
 def test_a_mailbox_that_could_fault_its_worker_is_refused():
     fd = os.memfd_create("unsealed", os.MFD_ALLOW_SEALING)
     try:

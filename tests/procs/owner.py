@@ -86,6 +86,18 @@ def lost(wait_s: float = 0.0) -> dict:
 
 
 @harness.command
+def limit_file_size(nbytes: int) -> dict:
+    """No file (a memfd, a /dev/shm segment) of this process may grow past ``nbytes``: creating one larger fails
+    with EFBIG, as on a full /dev/shm (SIGXFSZ ignored, so the process is told, not killed)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    return {}
+
+
+@harness.command
 def fast_hello(core: int, token: str) -> dict:
     """Ask ``core``'s worker for a mailbox with ``token`` (not this lease's, say): its refusal, or ok."""
     from neuron_client.wire import mailbox
