@@ -450,14 +450,15 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
         f"{p['mailbox_spin_us']} µs)" for name, p in paths.items()) + ".", ""]
     kib = per_size[fmt_bytes(1 * KIB)]["variants"]
     if CODEC in kib:
-        pz, cd, nc = kib[PYZMQ]["p50_us"], kib[CODEC]["p50_us"], kib[NEURON]["p50_us"]
+        pz, cd, nc = kib[PYZMQ]["p50_us"], kib[CODEC]["p50_us"], kib[NEURON_SOCKET]["p50_us"]
         res.figures["breakdown_1kib_p50_us"] = {"bare_pyzmq": pz, "wire_format": cd - pz, "rest": nc - cd,
-                                                "neuron_client": nc}
-        L += ["", f"Where the 1 KiB p50 goes: bare pyzmq {fmt_us(pz)}; adding neuron_client's wire format "
-              f"(msgpack encode + decode of the `Call`, the tensor copied out) brings it to {fmt_us(cd)} "
-              f"(+{fmt_us(cd - pz)}); the remaining {fmt_us(nc - cd)} of neuron_client's {fmt_us(nc)} is the worker's "
-              f"side (receive, decode, token check, model call of ~{fmt_us(kib[INPROC]['p50_us'])}, encode, send) "
-              "and the client's bookkeeping (lease check, replica pick, shape check, liveness poll)."]
+                                                "socket_path": nc, "fast_path": kib[NEURON]["p50_us"]}
+        L += ["", f"Where the socket path's 1 KiB p50 goes: bare pyzmq {fmt_us(pz)}; adding neuron_client's wire "
+              f"format (msgpack encode + decode of the `Call`, the tensor copied out) brings it to {fmt_us(cd)} "
+              f"(+{fmt_us(cd - pz)}); the remaining {fmt_us(nc - cd)} of its {fmt_us(nc)} is the worker's side "
+              f"(receive, decode, token check, model call of ~{fmt_us(kib[INPROC]['p50_us'])}, encode, send) and the "
+              "client's bookkeeping (replica pick, shape check). The fast path, which skips both the wire format "
+              f"and ZeroMQ, takes {fmt_us(kib[NEURON]['p50_us'])}."]
     L += ["", "### Round trip by payload", ""]
     L += md_table(["payload", "variant", "p50", "p99", "p50 / pyzmq", "p99 / pyzmq", "p50 / unix",
                    "round spread", "calls"], rows)
