@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 
 _ERRORS = ("BrokerUnavailableError", "InputShapeError", "LeaseLostError", "ModelExecutionError", "ModelLoadError",
            "NeuronCoreSpecError", "NeuronCoreUnavailableError", "NeuronRuntimeError", "NotOwnerError",
-           "WorkerUnavailableError")
+           "WorkerUnavailableError", "QueueFullError", "QueueTimeoutError")
 
 __getattr__, __dir__ = exports(__name__, {
     "jit": "jit", "experimental": "experimental", "errors": "wire.errors", "state": "tracing.io_aliases",
@@ -35,6 +35,7 @@ __getattr__, __dir__ = exports(__name__, {
     "BucketModelConfig": "tracing.bucketing:BucketModelConfig",
     "bucket_model_trace": "tracing.bucketing:bucket_model_trace",
     "NeuronModel": "models.neuron_model:NeuronModel", "DataParallel": "models.data_parallel:DataParallel",
+    "batched": "models.batcher:batched", "BatchedModel": "models.batcher:BatchedModel",
     "get_runtime": "runtime.lease:get_runtime", "shutdown": "runtime.lease:shutdown",
     "generate": "generation.generate:generate",
     **{name: f"wire.errors:{name}" for name in _ERRORS},
@@ -42,7 +43,7 @@ __getattr__, __dir__ = exports(__name__, {
 
 __all__ = [
     "trace", "lazy_load", "async_load", "jit", "experimental", "errors", "NeuronModel", "get_runtime", "shutdown",
-    "DataParallel", *_ERRORS, "BucketModelConfig", "bucket_model_trace", "generate", "state",
+    "DataParallel", "batched", "BatchedModel", *_ERRORS, "BucketModelConfig", "bucket_model_trace", "generate", "state",
 ]
 
 
