@@ -293,7 +293,7 @@ class BatchedModel:
     def _execute(self, lane, batch: list[_Request]) -> None:
         start = time.monotonic()
         rows = sum(r.rows for r in batch)
-        failed = 0
+        parts, errors = None, None
         try:
             inputs = batch[0].inputs if len(batch) == 1 else batching.gather([r.inputs for r in batch], 0)
             out = self._run(lane, inputs, rows)
@@ -304,29 +304,27 @@ class BatchedModel:
                     f"{self.name}'s outputs cannot be cut back into its callers' rows: {exc}; the batcher needs "
                     "outputs whose tensors have the batch along dim 0") from None
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets it
-            where = self._where(lane)
-            for req in batch:
-                failed += 1
-                _fail(req, error_like(exc, f"a batch of {len(batch)} requests ({rows} rows) of {self.name} failed "
-                                           f"{where}: {type(exc).__name__}: {exc}"))
-        else:
-            for req, part in zip(batch, parts):
-                try:
-                    req.future.set_result(part)
-                except InvalidStateError:
-                    pass
-        finally:
-            end = time.monotonic()
-            with self._cond:
-                c = self._counts
-                c["executions"] += 1
-                c["rows"] += rows
-                c["compute_s"] += end - start
-                c["queue_s"] += sum(start - r.enqueued for r in batch)
-                c["served"] += len(batch) - failed
-                c["failed"] += failed
-                self._busy.discard(id(lane))
-                self._cond.notify_all()
+            text = (f"a batch of {len(batch)} requests ({rows} rows) of {self.name} failed {self._where(lane)}: "
+                    f"{type(exc).__name__}: {exc}")
+            errors = [error_like(exc, text) for _ in batch]
+        end = time.monotonic()
+        with self._cond:  # counted before the callers hear: what they read after their call includes it
+            c = self._counts
+            c["executions"] += 1
+            c["rows"] += rows
+            c["compute_s"] += end - start
+            c["queue_s"] += sum(start - r.enqueued for r in batch)
+            c["served" if errors is None else "failed"] += len(batch)
+            self._busy.discard(id(lane))
+            self._cond.notify_all()
+        for i, req in enumerate(batch):
+            if errors is not None:
+                _fail(req, errors[i])
+                continue
+            try:
+                req.future.set_result(parts[i])
+            except InvalidStateError:
+                pass
 
     def _run(self, lane, inputs: tuple, rows: int):
         b = self.traced_size
