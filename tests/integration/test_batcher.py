@@ -1,10 +1,24 @@
 """asyncio calls and the request batcher with real processes: the module's client process (``python -m
-tests.procs.batch``) owns global cores 2-3 of the shared 8-core broker; its models have a replica on each."""
+tests.procs.batch``) owns global cores 2-3 of the shared 8-core broker; its models have a replica on each. The
+example server (scripts/serve_batched.py) runs as a real process on the same broker, owning two cores, and serves the
+demo model through the batcher over real HTTP to concurrent clients."""
 from __future__ import annotations
 
-import pytest
+import importlib.util
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
-from tests.helpers import wait_status
+import pytest
+import torch
+
+from tests.helpers import ROOT, wait_status
 
 SLOW = 10_000_000  # µs: a queue delay no test waits out; batches go when they are full
 
@@ -134,3 +148,78 @@ def test_a_full_queue_and_an_expired_request_are_refused_and_close_fails_the_res
     assert "RequestTimeoutError" in got["types"]
     st = app.ok("stats", served=timed)
     assert (st["timed_out"], st["executions"]) == (1, 0)
+
+
+# -- the example server ------------------------------------------------------------------------------------------
+SCRIPT = os.path.join(ROOT, "scripts", "serve_batched.py")
+START_TIMEOUT_S = 90.0
+
+
+def example():
+    spec = importlib.util.spec_from_file_location("serve_batched", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def server(broker):
+    pytest.importorskip("aiohttp", reason="the example server needs the [serve] extra (aiohttp)")
+    env = dict(broker.env, NEURON_RT_NUM_CORES="2", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", "--max-queue-delay-us", "2000"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0 and proc.poll() is None, f"the server did not start: {proc.stderr.read1(10000)!r}"
+            if sel.select(min(left, 1.0)):
+                chunk = proc.stdout.read1(4096)
+                line += chunk
+        text = line.decode()
+        assert text.startswith("serving demo_mlp.pt on http://127.0.0.1:"), text
+        yield proc, text.split()[3], text
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_the_example_server_answers_concurrent_http_clients_with_the_local_result(server, broker):
+    proc, url, line = server
+    assert "(cores [" in line and line.count(",") == 1  # a replica on each of its two cores
+    model = example().demo_model(0)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.rand(1 + i % 3, 16, generator=gen) for i in range(24)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda x: post(f"{url}/infer", {"inputs": x.tolist()}), inputs))
+    with torch.no_grad():
+        for x, (status, body) in zip(inputs, answers):
+            assert status == 200, body
+            assert torch.allclose(torch.tensor(body["outputs"]), model(x), atol=1e-5)
+    status, bad = post(f"{url}/infer", {"inputs": [[1.0] * 15]})
+    assert status == 400 and bad["error"] == "InputShapeError" and "float32[1, 15]" in bad["message"]
+    with urllib.request.urlopen(f"{url}/stats", timeout=30) as r:
+        stats = json.loads(r.read())
+    assert stats["requests"] == stats["served"] == 24 and stats["rows"] == sum(len(x) for x in inputs)
+    assert 1 <= stats["executions"] <= 24
+    doc, _ = wait_status(broker.directory, lambda d: any(b.served == 24 for le in d.leases if le.pid == proc.pid
+                                                         for b in le.batchers), what="the server's batcher report")
+    proc.terminate()
+    assert proc.wait(30) == 0
