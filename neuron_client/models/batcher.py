@@ -10,16 +10,19 @@ coalesced into one execution of the model (a dynamic batcher, as Triton's or Ray
   0 (its rows, 1..``max_batch_size``), and, for a model with static shapes, have the traced shapes past dim 0 and
   the traced dtypes. A bad request fails its caller only, before it joins the queue; so does a full queue
   (:class:`~neuron_client.wire.errors.QueueFullError`).
-* **Dispatcher**: one thread per batched model. When a replica is free of the batcher's executions it takes the
-  requests waiting (in order, those of the first one's shapes), at most ``max_batch_size`` rows; with
+* **Lanes**: one thread per replica. When its replica is free of the batcher's executions it takes the requests
+  waiting (in order, those of the first one's shapes), at most ``max_batch_size`` rows; with
   ``max_queue_delay_us`` > 0 it first waits up to that long after the oldest request for more to come, unless the
   batch is full already (``max_batch_size``, or the largest of ``preferred_batch_sizes``). ``preferred_batch_sizes``
   cut a batch at the largest preferred size it can make; the rest goes next. With a delay of 0 (the default) only
-  what is already waiting is batched. A request that waited past ``timeout_s`` fails with
-  :class:`~neuron_client.wire.errors.QueueTimeoutError`.
+  what is already waiting is batched: while the replicas are busy, requests gather in the queue, and a free replica
+  takes them all. A request that waited past ``timeout_s`` fails with
+  :class:`~neuron_client.wire.errors.QueueTimeoutError` (checked whenever a lane looks at the queue or a request
+  arrives).
 * **Execution**: the requests' inputs are concatenated along dim 0 (:func:`batching.gather`), cut into pieces of the
-  traced batch size and zero-padded (static shapes, :func:`batching.pad`), run on the free replica with the fewest
-  calls in flight (one execution per replica at a time, so several batches run at once on several cores), and the
+  traced batch size and zero-padded (static shapes, :func:`batching.pad`), run on the lane's replica (one execution
+  per replica at a time, so several batches run at once on several cores; a replica busy with the batcher takes
+  nothing more, so batches go to the free ones), and the
   outputs cut back into each caller's rows (:func:`batching.split`; tuples, lists and dicts kept). A failing
   execution fails each of its callers with the error's type, naming the core.
 * **Statistics** (:meth:`BatchedModel.stats`): requests, executions, rows, queue and compute time; the lease thread
@@ -30,10 +33,11 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import threading
 import time
 import weakref
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError
 
 import torch
 
@@ -47,9 +51,10 @@ from neuron_client.wire.status import BatcherStatus
 DEFAULT_MAX_BATCH_SIZE = 8  # for a model with no traced batch size (dynamic shapes)
 DEFAULT_MAX_QUEUE_SIZE = 1024
 CLOSE_TIMEOUT_S = 30.0
-_WAIT_S = 0.5  # the dispatcher's longest sleep (so that it sees a closed batcher promptly)
+_WAIT_S = 0.5  # a lane thread's longest sleep (so that it sees a closed batcher promptly)
 
 _ids = itertools.count(1)
+log = logging.getLogger("neuron_client")
 
 
 class _Request:
@@ -81,8 +86,8 @@ def _fmt(pairs) -> str:
 class BatchedModel:
     """A model served through a request batcher (made by :func:`batched`); thread-safe, usable from asyncio.
 
-    Owns its queue, its dispatcher thread, the pool of threads that run its executions (one per replica) and its
-    counters. The model itself is shared: calls made on it directly still work beside the batcher's.
+    Owns its queue, its lane threads (one per replica: each takes a batch when its replica is free and runs it there)
+    and its counters. The model itself is shared: calls made on it directly still work beside the batcher's.
     """
 
     def __init__(self, model, max_batch_size: int | None = None, max_queue_delay_us: int = 0,
@@ -114,20 +119,19 @@ class BatchedModel:
         self.preferred_batch_sizes, self.max_queue_size, self.timeout_s = preferred, max_queue_size, timeout_s
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
-        self._busy: set[int] = set()  # id() of the lanes running one of our executions
         self._closed = False
         self._counts = dict(requests=0, served=0, executions=0, rows=0, queue_s=0.0, compute_s=0.0, refused=0,
                             timed_out=0, failed=0)
         self._lanes_max = max(1, len(self._lanes()))
-        self._pool = ThreadPoolExecutor(max_workers=self._lanes_max, thread_name_prefix=f"neuron-batch-{self.name}")
         self._key = next(_ids)
         self._runtime = m._runtime
         stats = weakref.WeakMethod(self.stats)
         self._runtime.add_reporter(self._key, lambda: stats()())
         weakref.finalize(self, self._runtime.remove_reporter, self._key)
-        self._dispatcher = threading.Thread(target=_dispatch_loop, args=(weakref.ref(self),),
-                                            name=f"neuron-batcher-{self.name}", daemon=True)
-        self._dispatcher.start()
+        self._threads = [threading.Thread(target=_lane_loop, args=(weakref.ref(self), i), daemon=True,
+                                          name=f"neuron-batch-{self.name}-{i}") for i in range(self._lanes_max)]
+        for t in self._threads:
+            t.start()
 
     # -- calls -----------------------------------------------------------------------------------------------
     def submit(self, *inputs) -> Future:
@@ -140,6 +144,8 @@ class BatchedModel:
             if self._closed:
                 raise NeuronRuntimeError(f"the batcher of {self.name} is closed; make another with "
                                          "neuron_client.batched(model)")
+            if timeout_s is not None:
+                self._expire(time.monotonic())
             if len(self._queue) >= self.max_queue_size:
                 self._counts["refused"] += 1
                 raise QueueFullError(
@@ -148,7 +154,7 @@ class BatchedModel:
                     "max_queue_size or add replicas")
             self._queue.append(req)
             self._counts["requests"] += 1
-            self._cond.notify_all()
+            self._cond.notify()  # one idle lane takes it
         return req.future
 
     def _wait_s(self) -> float:
@@ -202,17 +208,15 @@ class BatchedModel:
                     f"({_fmt([(tuple(t.shape), t.dtype) for t in found])})")
         return rows, _signature(inputs)
 
-    # -- dispatch (the dispatcher thread) --------------------------------------------------------------------
+    # -- dispatch (the lane threads) -------------------------------------------------------------------------
     def _lanes(self) -> list:
         """Where an execution can run: the model's replicas (a tensor-parallel model: itself, as one lane)."""
         replicas = getattr(self.model, "replicas", None)
         return list(replicas) if replicas is not None and hasattr(self.model, "run") else [self.model]
 
-    def _free_lane(self):
-        free = [r for r in self._lanes() if id(r) not in self._busy]
-        if not free:
-            return None
-        return min(free, key=lambda r: getattr(r, "in_flight", 0))
+    def _lane(self, i: int):
+        lanes = self._lanes()
+        return lanes[i] if i < len(lanes) else None
 
     def _expire(self, now: float) -> float | None:
         """Fail the requests waiting past their deadline; the next deadline (None: none)."""
@@ -258,17 +262,14 @@ class BatchedModel:
         self._queue = collections.deque(r for r in self._queue if id(r) not in chosen)
         return [r for r in taken if r.future.set_running_or_notify_cancel()]  # a cancelled request is dropped
 
-    def _step(self) -> None:
-        """One round of the dispatcher: wait (bounded) for work and a free lane, and start one execution."""
+    def _step(self, i: int) -> None:
+        """One round of lane ``i``'s thread: wait (bounded) for requests, take a batch and run it on the lane."""
         with self._cond:
             now = time.monotonic()
             next_deadline = self._expire(now)
             wait = _WAIT_S if next_deadline is None else max(0.0, min(_WAIT_S, next_deadline - now))
-            if not self._queue:
-                self._cond.wait(wait)
-                return
-            lane = self._free_lane()
-            if lane is None:
+            lane = self._lane(i)
+            if not self._queue or lane is None:
                 self._cond.wait(wait)
                 return
             if self.max_queue_delay_us:
@@ -278,25 +279,23 @@ class BatchedModel:
                     self._cond.wait(min(wait, due - now))
                     return
             batch = self._take()
-            if not batch:
-                return
-            self._busy.add(id(lane))
-        try:
-            self._pool.submit(self._execute, lane, batch)
-        except RuntimeError as exc:  # the pool was shut down: closing
-            with self._cond:
-                self._busy.discard(id(lane))
-            for req in batch:
-                _fail(req, NeuronRuntimeError(f"the batcher of {self.name} closed before this request ran ({exc})"))
+            if self._queue:
+                self._cond.notify()  # more waiting: another idle lane may take the next batch
+        if batch:
+            self._execute(lane, batch)
 
-    # -- execution (a pool thread) ---------------------------------------------------------------------------
+    # -- execution (a lane's thread) ---------------------------------------------------------------------------
     def _execute(self, lane, batch: list[_Request]) -> None:
         start = time.monotonic()
         rows = sum(r.rows for r in batch)
-        parts, errors = None, None
+        parts, errors, ran = None, None, 0.0
         try:
             inputs = batch[0].inputs if len(batch) == 1 else batching.gather([r.inputs for r in batch], 0)
-            out = self._run(lane, inputs, rows)
+            t0 = time.monotonic()
+            try:
+                out = self._run(lane, inputs, rows)
+            finally:
+                ran = time.monotonic() - t0
             try:
                 parts = [out] if len(batch) == 1 else batching.split(out, [r.rows for r in batch], 0)
             except ValueError as exc:
@@ -307,16 +306,13 @@ class BatchedModel:
             text = (f"a batch of {len(batch)} requests ({rows} rows) of {self.name} failed {self._where(lane)}: "
                     f"{type(exc).__name__}: {exc}")
             errors = [error_like(exc, text) for _ in batch]
-        end = time.monotonic()
         with self._cond:  # counted before the callers hear: what they read after their call includes it
             c = self._counts
             c["executions"] += 1
             c["rows"] += rows
-            c["compute_s"] += end - start
+            c["compute_s"] += ran
             c["queue_s"] += sum(start - r.enqueued for r in batch)
             c["served" if errors is None else "failed"] += len(batch)
-            self._busy.discard(id(lane))
-            self._cond.notify_all()
         for i, req in enumerate(batch):
             if errors is not None:
                 _fail(req, errors[i])
@@ -378,9 +374,10 @@ class BatchedModel:
         for req in waiting:
             if req.future.set_running_or_notify_cancel():
                 _fail(req, NeuronRuntimeError(f"the batcher of {self.name} was closed before this request ran"))
-        if self._dispatcher is not threading.current_thread():
-            self._dispatcher.join(timeout_s)
-        self._pool.shutdown(wait=True)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:  # each finishes the execution it runs
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
         self._runtime.remove_reporter(self._key)
 
     def __enter__(self) -> "BatchedModel":
@@ -395,16 +392,18 @@ class BatchedModel:
                 f"{', closed' if self._closed else ''})")
 
 
-def _dispatch_loop(ref) -> None:
-    """The dispatcher thread: it holds the batcher only for a step, so that a batcher nobody holds is collected
-    (and stops)."""
+def _lane_loop(ref, i: int) -> None:
+    """Lane ``i``'s thread: it holds the batcher only for a step, so that a batcher nobody holds is collected (and
+    its threads end)."""
     while True:
         b = ref()
-        if b is None:
+        if b is None or b._closed:
             return
-        if b._closed:
-            return
-        b._step()
+        try:
+            b._step(i)
+        except Exception:  # noqa: BLE001 - a bug here must not leave the queue without a lane
+            log.exception("the batcher of %s failed; its lane %d goes on", b.name, i)
+            time.sleep(_WAIT_S)
         del b
 
 
