@@ -1,7 +1,8 @@
 """Section batcher: many callers, one model, through ``neuron_client.batched``.
 
-32 caller threads of this process each send batch-1 requests one after the other (a closed loop) to one model with
-a replica on each of 1 or 2 cores. Variants, run interleaved in rounds on the same cores:
+32 callers in this process each send batch-1 requests one after the other (a closed loop) to one model with a
+replica on each of 1 or 2 cores: threads calling the model, or asyncio tasks of one event loop awaiting ``acall``
+(the example server's way; the MLP is measured both ways). Variants, run interleaved in rounds on the same cores:
 
 * **no batcher**: each caller calls the model (traced with batch 1) itself; the replicas serve round-robin;
 * **batcher, delay D** for D in 0, 100 µs, 1 ms, 5 ms: each caller calls ``neuron_client.batched(model,
@@ -37,6 +38,8 @@ EXECUTION_GOAL = 1.2
 NONE = "no batcher"
 INPROC = "in-process, batch B"
 DIRECT = "runtime, 1 caller, batch B"
+THREADS = "threads"
+ASYNC = "asyncio tasks"
 
 
 def batcher_name(delay_us: int) -> str:
@@ -63,7 +66,8 @@ def trace_models(work: str, quick: bool, progress) -> list[dict]:
         path = os.path.join(work, f"mlp-b{b}.pt")
         torch.jit.save(neuron_client.trace(mlp, torch.rand(b, 256)), path)
         files[b] = path
-    out.append({"name": "small MLP", "b": 32, "files": files, "request": lambda i: (torch.rand(1, 256),)})
+    out.append({"name": "small MLP", "b": 32, "files": files, "request": lambda i: (torch.rand(1, 256),),
+                "callers": (THREADS, ASYNC)})
     if quick:
         return out
     try:
@@ -85,9 +89,31 @@ def trace_models(work: str, quick: bool, progress) -> list[dict]:
             torch.jit.save(neuron_client.trace(embedder, x), path)
         files[b] = path
     one = e2e.encode(tok, batch=1, seq=32)
-    out.append({"name": "all-MiniLM-L6-v2", "b": 16, "files": files, "request": lambda i: one})
+    out.append({"name": "all-MiniLM-L6-v2", "b": 16, "files": files, "request": lambda i: one, "callers": (THREADS,)})
     progress.note("traced the MLP at batch 1 and 32, all-MiniLM-L6-v2 (sequence 32) at batch 1 and 16")
     return out
+
+
+def closed_loop_async(obj, requests: list, per_caller: int) -> tuple[list[float], float]:
+    """``CALLERS`` asyncio tasks of one event loop, each awaiting ``per_caller`` calls (``obj.acall``) one after the
+    other; (latencies in s, wall s)."""
+    import asyncio
+
+    lat: list[float] = []
+
+    async def caller(i):
+        for k in range(per_caller):
+            x = requests[(i * per_caller + k) % len(requests)]
+            t0 = time.perf_counter()
+            await obj.acall(*x)
+            lat.append(time.perf_counter() - t0)
+
+    async def main():
+        t0 = time.perf_counter()
+        await asyncio.wait_for(asyncio.gather(*[caller(i) for i in range(CALLERS)]), 600)
+        return time.perf_counter() - t0
+
+    return lat, asyncio.run(main())
 
 
 def closed_loop(pool, call, requests: list, per_caller: int) -> tuple[list[float], float]:
@@ -115,7 +141,7 @@ def closed_loop(pool, call, requests: list, per_caller: int) -> tuple[list[float
     return lat, time.perf_counter() - t0
 
 
-def measure(ctx, spec: dict, cores: int, pool, rounds: int, per_caller: int) -> dict:
+def measure(ctx, spec: dict, cores: int, kind: str, pool, rounds: int, per_caller: int) -> dict:
     import torch
 
     import neuron_client
@@ -151,7 +177,7 @@ def measure(ctx, spec: dict, cores: int, pool, rounds: int, per_caller: int) -> 
 
     extra = {INPROC: inprocess, DIRECT: direct}
 
-    task = ctx.progress.task(f"{spec['name']}, {cores} core(s)", rounds)
+    task = ctx.progress.task(f"{spec['name']}, {cores} core(s), {kind}", rounds)
     try:
         for name, fn in variants.items():  # warm-up: every replica has run each
             closed_loop(pool, fn, requests, 1)
@@ -167,7 +193,10 @@ def measure(ctx, spec: dict, cores: int, pool, rounds: int, per_caller: int) -> 
                 if name in extra:
                     extra[name]()
                     continue
-                lat, wall = closed_loop(pool, variants[name], requests, per_caller)
+                if kind == ASYNC:
+                    lat, wall = closed_loop_async(variants[name], requests, per_caller)
+                else:
+                    lat, wall = closed_loop(pool, variants[name], requests, per_caller)
                 st = stats[name]
                 st["lat"] += lat
                 st["wall"] += wall
@@ -246,8 +275,9 @@ def run(ctx) -> SectionResult:
         with client_of(broker, "0-1"):
             for spec in specs:
                 for cores in (1, 2):
-                    results[f"{spec['name']}, {cores} core{'s' if cores > 1 else ''}"] = measure(
-                        ctx, spec, cores, pool, rounds, per_caller)
+                    for kind in spec["callers"]:
+                        results[f"{spec['name']}, {cores} core{'s' if cores > 1 else ''}, {kind}"] = measure(
+                            ctx, spec, cores, kind, pool, rounds, per_caller)
     goals = _goals(results)
     res.figures.update(setup={"callers": CALLERS, "delays_us": list(DELAYS_US), "rounds": rounds,
                               "requests_per_caller_per_round": per_caller,
@@ -285,7 +315,8 @@ def _goals(results: dict) -> dict:
 
 def _report(res: SectionResult, results: dict, goals: dict) -> None:
     L = res.lines
-    L.append(f"{CALLERS} caller threads, each sending batch-1 requests one after the other. Every ratio compares "
+    L.append(f"{CALLERS} callers (threads, or asyncio tasks of one event loop: `model.acall` without the batcher, "
+             "`served.acall` with it), each sending batch-1 requests one after the other. Every ratio compares "
              "variants measured interleaved in the same run; absolute figures are for context.")
     L.append("")
     L += md_table(["goal", "setting", "value", "goal", "verdict"],

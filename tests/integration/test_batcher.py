@@ -89,6 +89,23 @@ def test_asyncio_callers_nested_outputs_and_the_static_batch_padding(app, models
     assert all(s == [[4, 3], [4, 3]] for s in out["shapes"]), out["shapes"]
 
 
+def test_a_data_parallel_model_is_batched_on_its_replicas(app, models):
+    model = app.ok("batch_model", name="mlp", directory=models, dp=True)["model"]
+    served = app.ok("batched", model=model, max_queue_delay_us=SLOW)["served"]
+    out = app.ok("served_async", served=served, rows=[2, 2, 4, 8])  # [2, 2, 4], then [8]
+    assert_all_same(out["callers"])
+    assert (out["stats"]["executions"], out["stats"]["rows"]) == (2, 16)
+    assert set(out["cores"]) <= {2, 3} and out["shapes"] == [[[8, 8]], [[8, 8]]]
+
+
+def test_preferred_batch_sizes_cut_the_batches(app, models):
+    model = app.ok("batch_model", name="mlp", directory=models)["model"]
+    served = app.ok("batched", model=model, max_queue_delay_us=SLOW, preferred_batch_sizes=[4])["served"]
+    out = app.ok("served_async", served=served, rows=[1, 1, 1, 1, 2, 2])  # 8 rows: cut at 4, and 4 again
+    assert_all_same(out["callers"])
+    assert (out["stats"]["executions"], out["stats"]["rows"]) == (2, 8), out["stats"]
+
+
 def test_delay_0_runs_what_is_waiting_without_waiting_for_more(app, models):
     model = app.ok("batch_model", name="mlp", directory=models)["model"]
     served = app.ok("batched", model=model)["served"]  # max_queue_delay_us=0, the default
