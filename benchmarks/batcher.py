@@ -354,14 +354,14 @@ def _draw(plt, path, results: dict) -> None:
     for key, rows in results.items():
         names = [n for n in rows if "p99_ms" in rows[n]]
         xs = [rows[n]["p99_ms"] for n in names]
-        ys = [rows[n]["rps"] for n in names]
+        ys = [rows[n]["rps_vs_unbatched"] for n in names]
         line, = ax.plot(xs, ys, marker="o", label=key)
         for n, x, y in zip(names, xs, ys):
             ax.annotate(n.replace("batcher, delay ", ""), (x, y), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("p99 latency of a request (ms, log)")
-    ax.set_ylabel("requests per second")
+    ax.set_ylabel("throughput / unbatched throughput (same cores)")
     ax.set_title(f"{CALLERS} callers of batch-1 requests: no batcher vs batcher delays")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

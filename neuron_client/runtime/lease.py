@@ -92,6 +92,7 @@ class Runtime:
         self._reporters: dict[int, object] = {}  # id -> fn() returning a status.BatcherStatus (batched models)
         self._reported: list | None = None  # what the last OwnerReport said
         self._report_due = 0.0
+        self._reports_refused = False  # the broker answered a report with an error (it predates them)
         self._heartbeat = threading.Thread(target=self._lease_loop, name="neuron-lease", daemon=True)
         self._heartbeat.start()
         atexit.register(self.close)
@@ -137,9 +138,12 @@ class Runtime:
                         return
                     continue
                 except NeuronRuntimeError as exc:
+                    if "owner_report" in str(exc):  # an older broker: it keeps no batcher statistics
+                        self._reports_refused = True
+                        continue
                     log.warning("the broker sent something this client cannot read: %s", exc)
                     continue
-                if time.monotonic() >= self._report_due:
+                if time.monotonic() >= self._report_due and not self._reports_refused:
                     self._report(link)
                 if env is None:
                     continue
