@@ -22,7 +22,7 @@ coalesced into one execution of the model (a dynamic batcher, as Triton's or Ray
 * **Execution**: the requests' inputs are concatenated along dim 0 (:func:`batching.gather`), cut into pieces of the
   traced batch size and zero-padded (static shapes, :func:`batching.pad`), run on the lane's replica (one execution
   per replica at a time, so several batches run at once on several cores; a replica busy with the batcher takes
-  nothing more, so batches go to the free ones), and the
+  nothing more, and of the free ones the one with the fewest calls in flight takes it), and the
   outputs cut back into each caller's rows (:func:`batching.split`; tuples, lists and dicts kept). A failing
   execution fails each of its callers with the error's type, naming the core.
 * **Statistics** (:meth:`BatchedModel.stats`): requests, executions, rows, queue and compute time; the lease thread
@@ -52,6 +52,7 @@ DEFAULT_MAX_BATCH_SIZE = 8  # for a model with no traced batch size (dynamic sha
 DEFAULT_MAX_QUEUE_SIZE = 1024
 CLOSE_TIMEOUT_S = 30.0
 _WAIT_S = 0.5  # a lane thread's longest sleep (so that it sees a closed batcher promptly)
+_DEFER_S = 0.002  # how long a lane leaves a batch to a less busy one before it looks again
 
 _ids = itertools.count(1)
 log = logging.getLogger("neuron_client")
@@ -114,12 +115,13 @@ class BatchedModel:
         if preferred and preferred[-1] > max_batch_size:
             raise ValueError(f"preferred_batch_sizes {preferred} has sizes above max_batch_size {max_batch_size}")
         if timeout_s is not None and not timeout_s > 0:
-            raise ValueError(f"timeout_s must be a number of seconds > 0 (or None: the call timeout), not {timeout_s!r}")
+            raise ValueError(f"timeout_s must be a number of seconds > 0 (or None: no limit), not {timeout_s!r}")
         self.max_batch_size, self.max_queue_delay_us = max_batch_size, max_queue_delay_us
         self.preferred_batch_sizes, self.max_queue_size, self.timeout_s = preferred, max_queue_size, timeout_s
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._executing: set[int] = set()  # the lanes running a batch
         self._counts = dict(requests=0, served=0, executions=0, rows=0, queue_s=0.0, compute_s=0.0, refused=0,
                             timed_out=0, failed=0)
         self._lanes_max = max(1, len(self._lanes()))
@@ -272,6 +274,10 @@ class BatchedModel:
             if not self._queue or lane is None:
                 self._cond.wait(wait)
                 return
+            if self._less_busy_than(i, lane):  # a free replica with fewer calls in flight takes it
+                self._cond.notify_all()
+                self._cond.wait(min(wait, _DEFER_S))
+                return
             if self.max_queue_delay_us:
                 full = max(self.preferred_batch_sizes or [self.max_batch_size])
                 due = self._queue[0].enqueued + self.max_queue_delay_us / 1e6
@@ -281,8 +287,24 @@ class BatchedModel:
             batch = self._take()
             if self._queue:
                 self._cond.notify()  # more waiting: another idle lane may take the next batch
+            if batch:
+                self._executing.add(i)
         if batch:
-            self._execute(lane, batch)
+            try:
+                self._execute(lane, batch)
+            finally:
+                with self._cond:
+                    self._executing.discard(i)
+
+    def _less_busy_than(self, i: int, lane) -> bool:
+        """Whether another lane, free of the batcher's work, has a replica with fewer calls in flight (calls made on
+        the model directly, beside the batcher) than lane ``i``'s."""
+        mine = getattr(lane, "in_flight", 0)
+        if not mine:
+            return False
+        lanes = self._lanes()
+        return any(getattr(lanes[j], "in_flight", 0) < mine for j in range(min(len(lanes), self._lanes_max))
+                   if j != i and j not in self._executing)
 
     # -- execution (a lane's thread) ---------------------------------------------------------------------------
     def _execute(self, lane, batch: list[_Request]) -> None:
@@ -446,7 +468,7 @@ def batched(model, max_batch_size: int | None = None, max_queue_delay_us: int = 
     ``max_batch_size``: rows per execution (default: the traced batch size; 8 for a model with dynamic shapes);
     ``max_queue_delay_us``: how long the oldest request may wait for others (0: batch only what is waiting);
     ``preferred_batch_sizes``: batch sizes to cut at; ``max_queue_size``: requests waiting at most (more are
-    refused); ``timeout_s``: how long a request may wait in the queue (None: the call timeout); ``name``: in the
+    refused); ``timeout_s``: how long a request may wait in the queue (None: no limit); ``name``: in the
     statistics (default: the model's).
     """
     return BatchedModel(model, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,

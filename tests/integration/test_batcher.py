@@ -71,9 +71,9 @@ def test_concurrent_threads_are_coalesced_and_each_gets_its_own_rows(app, models
     # the owner reports the counters on its lease link: the broker shows them in status
     pid = app.pid
     doc, _ = wait_status(broker.directory, lambda d: any(
-        b.requests == 16 for le in d.leases if le.pid == pid for b in le.batchers), what="the batcher's report")
+        b.served == 16 for le in d.leases if le.pid == pid for b in le.batchers), what="the batcher's report")
     (b,) = [b for le in doc.leases if le.pid == pid for b in le.batchers]
-    assert (b.model, b.executions, b.rows, b.max_queue_delay_us) == (b.model, 2, 16, SLOW)
+    assert (b.requests, b.executions, b.rows, b.max_queue_delay_us) == (16, 2, 16, SLOW)
     assert b.model.startswith("batch-mlp")
 
 
@@ -114,6 +114,14 @@ def test_delay_0_runs_what_is_waiting_without_waiting_for_more(app, models):
         assert_all_same(out["callers"])
     assert out["stats"]["executions"] == 3 and out["stats"]["rows"] == 9
     assert out["shapes"] == [[[8, 8]]] * 3
+
+
+def test_a_replica_busy_with_other_calls_leaves_the_batches_to_a_free_one(app, models):
+    model = app.ok("batch_model", name="mlp", directory=models)["model"]
+    served = app.ok("batched", model=model)["served"]
+    out = app.ok("served_beside_busy", served=served)
+    assert out["same"] and len(out["cores"]) == 4
+    assert set(out["cores"]) == {2, 3} - {out["busy"]}, out
 
 
 def test_a_bad_request_fails_its_caller_only(app, models):

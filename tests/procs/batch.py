@@ -13,6 +13,7 @@
 * ``served_threads`` (``served``, ``rows``: one thread per entry, started together) and ``served_async`` (the same
   from asyncio tasks, submitted in order; ``bad``: {index: how the input is wrong}) -> per caller ``same``/``kinds``
   or its error, the shapes the model's replicas were called with (``calls``), and the batcher's ``stats``;
+* ``served_beside_busy`` (``served``): requests while one replica is busy with a call of its own;
 * ``served_pending`` (``served``, ``n``): ``n`` requests submitted and not waited for -> each one's error, if it
   failed at once, and ``pending`` handles (``outcome`` of a handle waits for it).
 """
@@ -282,6 +283,26 @@ def served_pending(served: int, n: int, rows: int = 1) -> dict:
 def outcome(pending: int, timeout_s: float = 60.0) -> dict:
     name, x, fut = harness.get(pending)
     return _outcome(name, x, lambda: fut.result(timeout_s))
+
+
+@harness.command
+def served_beside_busy(served: int, calls: int = 4) -> dict:
+    """``calls`` requests one after the other while the model's first replica counts a call in flight of its own (a
+    direct call beside the batcher) -> ``busy`` (that replica's core), ``cores`` the batches ran on, ``same``."""
+    s = harness.get(served)
+    name, model = _name_of(s), s.__dict__["_test_model"]
+    m = s.model
+    r = m.replicas[0]
+    with m._lock:
+        r.in_flight += 1
+    before = len(_picks[model])
+    try:
+        same = all(_outcome(name, x, lambda x=x: s(*x)).get("same") for x in
+                   [_example(name, 1, seed=i) for i in range(calls)])
+    finally:
+        with m._lock:
+            r.in_flight -= 1
+    return {"busy": r.core, "cores": _picks[model][before:], "same": same}
 
 
 @harness.command
