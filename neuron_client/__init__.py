@@ -16,7 +16,8 @@ The package is laid out by concern; this face names the public API and imports e
   comm, shm, config, cores, lease_link, procs, status); it imports nothing above it, and torch only when a tensor is
   encoded or decoded;
 - :mod:`.runtime`: the process's lease, its channels to the workers, broker autostart, placement;
-- :mod:`.models`: models placed on cores (``NeuronModel``, ``DataParallel``) and their shared lifecycle;
+- :mod:`.models`: models placed on cores (``NeuronModel``, ``DataParallel``) and their shared lifecycle, ``acall``
+  from asyncio, and ``batched`` (a request batcher: many callers' requests in one execution);
 - :mod:`.tracing`: trace, bucketing, io_aliases (state kept on the core);
 - :mod:`.generation`, :mod:`.distributed` (tensor parallelism), :mod:`.integrations` (Ray), :mod:`.tools` (launch).
 """
