@@ -10,11 +10,11 @@ replica on each of 1 or 2 cores: threads calling the model, or asyncio tasks of 
 * **in-process** (the ceiling of one core): the graph of the batch-B file run in this process, one batch of B after
   the other, with the workers' thread count (one), in the same rounds.
 
-Models: a small compute-bound MLP (256 -> 512 -> 256, B = 32) and all-MiniLM-L6-v2 + mean pooling
-(sequence 32, B = 16; left out of ``--quick``). Figures: requests per second, p50/p99 latency of a request, the mean
-batch size, and an execution's mean time through the runtime (``compute_s / executions`` of the batcher's counters:
-dispatch, transfer and the model) against the in-process time of the same batch-B call, and against that call made
-through the runtime from one thread without the batcher (**runtime, 1 caller, batch B**).
+Models: a small compute-bound MLP (256 -> 512 -> 256, B = 32) and all-MiniLM-L6-v2 + mean pooling (sequence 32,
+B = 16). ``--quick``: the MLP only, threads only, one short round. Figures: requests per second, p50/p99 latency of
+a request, the mean batch size, and an execution's mean time through the runtime (``compute_s / executions`` of the
+batcher's counters: dispatch, transfer and the model) against the in-process time of the same batch-B call, and
+against that call made through the runtime from one thread without the batcher (**runtime, 1 caller, batch B**).
 
 Goals: for the small model, >= 3x the unbatched throughput at a p99 no worse than unbatched's (the best delay that
 keeps it); and an execution within 1.2x of the in-process time of the same batch.
@@ -31,7 +31,7 @@ from .harness import BenchError, Plot, SectionResult, fmt_ratio, md_table, perce
 CALLERS = 32
 DELAYS_US = (0, 100, 1000, 5000)
 ROUNDS = (3, 1)  # full, quick
-PER_CALLER = (12, 3)  # requests per caller per round
+PER_CALLER = (12, 2)  # requests per caller per round
 INPROC_CALLS = 10  # in-process batch-B calls per round
 THROUGHPUT_GOAL = 3.0
 EXECUTION_GOAL = 1.2
@@ -275,7 +275,7 @@ def run(ctx) -> SectionResult:
         with client_of(broker, "0-1"):
             for spec in specs:
                 for cores in (1, 2):
-                    for kind in spec["callers"]:
+                    for kind in spec["callers"][:1] if ctx.quick else spec["callers"]:  # quick: threads only
                         results[f"{spec['name']}, {cores} core{'s' if cores > 1 else ''}, {kind}"] = measure(
                             ctx, spec, cores, kind, pool, rounds, per_caller)
     goals = _goals(results)

@@ -21,9 +21,10 @@ Metrics (labels in braces):
   ``neuron_leases_reclaimed_total`` (every reason but released)
 * ``neuron_process_cores{pid,cmd}`` (cores per owning process)
 * ``neuron_batcher_requests_total{pid,model}``, ``_served_total``, ``_executions_total``, ``_rows_total``,
-  ``_queue_seconds_total``, ``_compute_seconds_total``, ``_failed_total``, ``_refused_total{reason=queue_full|timed_out}``,
-  ``neuron_batcher_queue_depth``, ``neuron_batcher_mean_batch_size``: the batched models of each owner
-  (``neuron_client.batched``), as the owner last reported them
+  ``_queue_seconds_total``, ``_compute_seconds_total``, ``_failed_total``,
+  ``_refused_total{reason=queue_full|timed_out}``, ``neuron_batcher_queue_depth``,
+  ``neuron_batcher_mean_batch_size``: the batched models of each owner (``neuron_client.batched``), as the owner
+  last reported them
 * the broker process's own ``process_*`` metrics.
 
 Every local user can read the endpoint, and a command line can hold secrets (tokens, passwords in arguments), so

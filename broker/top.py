@@ -8,10 +8,11 @@ Usage::
 
 Utilisation is the share of wall time the core's worker spent running models between two samples; requests per
 second likewise. Latency is measured in the worker, from a request's receipt to its reply, over its last 512 calls
-(within 60 s). Queue is the number of requests waiting behind the running one. Batched models
-(``neuron_client.batched``) get a section of their own: requests per second, mean batch size, mean queue time per
-request and compute time per batch between the two samples, requests waiting, in total and refused. It works in any terminal (over ssh
+(within 60 s). Queue is the number of requests waiting behind the running one. It works in any terminal (over ssh
 too); colours are left out where the terminal has none. Exit codes: 0, 1 when no broker answers.
+
+Batched models (``neuron_client.batched``) get a section of their own: requests per second, mean batch size, mean
+queue time per request and compute time per batch between the two samples, requests waiting, in total and refused.
 """
 from __future__ import annotations
 

@@ -99,8 +99,9 @@ async def serve(args) -> None:
         path = args.model or save_demo(args.demo_seed, tmp)
         with neuron_cores_context(start_nc=0, nc_count=rt.num_cores):  # a replica on every core it owns
             model = neuron_client.jit.load(path)
-    served = neuron_client.batched(model, max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                                   max_queue_size=args.max_queue_size, timeout_s=args.timeout_s)
+    served = neuron_client.batched(model, max_batch_size=args.max_batch_size,
+                                   max_queue_delay_us=args.max_queue_delay_us, max_queue_size=args.max_queue_size,
+                                   timeout_s=args.timeout_s)
     runner = web.AppRunner(make_app(served))
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)

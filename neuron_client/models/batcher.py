@@ -203,10 +203,10 @@ class BatchedModel:
             given = [(tuple(t.shape[1:]), t.dtype) for t in found]
             want = [(s[1:], d) for s, d in expected]
             if given != want:
+                takes = _fmt([((f"1..{self.max_batch_size}", *s), d) for s, d in want])
                 raise InputShapeError(
                     f"{self.name} was traced for inputs ({_fmt(expected)}); the batcher takes any 1.."
-                    f"{self.max_batch_size} rows of them: ({_fmt([((f'1..{self.max_batch_size}', *s), d) for s, d in want])}), "
-                    f"but got "
+                    f"{self.max_batch_size} rows of them: ({takes}), but got "
                     f"({_fmt([(tuple(t.shape), t.dtype) for t in found])})")
         return rows, _signature(inputs)
 

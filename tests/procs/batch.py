@@ -8,7 +8,8 @@
   ``max_in_flight`` (calls running at once) and the blocking call's error type for the same bad input;
 * ``acall_cancel`` (``model``) -> a running ``acall`` cancelled: ``cancelled``, ``in_flight`` (of the replicas,
   once its call is over), ``same`` (a later acall);
-* ``batched`` (``model``; the ``batched`` arguments, ``queue_timeout_s`` for ``timeout_s``) -> ``served`` (a handle); ``stats`` (``served``);
+* ``batched`` (``model``; the ``batched`` arguments, ``queue_timeout_s`` for ``timeout_s``) -> ``served`` (a
+  handle); ``stats`` (``served``);
   ``close_served`` (``served``) -> the batcher threads left;
 * ``served_threads`` (``served``, ``rows``: one thread per entry, started together) and ``served_async`` (the same
   from asyncio tasks, submitted in order; ``bad``: {index: how the input is wrong}) -> per caller ``same``/``kinds``
