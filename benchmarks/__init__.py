@@ -31,6 +31,9 @@ SECTIONS = {
     "coldstart": ("benchmarks.coldstart",
                   "cold start of neuron-ls, neuron-broker status, --help vs python -c pass; peak RSS; what the broker "
                   "process imports"),
+    "batcher": ("benchmarks.batcher",
+                "32 callers of batch-1 requests to one model on 1 and 2 cores: no batcher vs neuron_client.batched at "
+                "delays 0, 100 us, 1 ms, 5 ms vs in-process batches; throughput, p50/p99"),
     "loading": ("benchmarks.loading",
                 "tensor-parallel MiniLM (TP=2): weights separated from the graphs vs inlined: bytes on disk, load "
                 "time"),

@@ -26,6 +26,11 @@ Metrics (labels in braces):
   ``neuron_leases_ended_total{reason}`` (reason: a :class:`broker.state.EndReason` value),
   ``neuron_leases_reclaimed_total`` (every reason but released)
 * ``neuron_process_cores{pid,cmd}`` (cores per owning process)
+* ``neuron_batcher_requests_total{pid,model}``, ``_served_total``, ``_executions_total``, ``_rows_total``,
+  ``_queue_seconds_total``, ``_compute_seconds_total``, ``_failed_total``,
+  ``_refused_total{reason=queue_full|timed_out}``, ``neuron_batcher_queue_depth``,
+  ``neuron_batcher_mean_batch_size``: the batched models of each owner (``neuron_client.batched``), as the owner
+  last reported them
 * the broker process's own ``process_*`` metrics.
 
 Every local user can read the endpoint, and a command line can hold secrets (tokens, passwords in arguments), so
@@ -220,6 +225,39 @@ def families(doc, show_cmdline: bool = False):
     for lease in doc.leases:
         procs.add_metric([str(lease.pid), command_label(lease.cmd, show_cmdline)], len(lease.cores))
     yield procs
+    yield from batcher_families(doc)
+
+
+def batcher_families(doc):
+    """The ``neuron_batcher_*`` families: one series per batched model (``pid``, ``model``) of every owner, from the
+    counters it last reported (``leases[].batchers``)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["pid", "model"]
+    counters = [(CounterMetricFamily(f"neuron_batcher_{name}", text, labels=labels), field) for name, text, field in (
+        ("requests", "Requests accepted into a batched model's queue", "requests"),
+        ("served", "Requests answered with their outputs", "served"),
+        ("executions", "Model executions (batches) a batcher ran", "executions"),
+        ("rows", "Rows its executions carried (mean batch size: rows / executions)", "rows"),
+        ("queue_seconds", "Seconds requests waited in its queue, summed over requests", "queue_s"),
+        ("compute_seconds", "Seconds its executions took, summed over executions", "compute_s"),
+        ("failed", "Requests failed by their batch's error", "failed"))]
+    refused = CounterMetricFamily("neuron_batcher_refused", "Requests refused, by reason",
+                                  labels=labels + ["reason"])
+    depth = GaugeMetricFamily("neuron_batcher_queue_depth", "Requests waiting in a batcher's queue", labels=labels)
+    mean = GaugeMetricFamily("neuron_batcher_mean_batch_size", "Mean rows per execution since the batcher was made",
+                             labels=labels)
+    for lease in doc.leases:
+        for b in lease.batchers:
+            key = [str(lease.pid), b.model]
+            for family, field in counters:
+                family.add_metric(key, getattr(b, field))
+            refused.add_metric(key + ["queue_full"], b.refused)
+            refused.add_metric(key + ["timed_out"], b.timed_out)
+            depth.add_metric(key, b.waiting)
+            mean.add_metric(key, b.rows / b.executions if b.executions else 0.0)
+    yield from (family for family, _ in counters)
+    yield from (refused, depth, mean)
 
 
 def serve(snapshots: Snapshots, port: int, host: str = "127.0.0.1", show_cmdline: bool | None = None):

@@ -483,7 +483,8 @@ class Broker:
                 perf=perf_status(stats),
             ))
         leases = [status.LeaseStatus(lease_id=lease.lease_id, pid=lease.pid, cmd=lease.cmd, cores=list(lease.cores),
-                                     lease_age_s=round(lease.age_s(now), 3), state=lease.state.value)
+                                     lease_age_s=round(lease.age_s(now), 3), state=lease.state.value,
+                                     batchers=list(lease.batchers))
                   for lease in s.leases.values()]
         pending = [status.PendingStatus(pid=s.links[p.link].pid if p.link in s.links else 0, cmd=p.cmd,
                                         requested=p.request.describe(), waited_s=round(now - p.since, 3))

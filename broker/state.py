@@ -47,6 +47,7 @@ MAX_LINKS_PER_PID = 64
 MAX_PENDING = 1024  # acquires waiting for cores (NEURON_RT_ACQUIRE_TIMEOUT), all processes together
 MAX_WAIT_S = 24 * 3600.0
 MAX_CMD_CHARS = 4096
+MAX_BATCHERS = 64  # batched models kept per lease from its owner's reports
 RECENTLY_ENDED_KEPT = 1024
 RESTART_GRACE_S = 10.0  # after a broker restart, a journalled lease's live owner has this long to re-attach
 GRANT_TIMEOUT_S = 30.0  # a grant waits this long for its cores' workers to take the assignment
@@ -249,6 +250,7 @@ class Lease:
     token: str = ""  # only until the grant is sent; never stored
     deadline: float = 0.0  # ASSIGNING: when the grant gives up; ORPHANED: when the cores are freed
     reattach: bool = False
+    batchers: list = field(default_factory=list)  # the owner's last report (messages.OwnerReport): BatcherStatus
 
     def age_s(self, now: float) -> float:
         return now - self.granted_at
@@ -418,8 +420,13 @@ class BrokerState:
                 if lease is not None and lease.lease_id == msg.lease_id:
                     self._end_lease(lease, EndReason.RELEASED, "released", now)
                 self.emit(Reply(to, ev.req_id, messages.Ok()))
+            elif isinstance(msg, messages.OwnerReport):  # unanswered; kept for status until the next one
+                lease = self.leases.get(link.lease_id)
+                if lease is not None:
+                    lease.batchers = list(msg.batchers[:MAX_BATCHERS])
             else:
-                raise ProtocolError(f"the lease link carries acquire, reattach and release, not {msg.op!r}")
+                raise ProtocolError(f"the lease link carries acquire, reattach, release and owner_report, not "
+                                    f"{msg.op!r}")
         except NeuronRuntimeError as exc:
             self.emit(Reply(to, ev.req_id, exc))
 

@@ -17,6 +17,9 @@ counts the pages all workers share with the forkserver in every one of them. The
 bar, the USS column and the history go before owners and models do, and owners keep the part of their command that
 tells them apart. It works in any terminal (over ssh too); colours are left out where the terminal has none. Exit
 codes: 0, 1 when no broker answers.
+
+Batched models (``neuron_client.batched``) get a section of their own: requests per second, mean batch size, mean
+queue time per request and compute time per batch between the two samples, requests waiting, in total and refused.
 """
 from __future__ import annotations
 
@@ -260,6 +263,7 @@ def frame(prev: Sample | None, cur: Sample, width: int = 160, problem: str = "",
                                selected=view.selected if view.live else -1))
     else:
         parts.append(Text("  no process holds cores", style="dim"))
+    parts += batcher_parts(prev, cur, width)
     if doc.pending:
         parts.append(Text("waiting: " + "; ".join(f"pid {p.pid} for {p.requested} ({p.waited_s:.1f}s)"
                                                   for p in doc.pending)))
@@ -271,6 +275,43 @@ def frame(prev: Sample | None, cur: Sample, width: int = 160, problem: str = "",
     elif view.message:
         parts.append(Text(view.message, style="bold"))
     return Group(*parts)
+
+
+def batcher_rows(prev: Sample | None, cur: Sample) -> list[list[str]]:
+    """One row per batched model of every owner (``leases[].batchers``, as the owners last reported them): pid, model,
+    requests per second and the batches' size, queue and compute time between the two samples (since the batcher was
+    made for the first frame), requests waiting, refused and timed out."""
+    before = {(le.pid, b.model): b for le in prev.doc.leases for b in le.batchers} if prev else {}
+    dt = cur.at - prev.at if prev else 0.0
+    rows = []
+    for lease in sorted(cur.doc.leases, key=lambda x: (x.cores or [-1])[0]):
+        for b in lease.batchers:
+            p = before.get((lease.pid, b.model))
+            if p is None or p.requests > b.requests:  # new (or made again): its totals so far
+                p = None
+            d = {k: getattr(b, k) - (getattr(p, k) if p else 0)
+                 for k in ("requests", "executions", "rows", "queue_s", "compute_s", "served", "failed")}
+            done = d["served"] + d["failed"]
+            rows.append([str(lease.pid), b.model, _rate(d["requests"] / dt) if p and dt > 0 else "-",
+                         f"{d['rows'] / d['executions']:.1f}" if d["executions"] else "-",
+                         f"{d['queue_s'] / done * 1000:.2f}ms" if done else "-",
+                         f"{d['compute_s'] / d['executions'] * 1000:.2f}ms" if d["executions"] else "-",
+                         str(b.waiting), str(b.requests), str(b.refused + b.timed_out)])
+    return rows
+
+
+def batcher_parts(prev: Sample | None, cur: Sample, width: int) -> list:
+    """The ``batched models`` section of a frame (nothing when no owner has one)."""
+    from rich.text import Text
+
+    rows = batcher_rows(prev, cur)
+    if not rows:
+        return []
+    columns = [("PID", "right", 0), ("MODEL", "left", 1), ("REQ/S", "right", 0), ("BATCH", "right", 0),
+               ("QUEUE T", "right", 0), ("COMPUTE T", "right", 0), ("WAITING", "right", 0), ("REQUESTS", "right", 0),
+               ("REFUSED", "right", 0)]
+    return [Text(""), Text(f"batched models ({len(rows)})", style="bold"),
+            fit_table(columns, [[(text, "") for text in r] for r in rows], width)]
 
 
 class Keys:

@@ -16,7 +16,8 @@ The package is laid out by concern; this face names the public API and imports e
   comm, shm, config, cores, lease_link, procs, status); it imports nothing above it, and torch only when a tensor is
   encoded or decoded;
 - :mod:`.runtime`: the process's lease, its channels to the workers, broker autostart, placement;
-- :mod:`.models`: models placed on cores (``NeuronModel``, ``DataParallel``) and their shared lifecycle;
+- :mod:`.models`: models placed on cores (``NeuronModel``, ``DataParallel``) and their shared lifecycle, ``acall``
+  from asyncio, and ``batched`` (a request batcher: many callers' requests in one execution);
 - :mod:`.tracing`: trace, bucketing, io_aliases (state kept on the core);
 - :mod:`.generation`, :mod:`.distributed` (tensor parallelism), :mod:`.integrations` (Ray), :mod:`.tools` (launch).
 """
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 _ERRORS = ("BrokerUnavailableError", "ConfigError", "InputShapeError", "LeaseLostError", "ModelExecutionError", "ModelLoadError",
            "NeuronCoreSpecError", "NeuronCoreUnavailableError", "NeuronRuntimeError", "NotOwnerError",
-           "WorkerUnavailableError")
+           "WorkerUnavailableError", "QueueFullError", "QueueTimeoutError")
 
 __getattr__, __dir__ = exports(__name__, {
     "jit": "jit", "experimental": "experimental", "errors": "wire.errors", "state": "tracing.io_aliases",
@@ -35,6 +36,7 @@ __getattr__, __dir__ = exports(__name__, {
     "BucketModelConfig": "tracing.bucketing:BucketModelConfig",
     "bucket_model_trace": "tracing.bucketing:bucket_model_trace",
     "NeuronModel": "models.neuron_model:NeuronModel", "DataParallel": "models.data_parallel:DataParallel",
+    "batched": "models.batcher:batched", "BatchedModel": "models.batcher:BatchedModel",
     "get_runtime": "runtime.lease:get_runtime", "shutdown": "runtime.lease:shutdown",
     "generate": "generation.generate:generate",
     **{name: f"wire.errors:{name}" for name in _ERRORS},
@@ -42,7 +44,7 @@ __getattr__, __dir__ = exports(__name__, {
 
 __all__ = [
     "trace", "lazy_load", "async_load", "jit", "experimental", "errors", "NeuronModel", "get_runtime", "shutdown",
-    "DataParallel", *_ERRORS, "BucketModelConfig", "bucket_model_trace", "generate", "state",
+    "DataParallel", "batched", "BatchedModel", *_ERRORS, "BucketModelConfig", "bucket_model_trace", "generate", "state",
 ]
 
 

@@ -251,6 +251,16 @@ def sample_status_doc(cmd: str = "python app.py", pid: int = 4242):
                                  lease_timeout_s=0.0, draining=False, recovering_s=0.0, links=1, pending_total=0,
                                  metrics="", leases_granted=1,
                                  leases_ended={r.value: 0 for r in EndReason})
-    lease = status.LeaseStatus(lease_id=owner.lease_id, pid=pid, cmd=cmd, cores=[0], lease_age_s=1.0, state="active")
+    lease = status.LeaseStatus(lease_id=owner.lease_id, pid=pid, cmd=cmd, cores=[0], lease_age_s=1.0, state="active",
+                               batchers=[sample_batcher()])
     return status.StatusDoc(timestamp=status.timestamp(), broker=broker, cores=[core], leases=[lease], pending=[
         status.PendingStatus(pid=pid + 1, cmd="python b.py", requested="nc0", waited_s=0.5)])
+
+
+def sample_batcher(model: str = "m.pt", requests: int = 40):
+    """A batched model's counters as its owner reports them (``leases[].batchers``): 40 requests in 10 batches."""
+    from neuron_client.wire import status
+
+    return status.BatcherStatus(model=model, requests=requests, served=requests, executions=10, rows=requests,
+                                queue_s=0.02, compute_s=0.05, waiting=0, refused=1, timed_out=0, failed=0,
+                                max_batch_size=8, max_queue_delay_us=100)

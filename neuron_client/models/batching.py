@@ -70,6 +70,19 @@ def piece_sizes(n: int, size: int) -> list[int]:
     return [size] * q + ([r] if r else [])
 
 
+def traced_size(specs: list[dict] | None, dim: int) -> int | None:
+    """The size along ``dim`` that every traced input shares (``input_specs``), or None: unknown or not shared."""
+    if not specs:
+        return None
+    sizes = set()
+    for s in specs:
+        shape = s["shape"]
+        if not -len(shape) <= dim < len(shape):
+            return None
+        sizes.add(shape[dim])
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def batch_size(obj, dim: int) -> int | None:
     """The common size along ``dim`` of every tensor in ``obj`` (None: no tensors); ValueError if they differ."""
     found = tensors(obj)

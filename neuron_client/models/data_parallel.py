@@ -23,10 +23,11 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from neuron_client.models import batching
+from neuron_client.models.awaitable import AsyncCalls
 from neuron_client.models.neuron_model import Replica, as_neuron_model
-from neuron_client.models.placed import LoadState
+from neuron_client.models.placed import LoadState, error_like
 from neuron_client.runtime.lease import get_runtime
-from neuron_client.wire.errors import InputShapeError, NeuronRuntimeError
+from neuron_client.wire.errors import InputShapeError
 
 _NC = re.compile(r"nc:(\d+)")
 SUBMIT_WINDOW = 4  # batches of one DataParallel in flight at once through submit()
@@ -71,8 +72,9 @@ def parse_device_ids(device_ids, num_cores: int) -> list[int]:
 _as_neuron_model = as_neuron_model  # the seed passes a trace, a loaded module or a NeuronModel
 
 
-class DataParallel:
-    """Replicate ``model`` on the cores ``device_ids`` names and split each call's batch across them."""
+class DataParallel(AsyncCalls):
+    """Replicate ``model`` on the cores ``device_ids`` names and split each call's batch across them (``await
+    parallel.acall(x)`` from asyncio)."""
 
     def __init__(self, model, device_ids=None, dim: int = 0, set_dynamic_batching: bool = True):
         self._submitter: ThreadPoolExecutor | None = None
@@ -102,16 +104,7 @@ class DataParallel:
     # -- set-up ----------------------------------------------------------------------------------------------
     def _traced_size(self) -> int | None:
         """The traced size along ``dim`` shared by every input (None: unknown or not shared)."""
-        specs = self.module.input_specs
-        if not specs:
-            return None
-        sizes = set()
-        for s in specs:
-            shape = s["shape"]
-            if not -len(shape) <= self.dim < len(shape):
-                return None
-            sizes.add(shape[self.dim])
-        return sizes.pop() if len(sizes) == 1 else None
+        return batching.traced_size(self.module.input_specs, self.dim)
 
     def _dynamic_batching_blocker(self) -> str | None:
         if self.dim != 0:
@@ -240,12 +233,7 @@ class DataParallel:
         count = sum(real for _, real, _ in plan[i])
         text = (f"DataParallel chunk {i} (items {start}-{start + count - 1} along dim {self.dim}) failed on "
                 f"neuroncore {replica.nc} (global core {replica.core}): {type(exc).__name__}: {exc}")
-        try:
-            new = type(exc)(text)
-        except Exception:  # noqa: BLE001 - an exception type that takes other arguments
-            new = NeuronRuntimeError(text)
-        new.__cause__ = exc
-        return new
+        return error_like(exc, text)
 
     def __repr__(self) -> str:
         return (f"DataParallel({self.module.name!r}, device_ids={self.device_ids}, dim={self.dim}, "

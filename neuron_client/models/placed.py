@@ -14,7 +14,20 @@ import weakref
 import torch
 
 from neuron_client.wire import tensors
-from neuron_client.wire.errors import InputShapeError
+from neuron_client.wire.errors import InputShapeError, NeuronRuntimeError
+
+from .awaitable import AsyncCalls
+
+
+def error_like(exc: BaseException, text: str) -> Exception:
+    """An error of ``exc``'s type saying ``text`` (where it happened, and ``exc``'s words), caused by ``exc``; a
+    :class:`NeuronRuntimeError` for an exception type that takes other arguments."""
+    try:
+        new = type(exc)(text)
+    except Exception:  # noqa: BLE001
+        new = NeuronRuntimeError(text)
+    new.__cause__ = exc
+    return new
 
 
 class LoadState(str, enum.Enum):
@@ -40,13 +53,14 @@ TRANSITIONS: dict[LoadState, frozenset] = {
 }
 
 
-class PlacedModel:
+class PlacedModel(AsyncCalls):
     """The shared lifecycle of a model on cores.
 
     Owns: :attr:`state` (changed only through :meth:`_to`, which enforces :data:`TRANSITIONS`), this model's entries in
     its runtime's ``models_per_core`` (:meth:`_hold` / :meth:`_unhold`), and its unload-on-collection finalizer
     (:meth:`_track` / :meth:`_untrack`). Subclasses decide where and how they load; callers change the state only
-    through the public methods (``place``, ``unload``, :meth:`defer`).
+    through the public methods (``place``, ``unload``, :meth:`defer`). ``await model.acall(*inputs)`` is the call
+    from asyncio (:mod:`.awaitable`).
     """
 
     static_shapes = True  # check every call's inputs against the traced shapes

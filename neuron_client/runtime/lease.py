@@ -28,6 +28,9 @@ from neuron_client.wire.procs import current_pid, pid_running
 
 log = logging.getLogger("neuron_client")
 
+REPORT_INTERVAL_S = 1.0  # how often the lease thread sends the owner's batcher counters (messages.OwnerReport)
+MAX_REPORTED = 64  # batched models per report (the broker keeps as many)
+
 
 def acquire_timeout_s(env) -> float:
     return config.acquire_timeout_s(None if env is os.environ else env)
@@ -77,6 +80,10 @@ class Runtime:
         self._janitor: threading.Thread | None = None
         self._stop = threading.Event()
         self._detached = False  # the broker went away; the lease thread is re-attaching
+        self._reporters: dict[int, object] = {}  # id -> fn() returning a status.BatcherStatus (batched models)
+        self._reported: list | None = None  # what the last OwnerReport said
+        self._report_due = 0.0
+        self._reports_refused = False  # the broker answered a report with an error (it predates them)
         self._heartbeat = threading.Thread(target=self._lease_loop, name="neuron-lease", daemon=True)
         self._heartbeat.start()
         atexit.register(self.close)
@@ -122,8 +129,13 @@ class Runtime:
                         return
                     continue
                 except NeuronRuntimeError as exc:
+                    if "owner_report" in str(exc):  # an older broker: it keeps no batcher statistics
+                        self._reports_refused = True
+                        continue
                     log.warning("the broker sent something this client cannot read: %s", exc)
                     continue
+                if time.monotonic() >= self._report_due and not self._reports_refused:
+                    self._report(link)
                 if env is None:
                     continue
                 if isinstance(env.msg, messages.HeartbeatAck):
@@ -135,6 +147,39 @@ class Runtime:
                     return
         except Exception:
             log.exception("the lease thread failed")
+
+    # -- owner reports ----------------------------------------------------------------------------------------
+    def add_reporter(self, key: int, fn) -> None:
+        """Report ``fn()`` (a :class:`~neuron_client.wire.status.BatcherStatus`) to the broker every
+        :data:`REPORT_INTERVAL_S` until :meth:`remove_reporter` (``neuron_client.batched`` does it)."""
+        with self._lock:
+            self._reporters[key] = fn
+        self._report_due = 0.0
+
+    def remove_reporter(self, key: int) -> None:
+        with self._lock:
+            self._reporters.pop(key, None)
+        self._report_due = 0.0
+
+    def _report(self, link) -> None:
+        """Send the reporters' records on the lease link when they changed (from the lease thread, the link's only
+        user after the grant). A failed send surfaces at the next read."""
+        self._report_due = time.monotonic() + REPORT_INTERVAL_S
+        with self._lock:
+            fns = list(self._reporters.values())[:MAX_REPORTED]
+        records = []
+        for fn in fns:
+            try:
+                records.append(fn())
+            except Exception:  # noqa: BLE001 - a reporter's bug must not end the lease thread
+                log.exception("a batcher's report failed")
+        if records == self._reported or (not records and self._reported is None):
+            return
+        try:
+            link.send(messages.OwnerReport(batchers=records))
+            self._reported = records
+        except NeuronRuntimeError as exc:
+            log.warning("could not send the batchers' report to the broker: %s", exc)
 
     def _reattach(self):
         """A link to the restarted broker holding this lease again, or None (lost, or closing)."""
@@ -161,6 +206,7 @@ class Runtime:
             with self._lock:
                 self._link = link
             self._detached = False
+            self._reported = None  # the restarted broker knows no report yet
             self._update_workers(granted.workers)
             log.warning("re-attached lease %s after %.1fs", self.lease_id, time.monotonic() - since)
             return link

@@ -97,6 +97,18 @@ class BrokerDrainingError(NeuronRuntimeError):
     code = "DRAINING"
 
 
+class QueueFullError(NeuronRuntimeError):
+    """A batched model's queue holds ``max_queue_size`` requests: this one was refused, not queued."""
+
+    code = "QUEUE_FULL"
+
+
+class QueueTimeoutError(RequestTimeoutError):
+    """A request waited in a batched model's queue past its ``timeout_s`` and was refused before it ran."""
+
+    code = "QUEUE_TIMEOUT"
+
+
 ERRORS: dict[str, type[NeuronRuntimeError]] = {
     cls.code: cls
     for cls in (
@@ -115,6 +127,8 @@ ERRORS: dict[str, type[NeuronRuntimeError]] = {
         InputShapeError,
         RequestTimeoutError,
         BrokerDrainingError,
+        QueueFullError,
+        QueueTimeoutError,
     )
 }
 

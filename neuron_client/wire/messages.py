@@ -11,7 +11,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .status import ModelStatus, StatusDoc, record
+from .status import BatcherStatus, ModelStatus, StatusDoc, record
 
 PROTOCOL_VERSION = 1
 
@@ -122,6 +122,14 @@ class Heartbeat:
 @message("heartbeat_ack")
 class HeartbeatAck:
     workers: list[WorkerInfo]  # the lease's cores' workers now
+
+
+@message("owner_report")
+class OwnerReport:
+    """Sent by an owner on its lease link every second while it has batched models, never answered: their counters,
+    which the broker keeps with the lease for status, neuron-top and the metrics (the empty list when none is left)."""
+
+    batchers: list[BatcherStatus]
 
 
 @message("release")

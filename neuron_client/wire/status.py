@@ -116,6 +116,26 @@ class CoreStatus:
 
 
 @record
+class BatcherStatus:
+    """A batched model in an owner's process (``neuron_client.batched``), as its owner last reported it (every
+    second, on its lease link). Totals since the batcher was made."""
+
+    model: str  # the batched model's name
+    requests: int  # requests accepted into its queue
+    served: int  # requests answered with their outputs
+    executions: int  # model executions (batches) run
+    rows: int  # rows those executions carried (mean batch size: rows / executions)
+    queue_s: float  # seconds the executed requests waited in the queue, summed over requests
+    compute_s: float  # seconds the executions took, summed over executions
+    waiting: int  # requests in the queue now
+    refused: int  # requests refused because the queue was full
+    timed_out: int  # requests refused after waiting past their timeout
+    failed: int  # requests failed by their batch's error
+    max_batch_size: int
+    max_queue_delay_us: int
+
+
+@record
 class LeaseStatus:
     lease_id: str
     pid: int
@@ -124,6 +144,7 @@ class LeaseStatus:
     lease_age_s: float
     state: str
     last_seen_s: float = 0.0  # always 0: a lease lives as long as its owner's lease link, nothing is "seen"
+    batchers: list[BatcherStatus] = field(default_factory=list)  # its owner's batched models (owner-reported)
 
 
 @record

@@ -132,6 +132,7 @@ def test_least_used_cores_and_coexisting_models(saved, loader, work):
     doc = loader.ok("tp_concurrent", models=[inline2["model"], sep2["model"], inline2["model"], sep4["model"]],
                     calls=6, timeout_s=240)
     assert doc["errors"] == [] and doc["calls"] == 24 and doc["diff"] < ATOL
+    assert loader.ok("tp_call", model=sep2["model"], asynchronous=True, timeout_s=120)["diff"] < ATOL  # acall
     context = loader.ok("tp_load", name="sep2", work=work, context={"start_nc": 1}, timeout_s=120)
     assert context["cores"] == [1, 2]  # neuron_cores_context(start_nc=1)
     assert context["diff"] < ATOL

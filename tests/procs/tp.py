@@ -22,6 +22,7 @@ Loading: ``tp_load`` (``name``; ``context``) -> ``model`` (a handle), ``cores``,
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
@@ -176,10 +177,12 @@ def tp_load(name: str, work: str, context=None) -> dict:
 
 
 @harness.command
-def tp_call(model: int, input: int = 0) -> dict:
+def tp_call(model: int, input: int = 0, asynchronous: bool = False) -> dict:
+    """One call (``asynchronous``: ``await model.acall(...)``) -> ``diff`` from the CPU model, ``seconds``."""
     ref = _loaded[model]
     t0 = time.monotonic()
-    out = harness.get(model)(*ref["inputs"][input])
+    m, x = harness.get(model), ref["inputs"][input]
+    out = asyncio.run(m.acall(*x)) if asynchronous else m(*x)
     return {"diff": max_diff(out, ref["cpu"][input]), "seconds": time.monotonic() - t0}
 
 

@@ -18,8 +18,8 @@ from neuron_client.wire.codec import EXT_SHM_TENSOR, EXT_TENSOR, EXT_TUPLE, deco
 from neuron_client.wire.errors import ProtocolError
 from neuron_client.wire.messages import MESSAGES, PROTOCOL_VERSION
 from neuron_client.wire.status import ModelStatus
-from tests.helpers import sample_status_doc
 from neuron_client.wire.tensors import TensorSink, TensorSource
+from tests.helpers import sample_batcher, sample_status_doc
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,6 +159,7 @@ def example_messages():
         "heartbeat_ack": messages.HeartbeatAck(workers=[messages.WorkerInfo(
             core=2, endpoint="ipc:///tmp/w2", pid=9, ready=True, failed=False, last_exit="signal 9")]),
         "release": messages.Release(lease_id="ab"),
+        "owner_report": messages.OwnerReport(batchers=[sample_batcher()]),
         "status": messages.Status(),
         "status_reply": messages.StatusReply(doc=sample_status_doc()),
         "stop": messages.Stop(),

@@ -70,3 +70,11 @@ def test_status_and_ls_share_their_field_names():
     for key in ("schema", "timestamp"):
         assert key in doc and key in listing
     assert doc["schema"] == listing["schema"] == 2
+
+
+def test_a_document_of_a_broker_before_batcher_reports_still_decodes():
+    """``leases[].batchers`` was added within schema 2: a document without it decodes, with no batchers."""
+    doc = status.to_json(sample_status_doc())
+    assert doc["leases"][0]["batchers"][0]["model"] == "m.pt"
+    del doc["leases"][0]["batchers"]
+    assert status.from_json(doc).leases[0].batchers == []

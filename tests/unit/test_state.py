@@ -447,3 +447,20 @@ def test_the_newest_journal_row_of_a_core_wins():
     loop = Loop(1, restored=[stale, live])
     assert loop.owners() == ["b" * 16]
     assert any(isinstance(e, st.JournalForget) and e.lease_id == "a" * 16 for e in loop.effects)
+
+
+def test_an_owners_batcher_report_is_kept_with_its_lease_unanswered_and_bounded():
+    from tests.helpers import sample_batcher
+
+    loop = Loop(2)
+    loop.open(1, 500)
+    g = granted(loop.ask(1, count=1))
+    loop.open(2, 501)  # a link holding no lease: its report is dropped
+    loop.effects = []
+    loop.feed(st.LinkMessage(1, 2, messages.OwnerReport(batchers=[sample_batcher(f"m{i}.pt") for i in range(100)])))
+    loop.feed(st.LinkMessage(2, 1, messages.OwnerReport(batchers=[sample_batcher()])))
+    assert loop.replies(1) == [] and loop.replies(2) == []
+    lease = loop.s.leases[g.lease_id]
+    assert [b.model for b in lease.batchers] == [f"m{i}.pt" for i in range(st.MAX_BATCHERS)]
+    loop.feed(st.LinkMessage(1, 3, messages.OwnerReport(batchers=[])))  # its last batcher closed
+    assert lease.batchers == []
