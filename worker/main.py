@@ -136,6 +136,7 @@ class Worker:
         self.stats_dirty = Flag()
         self.stopping = threading.Event()
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
+        self.lean = mb.SocketLean()  # flat calls on the socket path
         self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
@@ -253,8 +254,46 @@ class Worker:
         finally:
             self.stats_dirty.set()
 
+    def handle_lean(self, frames, received: float) -> list:
+        """The reply to a flat call in the lean format (the socket path's): a lean result where it is flat and
+        small, else the codec's."""
+        rid = mb.lean_req_id(frames)
+        try:
+            kind, rid, token, model_id, container, args = self.lean.read(frames)
+            if kind != mb.LEAN_CALL or container != mb.CONTAINER_TUPLE:
+                raise ProtocolError(f"a worker serves lean calls of a tuple, not kind {kind} of container {container}")
+            self.authorize(token)
+            outputs = self.run_model(model_id, tuple(args))
+            self.requests += 1
+            out = None
+            if sum(t.numel() * t.element_size() for t in tensors.walk_tensors(outputs)) < self.cfg.shm_threshold:
+                out = self.lean.result(rid, outputs)
+            return self.answered(out or codec.encode_reply(messages.Result(outputs=outputs), rid), received)
+        except Exception as exc:
+            return self.error_reply(exc, rid, frames)
+        finally:
+            self.stats_dirty.set()
+
+    def answered(self, reply: list, received: float) -> list:
+        """``reply``, its call's latency recorded (``received``: when it came off the socket; 0: not a call)."""
+        if received:
+            self.times.record(time.perf_counter() - received, time.monotonic())
+        return reply
+
+    def error_reply(self, exc: BaseException, rid: int, frames) -> list:
+        """An exception as the request's error reply (counted; anything not ours logged and named)."""
+        self.errors += 1
+        if rid == 0:
+            rid = codec.peek_req_id(frames)
+        if not isinstance(exc, NeuronRuntimeError):
+            log.exception("core %d: unexpected error", self.core)
+            exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
+        return codec.encode_reply(exc, rid)
+
     def handle(self, frames, received: float = 0.0) -> list:
         """The reply to one request; ``received`` (perf_counter) is when it came off the socket."""
+        if mb.is_lean(frames):
+            return self.handle_lean(frames, received)
         rid = 0
         try:
             size = sum(len(f) for f in frames)
@@ -272,18 +311,9 @@ class Worker:
                 self.requests += 1
             # encoded here, not by Comm.send: a reply that cannot travel (an output dtype the wire does not carry)
             # must become this request's error, counted as one
-            out = codec.encode_reply(reply, rid, sink)
-            if env.op == "call" and received:
-                self.times.record(time.perf_counter() - received, time.monotonic())
-            return out
+            return self.answered(codec.encode_reply(reply, rid, sink), received if env.op == "call" else 0.0)
         except Exception as exc:
-            self.errors += 1
-            if rid == 0:
-                rid = codec.peek_req_id(frames)
-            if not isinstance(exc, NeuronRuntimeError):
-                log.exception("core %d: unexpected error", self.core)
-                exc = NeuronRuntimeError(f"core {self.core}: {type(exc).__name__}: {exc}")
-            return codec.encode_reply(exc, rid)
+            return self.error_reply(exc, rid, frames)
         finally:
             self.stats_dirty.set()
 

@@ -10,7 +10,7 @@ import time
 import typing
 import warnings
 
-from neuron_client.wire import comm as transport, config, messages, shm, tensors
+from neuron_client.wire import codec, comm as transport, config, messages, shm, tensors
 from neuron_client.wire.errors import NeuronRuntimeError, NotOwnerError, ProtocolError, WorkerUnavailableError
 from neuron_client.wire.procs import pid_running
 
@@ -32,6 +32,7 @@ class _ReplySegments:
         return self.arena.segment.view(offset, nbytes)
 
 
+NOT_SENT = object()  # a call the lean format does not carry: it goes as the codec's frames
 FAST_PATH_RETRY_S = 1.0  # after a fast path could not be set up, calls take the socket this long before a retry
 
 
@@ -59,6 +60,7 @@ class WorkerChannel:
         from neuron_client.wire import mailbox  # torch: a channel carries tensors
 
         self._mb = mailbox
+        self._lean = mailbox.SocketLean()  # flat calls on the socket path
         self._fast_retry_at = 0.0
         self._fast_warned = False
         self._fast_capacity = 0
@@ -136,17 +138,14 @@ class WorkerChannel:
     def _source(self, frames) -> tensors.TensorSource:
         return tensors.TensorSource(frames, shm=self._reply_segments, copy_shm=True)
 
-    def request(self, msg, timeout_s: float, carried=()):
+    def _with_worker(self, send):
+        """``send()`` to the core's current worker: a fresh one being started is waited for (bounded), and a request
+        that reached a fresh worker before the broker gave it its owner is sent again, once."""
         self._worker_pid = self.runtime.workers[self.core].pid
         if not self._worker_pid:  # being replaced: wait (bounded) for the fresh one rather than send into nothing
             self._worker_pid = self.runtime.await_worker(self.core, not_pid=0).pid
-        need = shm.reserve_bytes(carried, self.threshold) if carried else 0
-        sink = None
-        if need:
-            self.request_arena.reset(need)
-            sink = tensors.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
         try:
-            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
+            return send()
         except NotOwnerError:
             self.runtime.refresh_workers()  # raises LeaseLostError with the broker's reason if the lease ended
             # the lease lives: the request reached a fresh worker before the broker gave it its owner; once it has
@@ -155,7 +154,40 @@ class WorkerChannel:
             if w.pid == self._worker_pid and self._worker_pid:
                 raise
             self._worker_pid = w.pid
-            return self.channel.request(msg, timeout_s, sink=sink, alive=self._alive, source=self._source).msg
+            return send()
+
+    def request(self, msg, timeout_s: float, carried=()):
+        need = shm.reserve_bytes(carried, self.threshold) if carried else 0
+        sink = None
+        if need:
+            self.request_arena.reset(need)
+            sink = tensors.TensorSink(shm=self.request_arena, shm_threshold=self.threshold)
+        return self._with_worker(lambda: self.channel.request(msg, timeout_s, sink=sink, alive=self._alive,
+                                                              source=self._source)).msg
+
+    def _decode_lean(self, reply):
+        """A reply to a lean call: the lean result, or the codec's message (a structured or large result, an
+        error)."""
+        mb = self._mb
+        if not mb.is_lean(reply):
+            return codec.decode(reply, self._source(reply))
+        kind, rid, _, _, container, ts = self._lean.read(reply)
+        if kind != mb.LEAN_RESULT:
+            raise ProtocolError(f"a lean reply of kind {kind}")
+        return codec.Envelope(req_id=rid, msg=messages.Result(outputs=mb.rebuild(container, ts)), op="result")
+
+    def _lean_call(self, model_id: int, args: tuple, timeout_s: float):
+        """A flat call on the socket in the lean format: its outputs, or :data:`NOT_SENT` where it is not one."""
+        def send():
+            rid = self.channel.next_id()
+            frames = self._lean.call(rid, model_id, self.runtime.token, args)
+            if frames is None:
+                return None
+            return self.channel.exchange(frames, rid, "call", timeout_s, self._decode_lean, self._alive,
+                                         peek=self._mb.lean_req_id)
+
+        env = self._with_worker(send)
+        return NOT_SENT if env is None else env.msg.outputs
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
         if self.fast and model_id not in self._socket_models:
@@ -163,10 +195,12 @@ class WorkerChannel:
                 return self._fast_call(model_id, args, timeout_s)
             except self._mb.NotCarried:
                 pass
-        carried = list(tensors.walk_tensors(args))
-        msg = messages.Call(token=self.runtime.token, model_id=model_id, args=args,
-                            reply_shm=self.reply_arena.name, reply_shm_size=self.reply_arena.size)
-        outputs = self.request(msg, timeout_s, carried).outputs
+        outputs = self._lean_call(model_id, args, timeout_s) if not self.reply_arena.size else NOT_SENT
+        if outputs is NOT_SENT:  # structured, large, or answered large before: the codec's frames and shm arenas
+            carried = list(tensors.walk_tensors(args))
+            msg = messages.Call(token=self.runtime.token, model_id=model_id, args=args,
+                                reply_shm=self.reply_arena.name, reply_shm_size=self.reply_arena.size)
+            outputs = self.request(msg, timeout_s, carried).outputs
         big = shm.reserve_bytes(tensors.walk_tensors(outputs), self.threshold)
         if big > self.reply_arena.size:  # next time, large outputs come back through shared memory
             try:

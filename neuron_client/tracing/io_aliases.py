@@ -169,7 +169,7 @@ class TrafficMeter:
         self.sent = 0
         self.received = 0
         self.calls = 0
-        self._encode = self._decode = self._box_call = None
+        self._encode = self._decode = self._box_call = self._lean_call = self._lean_read = None
 
     def __enter__(self) -> "TrafficMeter":
         with TrafficMeter._lock:
@@ -205,14 +205,29 @@ class TrafficMeter:
                 self.received += ctl[mailbox._REP_LEN]
             return out
 
+        self._lean_call, self._lean_read = lean_call, lean_read = mailbox.SocketLean.call, mailbox.SocketLean.read
+
+        def counting_lean_call(lean, *args, **kw):  # the socket path's lean messages
+            frames = lean_call(lean, *args, **kw)
+            if frames is not None:
+                self.calls += 1
+                self.sent += sum(memoryview(f).nbytes for f in frames)
+            return frames
+
+        def counting_lean_read(lean, frames):
+            self.received += sum(memoryview(f).nbytes for f in frames)
+            return lean_read(lean, frames)
+
         codec.encode, codec.decode = counting_encode, counting_decode
         mailbox.ClientMailbox.call = counting_call
+        mailbox.SocketLean.call, mailbox.SocketLean.read = counting_lean_call, counting_lean_read
         return self
 
     def __exit__(self, *exc) -> None:
         from neuron_client.wire import mailbox
 
         mailbox.ClientMailbox.call = self._box_call
+        mailbox.SocketLean.call, mailbox.SocketLean.read = self._lean_call, self._lean_read
         codec.encode, codec.decode = self._encode, self._decode
         with TrafficMeter._lock:
             TrafficMeter._active = None

@@ -269,6 +269,21 @@ class Channel:
         self.check_process()
         rid = next(self._ids)
         frames = codec.encode(msg, rid, sink)
+
+        def decode(reply):
+            return codec.decode(reply, source(reply) if source else None)
+
+        return self.exchange(frames, rid, msg.op, timeout_s, decode, alive, max_bytes)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def exchange(self, frames, rid: int, what: str, timeout_s: float, decode, alive=None,
+                 max_bytes: int | None = None, peek=codec.peek_req_id):
+        """Send ``frames`` (a request with id ``rid``) and return ``decode(reply)`` of its reply: an
+        :class:`codec.Envelope`; ``peek(reply)`` is the request id of a reply that failed to decode. An error reply
+        (the codec's) is raised as its named exception."""
+        self.check_process()
         limit = self.max_bytes if max_bytes is None else max_bytes
         if len(frames) == 1 and not limit:
             small = True
@@ -276,12 +291,12 @@ class Channel:
             # small messages are copied into ZeroMQ (cheaper than wrapping each part); large frames go zero-copy
             n = frames_nbytes(frames)
             if limit and n > limit:
-                raise too_large(n, limit, f"a {msg.op!r} message", self.endpoint)
+                raise too_large(n, limit, f"a {what!r} message", self.endpoint)
             small = len(frames) == 1 or n < COPY_THRESHOLD_BYTES
         try:
             self.sock.send_multipart(frames, copy=small, flags=zmq.NOBLOCK)
         except zmq.Again:
-            raise RequestTimeoutError(f"cannot send {msg.op!r} to {self.endpoint}: its queue is full (peer gone?)") \
+            raise RequestTimeoutError(f"cannot send {what!r} to {self.endpoint}: its queue is full (peer gone?)") \
                 from None
         deadline = time.monotonic() + timeout_s
         while True:
@@ -290,15 +305,15 @@ class Channel:
             except zmq.Again:
                 if time.monotonic() >= deadline:
                     raise RequestTimeoutError(
-                        f"no reply to {msg.op!r} from {self.endpoint} within {timeout_s:.1f}s; the peer is busy or gone"
+                        f"no reply to {what!r} from {self.endpoint} within {timeout_s:.1f}s; the peer is busy or gone"
                     ) from None
                 if alive is not None:
                     alive()
                 continue
             try:
-                env = codec.decode(reply, source(reply) if source else None)
+                env = decode(reply)
             except ProtocolError:
-                if codec.peek_req_id(reply) != rid:
+                if peek(reply) != rid:
                     continue  # a late, unreadable reply to an abandoned request
                 raise
             if env.req_id != rid:

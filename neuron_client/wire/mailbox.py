@@ -206,70 +206,88 @@ class LeanWriter:
         return end
 
 
-class LeanReader:
-    """Reads flat tensor messages from one area: views of its slots, through a layout cached per header."""
+def parse_layout(head: bytes, n: int, container: int, area_bytes: int):
+    """The tensors of a lean header: ([(dtype, count, offset, shape)], end of the last); ProtocolError if any falls
+    outside an area of ``area_bytes`` or the header is malformed."""
+    if n > MAX_TENSORS or container not in (CONTAINER_ONE, CONTAINER_TUPLE, CONTAINER_LIST):
+        raise ProtocolError(f"a lean message of {n} tensors in container {container}")
+    if container == CONTAINER_ONE and n != 1:
+        raise ProtocolError("a lean message of one tensor must hold one")
+    pos, end, specs = _HEAD.size, _align(len(head)), []
+    for _ in range(n):
+        if pos + _TENSOR.size > len(head):
+            raise ProtocolError("a lean header cut short")
+        code, ndim, offset = _TENSOR.unpack_from(head, pos)
+        pos += _TENSOR.size
+        if code >= len(_DTYPE_LIST) or ndim > 64 or pos + 8 * ndim > len(head):
+            raise ProtocolError(f"a lean tensor of dtype code {code} and {ndim} dims")
+        shape = struct.unpack_from(f"<{ndim}q", head, pos)
+        pos += 8 * ndim
+        if any(d < 0 for d in shape):
+            raise ProtocolError(f"a lean tensor of shape {list(shape)}")
+        dtype = _DTYPE_LIST[code]
+        count = 1
+        for d in shape:
+            count *= d
+        size = count * tensors.ITEMSIZE[dtype]
+        if offset % ALIGN or offset < end or offset + size > area_bytes:
+            raise ProtocolError(f"a lean tensor at offset {offset} of {size} bytes in an area of {area_bytes}")
+        specs.append((dtype, count, offset, shape))
+        end = _align(offset + size)
+    if pos != len(head):
+        raise ProtocolError("a lean header longer than its tensors")
+    return specs, end
 
-    def __init__(self, area: memoryview):
+
+def views_of(buf, specs) -> list:
+    """Tensors over ``buf`` as ``specs`` place them (no copy)."""
+    return [torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape) if count
+            else torch.empty(shape, dtype=dtype) for dtype, count, offset, shape in specs]
+
+
+class LeanReader:
+    """Reads flat tensor messages from one area (``area``: views of its slots, made once per layout) or from a fresh
+    buffer each time (``area`` None: :meth:`read_from`), through layouts cached per header."""
+
+    def __init__(self, area: memoryview | None):
         self.area = area
         self.layouts: dict = {}
         self.last = None  # (header, layout) of the last message
 
-    def read(self, nbytes: int):
-        """(model id, container, tensors over the area) of the message of ``nbytes`` bytes; ProtocolError if it is
-        malformed (every offset and size is checked against the area)."""
-        area = self.area
-        if not _HEAD.size <= nbytes <= len(area):
-            raise ProtocolError(f"a lean message of {nbytes} bytes does not fit an area of {len(area)}")
-        n, container, model_id, hlen = _HEAD.unpack_from(area, 0)
+    def _layout(self, buf, nbytes: int, area_bytes: int):
+        if not _HEAD.size <= nbytes <= area_bytes:
+            raise ProtocolError(f"a lean message of {nbytes} bytes does not fit an area of {area_bytes}")
+        n, container, model_id, hlen = _HEAD.unpack_from(buf, 0)
         if not _HEAD.size <= hlen <= min(nbytes, MAX_HEADER_BYTES):
             raise ProtocolError(f"a lean header of {hlen} bytes in a message of {nbytes}")
         last = self.last
-        if last is not None and len(last[0]) == hlen and area[:hlen] == last[0]:  # the same shapes as last time
+        if last is not None and len(last[0]) == hlen and buf[:hlen] == last[0]:  # the same shapes as last time
             layout = last[1]
         else:
-            head = bytes(area[:hlen])
+            head = bytes(buf[:hlen])
             layout = self.layouts.get(head)
             if layout is None:
-                layout = self._parse(head, n, container, nbytes)
+                specs, end = parse_layout(head, n, container, area_bytes)
+                layout = (specs, end, views_of(self.area, specs) if self.area is not None else None)
+                if len(self.layouts) >= MAX_LAYOUTS:
+                    self.layouts.clear()
+                self.layouts[head] = layout
             self.last = (head, layout)
         if layout[1] > nbytes:
             raise ProtocolError(f"a lean message of {nbytes} bytes whose tensors end at {layout[1]}")
-        return model_id, container, layout[0]
+        return model_id, container, layout
 
-    def _parse(self, head: bytes, n: int, container: int, nbytes: int):
-        if n > MAX_TENSORS or container not in (CONTAINER_ONE, CONTAINER_TUPLE, CONTAINER_LIST):
-            raise ProtocolError(f"a lean message of {n} tensors in container {container}")
-        if container == CONTAINER_ONE and n != 1:
-            raise ProtocolError("a lean message of one tensor must hold one")
-        pos, end, views = _HEAD.size, _align(len(head)), []
-        for _ in range(n):
-            if pos + _TENSOR.size > len(head):
-                raise ProtocolError("a lean header cut short")
-            code, ndim, offset = _TENSOR.unpack_from(head, pos)
-            pos += _TENSOR.size
-            if code >= len(_DTYPE_LIST) or ndim > 64 or pos + 8 * ndim > len(head):
-                raise ProtocolError(f"a lean tensor of dtype code {code} and {ndim} dims")
-            shape = struct.unpack_from(f"<{ndim}q", head, pos)
-            pos += 8 * ndim
-            if any(d < 0 for d in shape):
-                raise ProtocolError(f"a lean tensor of shape {list(shape)}")
-            dtype = _DTYPE_LIST[code]
-            count = 1
-            for d in shape:
-                count *= d
-            size = count * tensors.ITEMSIZE[dtype]
-            if offset % ALIGN or offset < end or offset + size > len(self.area):
-                raise ProtocolError(f"a lean tensor at offset {offset} of {size} bytes in an area of "
-                                    f"{len(self.area)}")
-            views.append(torch.frombuffer(self.area, dtype=dtype, count=count, offset=offset).view(shape) if count
-                         else torch.empty(shape, dtype=dtype))
-            end = _align(offset + size)
-        if pos != len(head):
-            raise ProtocolError("a lean header longer than its tensors")
-        if len(self.layouts) >= MAX_LAYOUTS:
-            self.layouts.clear()
-        layout = self.layouts[head] = (views, end)
-        return layout
+    def read(self, nbytes: int):
+        """(model id, container, tensors over the area) of the message of ``nbytes`` bytes in the area; every offset
+        and size is checked against the area."""
+        model_id, container, layout = self._layout(self.area, nbytes, len(self.area))
+        return model_id, container, layout[2]
+
+    def read_from(self, buf):
+        """(model id, container, tensors over ``buf``) of the lean message that is all of ``buf``."""
+        n = memoryview(buf).nbytes
+        model_id, container, layout = self._layout(buf, n, n)
+        return model_id, container, views_of(buf, layout[0])
 
 
 def flat_tensors(obj):
@@ -289,6 +307,82 @@ def rebuild(container: int, ts):
     if container == CONTAINER_ONE:
         return ts[0]
     return tuple(ts) if container == CONTAINER_TUPLE else list(ts)
+
+
+# -- the lean format on the socket -------------------------------------------------------------------------------
+# A flat call on the socket path (no mailbox) is two frames: a prefix (magic, kind, request id, and for a call the
+# lease's token), then the lean message itself; its result likewise. Any other message, and every error, is the
+# codec's, whose header (a msgpack map) never starts with the magic.
+
+LEAN_MAGIC = b"NRTL"
+LEAN_CALL, LEAN_RESULT = 1, 2
+_PREFIX = struct.Struct("<4sB3xQ")  # magic, kind, request id
+SOCKET_LEAN_MAX_BYTES = 32 * 1024  # larger take the codec's frames; below comm.COPY_THRESHOLD_BYTES, so that ZeroMQ
+# copies a lean message out of the reused buffer it is written in
+
+
+def is_lean(frames) -> bool:
+    return len(frames) == 2 and frames[0][:4] == LEAN_MAGIC
+
+
+class SocketLean:
+    """One side's lean messages on a socket: a reusable buffer to write them (ZeroMQ copies what it sends from
+    it), layouts cached per header to read them."""
+
+    def __init__(self):
+        self.buf = memoryview(bytearray(SOCKET_LEAN_MAX_BYTES))
+        self.writer = LeanWriter(self.buf)
+        self.reader = LeanReader(None)
+
+    def _frames(self, kind: int, req_id: int, extra: bytes, ts, container: int, model_id: int = 0):
+        """The two frames of a lean message, or None where it is not one (a dtype the wire does not carry, too
+        large)."""
+        try:
+            end = self.writer.write(ts, container, model_id)
+        except NotCarried:
+            return None
+        if end < 0:
+            return None
+        return [_PREFIX.pack(LEAN_MAGIC, kind, req_id) + extra, self.buf[:end]]
+
+    def call(self, req_id: int, model_id: int, token: str, args):
+        """The frames of a call of ``args`` (a tuple of tensors), or None."""
+        if type(args) is not tuple or flat_tensors(args) is None:
+            return None
+        return self._frames(LEAN_CALL, req_id, token.encode(), args, CONTAINER_TUPLE, model_id)
+
+    def result(self, req_id: int, outputs):
+        """The frames of a result, or None where it is not flat or not small (the codec's frames carry it)."""
+        flat = flat_tensors(outputs)
+        if flat is None:
+            return None
+        return self._frames(LEAN_RESULT, req_id, b"", flat[1], flat[0])
+
+    def read(self, frames):
+        """(kind, request id, token, model id, container, tensors) of a lean message; its tensors own a copy of its
+        bytes (the receiver may change them). ProtocolError if it is malformed."""
+        prefix = frames[0]
+        if len(prefix) < _PREFIX.size:
+            raise ProtocolError("a lean message's prefix is cut short")
+        magic, kind, req_id = _PREFIX.unpack_from(prefix, 0)
+        if kind not in (LEAN_CALL, LEAN_RESULT):
+            raise ProtocolError(f"a lean message of kind {kind}")
+        token = prefix[_PREFIX.size:].decode("ascii", "replace") if kind == LEAN_CALL else ""
+        if len(frames[1]) > SOCKET_LEAN_MAX_BYTES:
+            raise ProtocolError(f"a lean message of {len(frames[1])} bytes (at most {SOCKET_LEAN_MAX_BYTES})")
+        model_id, container, ts = self.reader.read_from(bytearray(frames[1]))
+        return kind, req_id, token, model_id, container, ts
+
+
+def lean_req_id(frames) -> int:
+    """The request id of a lean message, else of a codec one (0 if unreadable): for an error reply to one that
+    failed to decode, and to recognise a late reply."""
+    if not is_lean(frames):
+        return codec.peek_req_id(frames)
+    try:
+        return _PREFIX.unpack_from(frames[0], 0)[2]
+    except struct.error:
+        return 0
 
 
 # -- frames ------------------------------------------------------------------------------------------------------
