@@ -21,8 +21,8 @@ import importlib.util
 import os
 
 from . import echo
-from .harness import (CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of, fmt_bytes, fmt_ratio, fmt_spread,
-                      fmt_us, interleave, md_table, patched_environ, ratio, round_ratio, verdict)
+from .harness import (CHILDREN, Plot, SectionResult, ThreadRunner, Variant, client_of, dots_p50_p99, fmt_bytes,
+                      fmt_ratio, fmt_spread, fmt_us, interleave, md_table, patched_environ, ratio, round_ratio, verdict)
 
 KIB, MIB = 1 << 10, 1 << 20
 SIZES = [1 * KIB, 1 * MIB, 16 * MIB]
@@ -436,7 +436,7 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
         L += [f"Ray: {ray_note}.", ""]
     L += ["### Targets", ""]
     L += md_table(["target", "measured", "round spread", "goal", "verdict"],
-                  [[t["what"], fmt_ratio(t["value"]), fmt_spread(t["round_spread"]), t["goal"], verdict(t["met"])]
+                  [[t["what"], fmt_ratio(t["value"]), fmt_spread(t["round_spread"]), t["goal"], verdict(t["met"], ctx.quick)]
                    for t in targets.values()])
     L += ["", "CPU per 1 KiB call (median of 3 alternating runs; the client is the calling thread plus this process's "
           "ZeroMQ I/O threads; the server is the core's worker, or the echo process, all threads; per-thread times "
@@ -492,15 +492,14 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
             p99 = [e["variants"][n]["p99_us"] for n in names]
             colors = ["tab:red" if n.startswith("neuron") else "tab:gray" for n in names]
             ys = range(len(names))
-            ax.barh(ys, p50, color=colors, alpha=0.8, label="p50")
-            ax.scatter(p99, ys, marker="|", s=200, color="black", label="p99", zorder=3)
+            dots_p50_p99(ax, p50, p99, colors)
             ax.set_yticks(list(ys), names, fontsize=8)
             ax.invert_yaxis()
             ax.set_xscale("log")
             ax.set_xlabel("round trip (µs, log)")
             ax.set_title(f"{label} float32")
             ax.grid(axis="x", which="both", alpha=0.3)
-        fig.suptitle("Round trip of one call (bars p50, ticks p99)")
+        fig.suptitle("Round trip of one call (dots p50, ticks p99)")
         fig.tight_layout()
         fig.savefig(out_path, dpi=110)
 

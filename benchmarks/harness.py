@@ -406,8 +406,27 @@ def md_table(headers: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("**met**" if ok else "**missed**")
+QUICK_CAVEAT = "(--quick: from a handful of samples, indicative only)"
+
+
+def verdict(ok: bool | None, quick: bool = False) -> str:
+    """A target's verdict; in a ``--quick`` run (``ctx.quick``) it says that few samples stand behind it."""
+    text = "n/a" if ok is None else ("**met**" if ok else "**missed**")
+    return f"{text} {QUICK_CAVEAT}" if quick and ok is not None else text
+
+
+def vs(variant: str, baseline: str) -> str:
+    """``variant vs baseline``: every row that compares two figures names (and gives) the variant first."""
+    return f"{variant} vs {baseline}"
+
+
+def dots_p50_p99(ax, p50, p99, colors) -> None:
+    """One row per variant on a (log) x axis: a dot at its p50, a tick at its p99, a thin line between. On a log
+    axis a bar's length means nothing (it starts wherever the axis does); a dot's position is the value."""
+    ys = list(range(len(p50)))
+    ax.hlines(ys, p50, p99, color="black", alpha=0.3, linewidth=1)
+    ax.scatter(p50, ys, s=45, color=colors, zorder=3, label="p50")
+    ax.scatter(p99, ys, marker="|", s=200, color="black", label="p99", zorder=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -67,9 +67,10 @@ def run(ctx) -> SectionResult:
                        "p99_ratio": ratio(var.summary()["p99_us"], base.summary()["p99_us"]),
                        "round_ratio": round_ratio(var, base)}
     res.figures = figs
-    res.lines += md_table(["measure", "baseline", "variant", "baseline p50", "variant p50", "variant / baseline p50",
+    # the variant, then the baseline, in every row (as every section of the report)
+    res.lines += md_table(["measure", "variant", "baseline", "variant p50", "baseline p50", "variant / baseline p50",
                            "p99 ratio", "round spread"],
-                          [[k, f["baseline"], f["variant"], fmt_us(f["baseline_p50_us"]), fmt_us(f["variant_p50_us"]),
+                          [[k, f["variant"], f["baseline"], fmt_us(f["variant_p50_us"]), fmt_us(f["baseline_p50_us"]),
                             fmt_ratio(f["p50_ratio"]), fmt_ratio(f["p99_ratio"]), fmt_spread(f["round_ratio"])]
                            for k, f in figs.items()])
     res.lines.append("")

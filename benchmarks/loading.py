@@ -154,7 +154,7 @@ def _run(ctx, res, trace, minilm, load, starting) -> None:
           "Load: `parallel_model_load` from reading the files to every rank loaded (`model.load_s`), median over "
           f"{rounds} alternating round(s), after one untimed load of each (so both read from the page cache).", ""]
     rows = []
-    for name in dirs:
+    for name in (SEPARATED, INLINE):  # the variant, then the baseline (as every section of the report)
         rows.append([name, disk[name]["files"], f"{disk[name]['bytes'] / 1e6:.1f} MB",
                      f"{disk[name]['tp_0_bytes'] / 1e6:.2f} MB", f"{med[name] * 1e3:.0f} ms",
                      f"{percentile(load_s[name], 0) * 1e3:.0f}-{percentile(load_s[name], 100) * 1e3:.0f} ms",
@@ -163,7 +163,8 @@ def _run(ctx, res, trace, minilm, load, starting) -> None:
     so = figures["separated_over_inline"]
     L += ["", f"Separated / inlined: **{fmt_ratio(so['bytes'])}** of the bytes on disk, **{fmt_ratio(so['load_s_median'])}"
           f"** of the load time (round by round: {so['load_pair_spread']['p25']:.2f}-"
-          f"{so['load_pair_spread']['p75']:.2f}).", "",
+          f"{so['load_pair_spread']['p75']:.2f})" + (f" (--quick: {rounds} round(s), indicative only)" if ctx.quick else "")
+          + ".", "",
           "Where the bytes go: inlined, every rank file carries the replicated weights (the 30522 x 384 word "
           "embeddings alone are 47 MB, layer norms, biases) as well as its shards; separated, they are stored once "
           "in `weights/shared.pt` and the rank files hold weight-less graphs. At load the client reads the weight "

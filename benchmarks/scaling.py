@@ -440,12 +440,13 @@ def _part_throughput(ctx, stack, broker, rt, res, ceiling) -> None:
         "per_round": [{name: {"items_per_s": v[0], "worker_cpus_busy": v[1], "client_cpus_busy": v[2]}
                        for name, v in rd.items()} for rd in per_round],
         "whole_batch_over_dp1": whole_vs_dp1, "dp_overhead": overhead, "core1_over_core0_alone": asym}
-    _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym)
+    _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym, ctx.quick)
     res.plots.append(Plot("scaling_throughput.png", "Throughput over cores, as a ratio to 1 core",
                           lambda plt, path: _draw_throughput(plt, path, scaling, len(host_cpus))))
 
 
-def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym) -> None:
+def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, host_cpus, asym,
+                       quick: bool = False) -> None:
     L = res.lines
     ncpu = len(host_cpus)
     L += ["### (a) Throughput over cores", "",
@@ -497,7 +498,7 @@ def _report_throughput(res, scaling, table, whole_vs_dp1, overhead, core_cpus, h
           f"split + gather of the batch into 4 chunks {fmt_us(overhead['split+gather']['p50_us'])}.", ""]
     if 2 in scaling[DP_WINDOW]:
         win, fj = scaling[DP_WINDOW][2], scaling["DataParallel"][2]
-        met = verdict(None if win["ratio_to_1"] is None else win["ratio_to_1"] >= TARGET_DP_2_CORES)
+        met = verdict(None if win["ratio_to_1"] is None else win["ratio_to_1"] >= TARGET_DP_2_CORES, quick)
         L += [f"Target: DataParallel over 2 cores vs 1, from one caller, >= {TARGET_DP_2_CORES}x: with {WINDOW} "
               f"batches in flight (`submit`) {fmt_ratio(win['ratio_to_1'])} (round spread "
               f"{fmt_spread(win['round_spread'])}) {met}; one batch at a time (fork-join) "

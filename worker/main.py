@@ -136,7 +136,7 @@ class Worker:
         self.stats_dirty = Flag()
         self.stopping = threading.Event()
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
-        self.lean = mb.SocketLean()  # flat calls on the socket path
+        self.lean = mb.SocketLean(cfg.shm_threshold)  # flat calls on the socket path
         self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 

@@ -60,7 +60,7 @@ class WorkerChannel:
         from neuron_client.wire import mailbox  # torch: a channel carries tensors
 
         self._mb = mailbox
-        self._lean = mailbox.SocketLean()  # flat calls on the socket path
+        self._lean = mailbox.SocketLean(self.threshold)  # flat calls on the socket path, below the shm threshold
         self._fast_retry_at = 0.0
         self._fast_warned = False
         self._fast_capacity = 0

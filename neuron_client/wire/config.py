@@ -35,7 +35,10 @@ WORKER_START_TIMEOUT_S = 60.0
 DEFAULT_CALL_TIMEOUT_S = 600.0
 LOAD_TIMEOUT_S = 600.0
 LIVENESS_POLL_S = 0.25  # while waiting for a reply, check this often that the worker is still alive
-SHM_THRESHOLD_BYTES = 64 * 1024  # tensors this large travel through shared memory (measured crossover: scripts/bench)
+# On the socket path (not the fast path's mailbox), tensors this large travel through shared memory: 16 KiB, the
+# crossover `scripts/bench --only dispatch` measured (shared memory 1.13x faster at 16 KiB, a tie at 4 KiB); the README
+# states the same number.
+SHM_THRESHOLD_BYTES = 16 * 1024
 ENV_SHM_THRESHOLD = "NEURON_SHM_THRESHOLD_BYTES"
 MAX_MESSAGE_BYTES = 1 << 30  # a worker refuses (with an error reply) data messages larger than this
 

@@ -329,8 +329,10 @@ class SocketLean:
     """One side's lean messages on a socket: a reusable buffer to write them (ZeroMQ copies what it sends from
     it), layouts cached per header to read them."""
 
-    def __init__(self):
-        self.buf = memoryview(bytearray(SOCKET_LEAN_MAX_BYTES))
+    def __init__(self, max_bytes: int = SOCKET_LEAN_MAX_BYTES):
+        """``max_bytes``: the largest lean message it writes (larger ones are the codec's: above the shared-memory
+        threshold their tensors go through shared memory)."""
+        self.buf = memoryview(bytearray(max(_HEAD.size, min(max_bytes, SOCKET_LEAN_MAX_BYTES))))
         self.writer = LeanWriter(self.buf)
         self.reader = LeanReader(None)
 
