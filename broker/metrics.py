@@ -19,7 +19,9 @@ Metrics (labels in braces):
 * ``neuron_worker_memory_bytes{core}``, ``neuron_worker_ready{core}``, ``neuron_worker_restarts_total{core}`` (every
   crash since the broker started), ``neuron_worker_recent_crashes{core}`` (those within ``--restart-window``)
 * ``neuron_model_loads_total{core}``, ``neuron_model_load_seconds_total{core}``
-* ``neuron_model_requests_total{model,core}``, ``neuron_model_bytes{model,core}`` (per model name, as Triton and
+* ``neuron_model_requests_total{model,core}`` (executions), ``neuron_model_inferences_total`` (items: the calls'
+  batch sizes summed), ``neuron_model_failures_total``, ``neuron_model_queue_seconds_total``,
+  ``neuron_model_compute_seconds_total``, ``neuron_model_bytes{model,core}`` (per model name, as Triton and
   TorchServe label them)
 * ``neuron_build_info{version,python}``
 * ``neuron_leases_active``, ``neuron_acquires_waiting``, ``neuron_leases_granted_total``,
@@ -157,6 +159,15 @@ def families(doc, show_cmdline: bool = False):
                                          labels=["model", "core"])
     model_bytes = GaugeMetricFamily("neuron_model_bytes", "Bytes of a loaded model (its file and separated weights)",
                                     labels=["model", "core"])
+    model_failures = CounterMetricFamily("neuron_model_failures", "Calls of a model that raised, by model name and core",
+                                         labels=["model", "core"])
+    model_inferences = CounterMetricFamily(
+        "neuron_model_inferences", "Items a model served (its calls' batch sizes summed; the executions are "
+        "neuron_model_requests_total), by model name and core", labels=["model", "core"])
+    model_queue = CounterMetricFamily("neuron_model_queue_seconds", "Seconds a model's calls waited in the worker "
+                                      "before they ran", labels=["model", "core"])
+    model_compute = CounterMetricFamily("neuron_model_compute_seconds", "Seconds a model's calls ran",
+                                        labels=["model", "core"])
     recent = GaugeMetricFamily("neuron_worker_recent_crashes", "Worker crashes of the core within the broker's "
                                "--restart-window (more than --max-restarts fail the core for its lease)",
                                labels=["core"])
@@ -194,12 +205,16 @@ def families(doc, show_cmdline: bool = False):
         wait.add_metric([core], max(0.0, perf.latency_sum_s - perf.busy_s))
         named: dict[str, list[int]] = {}
         for m in c.models:
-            entry = named.setdefault(m.name, [0, 0])
-            entry[0] += m.requests
-            entry[1] += m.bytes
-        for name, (n, nbytes) in sorted(named.items()):
+            entry = named.setdefault(m.name, [0, 0, 0, 0, 0.0, 0.0])
+            for i, v in enumerate((m.requests, m.bytes, m.failures, m.inferences, m.queue_s, m.compute_s)):
+                entry[i] += v
+        for name, (n, nbytes, failed, items, queued, computed) in sorted(named.items()):
             model_requests.add_metric([name, core], n)
             model_bytes.add_metric([name, core], nbytes)
+            model_failures.add_metric([name, core], failed)
+            model_inferences.add_metric([name, core], items)
+            model_queue.add_metric([name, core], queued)
+            model_compute.add_metric([name, core], computed)
         recent.add_metric([core], c.worker.recent_crashes)
         queue.add_metric([core], perf.queue)
         models.add_metric([core], len(c.models))
@@ -209,7 +224,8 @@ def families(doc, show_cmdline: bool = False):
         loads.add_metric([core], perf.loads)
         load_s.add_metric([core], perf.load_s)
     yield from (state, owned, owner, requests, errors, busy, wait, latency, quantiles, queue, models, memory, ready,
-                restarts, recent, loads, load_s, model_requests, model_bytes)
+                restarts, recent, loads, load_s, model_requests, model_bytes, model_failures,
+                model_inferences, model_queue, model_compute)
 
     yield GaugeMetricFamily("neuron_leases_active", "Leases held now", value=len(doc.leases))
     yield GaugeMetricFamily("neuron_acquires_waiting", "Acquires waiting for cores", value=len(doc.pending))

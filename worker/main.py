@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 import psutil
+import torch
 
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 from neuron_client.wire import codec, comm as transport, config, mailbox as mb, messages, tensors
@@ -136,6 +137,7 @@ class Worker:
         self.stats_dirty = Flag()
         self.stopping = threading.Event()
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
+        self.received = 0.0  # perf_counter when the request in hand came off its socket or mailbox
         self.lean = mb.SocketLean(cfg.shm_threshold)  # flat calls on the socket path
         self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
@@ -188,12 +190,17 @@ class Worker:
 
     def run_model(self, model_id: int, args: tuple):
         """The outputs of model ``model_id`` on ``args`` (either path's call); a model's failure is a
-        :class:`ModelExecutionError` naming it and the core."""
+        :class:`ModelExecutionError` naming it and the core. Counts the model's calls, failures, items, and its
+        time waiting (since :attr:`received`) and running."""
         entry = self.store.get(model_id)
         if self.store.device != "cpu":  # inputs arrive on the host; the model lives on the core's device
             device = self.store.device
             args = tensors.map_tensors(args, lambda t: t.to(device, non_blocking=True))
         t0 = time.perf_counter()
+        if self.received:
+            entry.queue_s += t0 - self.received
+        first = args[0] if args else None
+        entry.inferences += first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
         self.busy = True
         try:
             if entry.group is None:
@@ -201,6 +208,7 @@ class Worker:
             with collectives.active(entry.group):
                 return entry.module(*args)
         except Exception as exc:
+            entry.failures += 1
             first = str(exc).strip().splitlines()
             detail = first[-1] if first else ""
             raise ModelExecutionError(
@@ -208,7 +216,9 @@ class Worker:
             ) from None
         finally:
             self.busy = False
-            self.times.busy_s += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.times.busy_s += took
+            entry.compute_s += took
             entry.requests += 1
 
     def on_call(self, msg: messages.Call):
@@ -221,6 +231,7 @@ class Worker:
 
     def handle_box(self, box: ServedMailbox, kind: int, nbytes: int, received: float) -> bool:
         """Serve the request taken from mailbox ``box``; False if the mailbox broke (its client is gone)."""
+        self.received = received
         try:
             if kind == mb.KIND_FRAMES:  # a structured call: the socket path's handling, over the mailbox
                 box.reply(frames=self.handle(box.request_frames(nbytes), received))
@@ -258,6 +269,7 @@ class Worker:
         """The reply to a flat call in the lean format (the socket path's): a lean result where it is flat and
         small, else the codec's."""
         rid = mb.lean_req_id(frames)
+        self.received = received
         try:
             kind, rid, token, model_id, container, args = self.lean.read(frames)
             if kind != mb.LEAN_CALL or container != mb.CONTAINER_TUPLE:
@@ -294,6 +306,7 @@ class Worker:
         """The reply to one request; ``received`` (perf_counter) is when it came off the socket."""
         if mb.is_lean(frames):
             return self.handle_lean(frames, received)
+        self.received = received
         rid = 0
         try:
             size = sum(len(f) for f in frames)

@@ -32,6 +32,10 @@ class Entry:
     module: torch.jit.ScriptModule
     nbytes: int
     requests: int = 0
+    failures: int = 0
+    inferences: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
     group: Any = None  # collectives.Group of a tensor-parallel rank: its collectives run in it
 
 
@@ -153,7 +157,8 @@ class ModelStore:
             _trim_heap()
 
     def info(self) -> list[ModelStatus]:
-        return [ModelStatus(id=e.model_id, name=e.name, requests=e.requests, bytes=e.nbytes)
+        return [ModelStatus(id=e.model_id, name=e.name, requests=e.requests, bytes=e.nbytes, failures=e.failures,
+                            inferences=e.inferences, queue_s=e.queue_s, compute_s=e.compute_s)
                 for e in self.models.values()]
 
 

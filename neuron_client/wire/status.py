@@ -47,6 +47,10 @@ class ModelStatus:
     name: str
     requests: int  # calls it served
     bytes: int  # its TorchScript file and separated weights
+    failures: int = 0  # calls that raised
+    inferences: int = 0  # items served: the calls' batch sizes (dim 0 of the first input; 1 for a scalar) summed
+    queue_s: float = 0.0  # seconds its calls waited in the worker between their receipt and their start
+    compute_s: float = 0.0  # seconds its calls ran
 
 
 @record

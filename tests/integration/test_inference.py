@@ -58,13 +58,22 @@ def test_client_segments_removed_after_kill(broker, apps, models_dir):
 
 def test_status_shows_owner_models_and_requests(broker, client, models_dir):
     client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "5"})
-    client.ok("load", path=os.path.join(models_dir, "affine.pt"))
-    doc = broker.wait_for(lambda d: d.cores[5].models, 5, "model listed on core 5")
+    affine = client.ok("load", path=os.path.join(models_dir, "affine.pt"))["model"]
+    gather = client.ok("load", path=os.path.join(models_dir, "gather.pt"))["model"]
+    client.ok("call", model=affine, args=[{"rand": [2, 4]}], times=3)  # 3 calls of 2 items each
+    client.ok("call_in_thread", model=affine, args=[{"rand": [2, 4]}], env={"NEURON_FAST_PATH": "0"})
+    assert client.do("call", model=gather, args=[{"rand": [4, 3]}, {"tensor": [0, 9]}])["error"]
+    doc = broker.wait_for(lambda d: sum(m.requests for m in d.cores[5].models) == 5, 5, "both models' calls counted")
+    by_name = {m.name: m for m in doc.cores[5].models}
+    # per model, on either path: executions, items, failures, and time waiting vs running (Triton's split)
+    a, g = by_name["affine.pt"], by_name["gather.pt"]
+    assert (a.requests, a.inferences, a.failures) == (4, 8, 0) and (g.requests, g.failures) == (1, 1)
+    assert a.compute_s > 0 and a.queue_s >= 0 and g.compute_s > 0
     core = doc.cores[5]
     assert core.state == "owned"
     assert core.owner.pid == client.pid and "-m tests.procs.inference" in core.owner.cmd
     assert core.owner.lease_age_s >= 0
-    assert core.models[0].name == "affine.pt"
+    assert [m.name for m in core.models] == ["affine.pt", "gather.pt"]
     assert core.worker.pid > 0 and core.worker.memory_bytes > 0
     assert doc.cores[4].state == "free" and doc.cores[4].owner is None
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,6 +155,29 @@ def test_a_closed_pipe_and_ctrl_c_end_quietly():
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(30) == cli.EXIT_BROKEN_PIPE and err == "", err
+
+
+@pytest.mark.parametrize("tool", ["neuron_broker", "neuron_ls", "neuron_run"])
+def test_ctrl_c_at_any_moment_of_a_tools_start_prints_no_traceback(tool, tmp_path):
+    """As a console script starts its tool (setup.cfg's entry points, broker.entry): a Ctrl-C while it imports, or
+    while it runs, ends it with 130 (or it finished first), never with a traceback. The child holds SIGINT back
+    until the entry point runs, so that a signal sent before then tests the entry point, not the child's first line
+    (a console script's own two lines before it are the one moment left)."""
+    args = {"neuron_broker": ["status", "--dir", str(tmp_path)], "neuron_ls": ["--dir", str(tmp_path)],
+            "neuron_run": ["--help"]}[tool]
+    code = (f"import signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT]); "
+            f"sys.argv = ['{tool}', *{args!r}]; sys.stderr.write('go\\n'); sys.stderr.flush(); "
+            f"from broker.entry import {tool}; sys.exit({tool}())")
+    for delay in (0.0, 0.01, 0.03, 0.1, 0.3):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr.readline() == b"go\n"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read().decode()
+        code_ = proc.wait(60)
+        assert "Traceback" not in err, (delay, err)
+        assert code_ in (0, 1, 130), (delay, code_, err)
 
 
 def test_the_systemd_unit_runs_the_broker_in_the_foreground():

@@ -19,7 +19,8 @@ def busy_doc() -> status.StatusDoc:
     core.perf.p50_ms, core.perf.p99_ms, core.perf.window = 0.4, 1.5, 3
     core.perf.busy_s, core.perf.latency_sum_s = 0.002, 0.003
     core.perf.latency_hist.counts[3] = 3
-    core.models.append(status.ModelStatus(id=2, name="m.pt", requests=4, bytes=100))
+    core.models.append(status.ModelStatus(id=2, name="m.pt", requests=4, bytes=100, failures=1, inferences=20,
+                                          queue_s=0.25, compute_s=1.5))
     core.worker.restarts, core.worker.recent_crashes = 7, 2
     return doc
 
@@ -53,6 +54,12 @@ def test_types_and_per_model_series():
     (per_model,) = families["neuron_model_requests"].samples  # two models of one name on the core: one series
     assert per_model.labels == {"model": "m.pt", "core": "0"} and per_model.value == 3 + 4
     assert families["neuron_model_bytes"].samples[0].value == 200
+    for name, value in (("neuron_model_failures", 1), ("neuron_model_inferences", 20), ("neuron_model_queue_seconds",
+                                                                                     0.25),
+                        ("neuron_model_compute_seconds", 1.5)):
+        assert families[name].type == "counter", name
+        (sample,) = families[name].samples
+        assert sample.name == name + "_total" and sample.value == value, sample
     (build,) = families["neuron_build_info"].samples
     import neuron_client
 
