@@ -31,7 +31,7 @@ import torch
 from neuron_client.distributed import collectives  # registers neuron::all_reduce / all_gather for TP graphs
 from neuron_client.wire import codec, comm as transport, config, mailbox as mb, messages, tensors
 from neuron_client.wire.errors import ModelExecutionError, NeuronRuntimeError, NotOwnerError, ProtocolError
-from neuron_client.wire.procs import cpu_free, pid_running
+from neuron_client.wire.procs import pid_running
 from neuron_client.wire.shm import SegmentCache, SegmentWriter
 
 from . import devices
@@ -139,7 +139,7 @@ class Worker:
         self.data_closed = threading.Event()  # the data thread has closed its socket (set once, at its end)
         self.received = 0.0  # perf_counter when the request in hand came off its socket or mailbox
         self.lean = mb.SocketLean(cfg.shm_threshold)  # flat calls on the socket path
-        self.gap_s = 0.0  # recent waits for a mailbox's next request after its reply (an EWMA)
+        self.spin_policy = mb.SpinPolicy(cfg.spin_us / 1e6)  # after a reply, watch the mailboxes a while?
         self.handlers = {"load": self.on_load, "unload": self.on_unload, "call": self.on_call}
 
     # -- ownership -------------------------------------------------------------------------------------------
@@ -358,9 +358,7 @@ class Worker:
                 if fast is not None:
                     for box in fast.boxes.values():
                         if box.pending():
-                            now = time.perf_counter()
-                            self.note_gap(now - box.replied_at)
-                            backlog.append((box, *box.take(), now))
+                            backlog.append((box, *box.take(), time.perf_counter()))
                 if not backlog:
                     continue
                 box, a, b, received = backlog.popleft()
@@ -415,31 +413,28 @@ class Worker:
                 pass
         fast.drop(box)
 
-    def note_gap(self, gap_s: float) -> None:
-        """A request's wait after the previous reply of its mailbox: the spin is for clients that come back fast."""
-        self.gap_s += 0.125 * (min(gap_s, 1.0) - self.gap_s)
-
     def spin(self, fast: FastPath, comm) -> bool:
         """After a reply, watch the mailboxes (and the socket) for a bounded time before blocking: True if a request
-        came. Only where this worker has its CPUs to itself, while a CPU of the host is free, and while clients come
-        back within the window."""
+        came. Only where this worker has its CPUs to itself, while a CPU of the host is free, and while such watches
+        find the next request (:class:`~neuron_client.wire.mailbox.SpinPolicy`)."""
         window = self.cfg.spin_us / 1e6
-        if not window or not fast.boxes or self.gap_s > window:
+        if not window or not fast.boxes:
             return False
-        now = time.perf_counter()
-        if not cpu_free(now):  # every CPU is taken: a spin would take one from the client it waits for
-            return False
-        last = max(box.replied_at for box in fast.boxes.values())
-        stop = last + window
         boxes = list(fast.boxes.values())
+        stop = max(box.replied_at for box in boxes) + window
+        now = time.perf_counter()
+        if now >= stop or not self.spin_policy.should(now):
+            return False
         i = 0
         while time.perf_counter() < stop:
             for box in boxes:
                 if box.pending():
+                    self.spin_policy.record(True)
                     return True
             i += 1
             if not i & 31 and comm.readable():
                 return True
+        self.spin_policy.record(False)
         return False
 
     # -- control plane ---------------------------------------------------------------------------------------

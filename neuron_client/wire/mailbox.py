@@ -453,6 +453,30 @@ def recv_exact(conn: socket.socket, n: int, deadline: float) -> bytearray:
 # -- the client side ---------------------------------------------------------------------------------------------
 
 
+class SpinPolicy:
+    """When a bounded spin before blocking pays: while most recent spins found what they waited for (an EWMA of
+    their hits), and a CPU of the host is free. Every :data:`PROBE_EVERY`-th wait spins regardless (a CPU free), so
+    that a side that stopped spinning notices when spins would pay again: a blocked wait is slower by the wake-up,
+    so its own time never tells."""
+
+    PROBE_EVERY = 32
+
+    def __init__(self, budget_s: float):
+        self.budget_s = budget_s
+        self.hits = 1.0
+        self.waits = 0
+
+    def should(self, now: float) -> bool:
+        if not self.budget_s:
+            return False
+        self.waits += 1
+        return (self.hits >= 0.5 or not self.waits % self.PROBE_EVERY) and cpu_free(now)
+
+    def record(self, hit: bool) -> None:
+        self.hits += 0.125 * ((1.0 if hit else 0.0) - self.hits)
+
+
+
 def close_fds(*fds: int) -> None:
     for fd in fds:
         try:
@@ -515,7 +539,7 @@ class ClientMailbox:
         cpus = set(answer.get("cpus") or [])
         free_cpu = bool(set(os.sched_getaffinity(0)) - cpus) if cpus else False
         self.spin_s = (worker_spin if spin_us is None else spin_us) / 1e6 if (SPIN_ARCH and free_cpu) else 0.0
-        self.latency_s = 0.0  # recent round trips (an EWMA): the spin is skipped for calls that take longer
+        self.spin = SpinPolicy(self.spin_s)
         self.writer = LeanWriter(self.region.request)
         self.reader = LeanReader(self.region.reply)
         self.poll = select.poll()
@@ -534,7 +558,6 @@ class ClientMailbox:
             frames = codec.encode(messages.Call(token=token, model_id=model_id, args=args), 1, tensors.TensorSink())
             end = write_frames(self.region.request, frames)
             kind = KIND_FRAMES
-        t0 = time.perf_counter()
         ctl = self.region.ctl
         ctl[_REQ_KIND] = kind
         ctl[_REQ_LEN] = end
@@ -546,18 +569,19 @@ class ClientMailbox:
         except BaseException:
             self.close()  # a call abandoned half way: its reply may still come, so this mailbox is not reused
             raise
-        took = time.perf_counter() - t0
-        self.latency_s += 0.125 * (took - self.latency_s)
         self.calls += 1
         return self._read_reply(timeout_s)
 
     def _wait(self, timeout_s: float, alive) -> None:
         ctl, seq = self.region.ctl, self.seq
-        if self.spin_s and self.latency_s <= self.spin_s and cpu_free(time.perf_counter()):
-            stop = time.perf_counter() + self.spin_s
+        now = time.perf_counter()
+        if self.spin.should(now):
+            stop = now + self.spin_s
             while time.perf_counter() < stop:
                 if ctl[_REP_SEQ] == seq:
+                    self.spin.record(True)
                     return
+            self.spin.record(False)
         now = time.monotonic()
         deadline, check_at = now + timeout_s, now + LIVENESS_POLL_S
         slice_ms = int(LIVENESS_POLL_S * 1000)

@@ -30,15 +30,16 @@ _cpu_free = [0.0, False]  # (when looked, a CPU was free)
 
 
 def cpu_free(now: float) -> bool:
-    """A CPU of this host is free right now: fewer runnable threads than CPUs (``/proc/loadavg``'s running count,
-    the caller included), looked at most every :data:`CPU_FREE_TTL_S` (``now``: ``time.perf_counter()``). A spin
-    before blocking pays only then; on a busy host it takes the CPU from the peer it waits for."""
+    """No thread of this host waits for a CPU: at most as many runnable threads as CPUs (``/proc/loadavg``'s running
+    count: the caller and the peer it waits for among them), looked at most every :data:`CPU_FREE_TTL_S` (``now``:
+    ``time.perf_counter()``). A spin before blocking pays only then; on a busier host it takes a CPU that a runnable
+    thread (the peer, maybe) is waiting for."""
     if now - _cpu_free[0] < CPU_FREE_TTL_S:
         return _cpu_free[1]
     try:
         with open("/proc/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
-        free = running < (os.cpu_count() or 1)
+        free = running <= (os.cpu_count() or 1)
     except (OSError, IndexError, ValueError):
         free = False
     _cpu_free[0], _cpu_free[1] = now, free
