@@ -6,6 +6,7 @@ ZeroMQ sockets are single-threaded, so each thread of the process has its own ch
 from __future__ import annotations
 
 import logging
+import os
 import time
 import typing
 import warnings
@@ -68,8 +69,6 @@ class WorkerChannel:
 
     @staticmethod
     def _fast_path_supported() -> bool:
-        import os
-
         return hasattr(os, "memfd_create") and hasattr(os, "eventfd")
 
     def _mailbox(self, capacity: int = 0):
@@ -81,8 +80,8 @@ class WorkerChannel:
         if box is not None:
             if not box.closed and box.worker_pid == pid and capacity <= box.capacity and not box.grow_to:
                 return box
-            capacity = max(capacity, box.grow_to and mailbox.capacity_for(box.grow_to, self.runtime.max_message_bytes)
-                           or 0, box.capacity)
+            if box.grow_to:  # its last reply streamed: the next mailbox holds such a reply
+                capacity = max(capacity, mailbox.capacity_for(box.grow_to, self.runtime.max_message_bytes) or 0)
             box.close()
             self.mailbox = None
         if not pid or (time.monotonic() < self._fast_retry_at and not capacity):

@@ -47,7 +47,7 @@ import torch
 
 from . import codec, messages, tensors
 from .config import LIVENESS_POLL_S
-from .errors import NeuronRuntimeError, ProtocolError, RequestTimeoutError, WorkerUnavailableError, from_code
+from .errors import ProtocolError, RequestTimeoutError, WorkerUnavailableError, from_code
 from .procs import cpu_free
 from .shm import SharedMemoryError, _full_error
 
@@ -504,6 +504,7 @@ class ClientMailbox:
         self.calls = 0
         self.seq = 0
         self.closed = False
+        self.grow_to = 0  # bytes of the last reply, when it was too large for the reply area
         fds = []
         self.conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -642,8 +643,6 @@ class ClientMailbox:
             raise from_code(env.msg.code, env.msg.message)
         return env.msg.outputs
 
-    grow_to = 0
-
     def close(self) -> None:
         if self.closed:
             return
@@ -665,5 +664,3 @@ def capacity_for(nbytes: int, max_message_bytes: int = 0) -> int | None:
         cap *= 2
     return cap if cap <= max_capacity(max_message_bytes) else None
 
-
-__all__ = ["ClientMailbox", "NotCarried", "LeanReader", "LeanWriter", "NeuronRuntimeError"]
