@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from neuron_client.wire import codec, comm as transport, config, lease_link, messages, shm, status
+from neuron_client.wire import codec, comm as transport, config, lease_link, messages, procs, shm, status
 from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError
 
 from . import state as st
@@ -73,7 +73,7 @@ def _identity(pid: int) -> tuple[float, str]:
         with p.oneshot():
             start = p.create_time()
             try:
-                cmd = " ".join(p.cmdline())
+                cmd = procs.command_line(p)
             except psutil.Error:
                 cmd = ""
         return start, cmd or p.name()

@@ -6,7 +6,12 @@ import sys
 import pytest
 import torch
 
+from tests import zygote
 from tests.helpers import ROOT, App, BrokerProc, KeptApps, wait_free
+
+
+def pytest_sessionstart(session):
+    zygote.start()  # it imports torch while the tests are collected
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from broker.embedded import EmbeddedBroker
+from tests import zygote
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY_TIMEOUT_S = 60.0
@@ -54,9 +55,10 @@ class App:
         full["PYTHONWARNINGS"] = "ignore"
         self.procs = procs
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", f"tests.procs.{procs}"], env=full, cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0,
-                                     start_new_session=True)
+        # forked from the test zygote (torch imported once for the session), else a fresh interpreter
+        self.proc = zygote.spawn(f"tests.procs.{procs}", full, ROOT, self._stderr.fileno()) or subprocess.Popen(
+            [sys.executable, "-m", f"tests.procs.{procs}"], env=full, cwd=ROOT, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._stderr, bufsize=0, start_new_session=True)
         self.pid = self.proc.pid
         self._buffer = b""
         self._pending: list[int] = []

@@ -24,7 +24,7 @@ from neuron_client.runtime.channels import WorkerChannel
 from neuron_client.wire import config, cores, lease_link, messages
 from neuron_client.wire.broker_client import BrokerClient
 from neuron_client.wire.errors import BrokerUnavailableError, LeaseLostError, NeuronRuntimeError, WorkerUnavailableError
-from neuron_client.wire.procs import current_pid, pid_running
+from neuron_client.wire.procs import command_line, current_pid, pid_running
 
 log = logging.getLogger("neuron_client")
 
@@ -346,7 +346,7 @@ class Runtime:
 
 def _command_line() -> str:
     try:
-        return " ".join(psutil.Process().cmdline()) or sys.argv[0]
+        return command_line(psutil.Process()) or sys.argv[0]
     except psutil.Error:
         return " ".join(sys.argv)
 

@@ -521,8 +521,14 @@ class ClientMailbox:
                 raise ProtocolError(f"{address} is served by pid {pid} (uid {uid}), not by the core's worker "
                                     f"(pid {worker_pid}); not sending it the mailbox")
             hello = msgpack.packb({"v": VERSION, "token": token, "capacity": capacity})
-            socket.send_fds(self.conn, [hello], [memfd, self.req_bell, self.rep_bell])
-            answer = msgpack.unpackb(self.conn.recv(MAX_HANDSHAKE_BYTES), raw=False)
+            try:
+                socket.send_fds(self.conn, [hello], [memfd, self.req_bell, self.rep_bell])
+            except BrokenPipeError:  # refused before the hello was read: the answer says why
+                pass
+            data = self.conn.recv(MAX_HANDSHAKE_BYTES)
+            if not data:
+                raise ProtocolError(f"the worker of core {core} closed its fast path without an answer")
+            answer = msgpack.unpackb(data, raw=False)
             if not isinstance(answer, dict):
                 raise ProtocolError("the worker's fast-path answer is not a map")
             if not answer.get("ok"):

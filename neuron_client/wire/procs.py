@@ -7,7 +7,6 @@ import time
 
 import psutil
 
-
 _pid = os.getpid()  # this process's pid, kept current across fork without a system call per use
 
 
@@ -44,6 +43,12 @@ def cpu_free(now: float) -> bool:
         free = False
     _cpu_free[0], _cpu_free[1] = now, free
     return free
+
+
+def command_line(proc: psutil.Process) -> str:
+    """A process's command line as one string; the empty arguments a process renamed with setproctitle leaves
+    (its title, then NULs) are dropped. Raises psutil.Error."""
+    return " ".join(arg for arg in proc.cmdline() if arg)
 
 
 def pid_running(pid: int) -> bool:

@@ -4,6 +4,7 @@ dead peer never holds the other beyond the call timeout."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
@@ -66,8 +67,12 @@ def _hello(address: str, token: str, seal: bool = True):
     s.settimeout(5)
     try:
         s.connect(address)
-        socket.send_fds(s, [msgpack.packb({"v": mailbox.VERSION, "token": token,
-                                           "capacity": mailbox.CAPACITY_BYTES})], fds)
+        if not select.select([s], [], [], 0.5)[0]:  # a worker refuses a process not its owner before its hello
+            try:
+                socket.send_fds(s, [msgpack.packb({"v": mailbox.VERSION, "token": token,
+                                                   "capacity": mailbox.CAPACITY_BYTES})], fds)
+            except BrokenPipeError:  # refused meanwhile: its answer is there to read
+                pass
         data = s.recv(4096)
         return msgpack.unpackb(data) if data else None
     finally:

@@ -144,8 +144,9 @@ def test_opt_in_wait_gets_cores_when_the_owner_exits(broker, client, apps):
 
 def test_pid_reuse_guard(broker8):
     """A lease is tied to (pid, start time): the same pid with another start time is a different process."""
-    from broker.server import process_alive
     import psutil
+
+    from broker.server import process_alive
 
     me = psutil.Process()
     assert process_alive(me.pid, me.create_time())

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from tests import zygote
 from tests.conftest import ROOT
 
 SEEDS = os.path.join(ROOT, "scripts", "seeds")
@@ -36,9 +37,11 @@ def start(broker, example: str, cwd, env=None, then: str = "") -> subprocess.Pop
     for k in ("NEURON_RT_NUM_CORES", "NEURON_RT_VISIBLE_CORES"):
         full.pop(k, None)
     full.update(env or {})
-    args = [sys.executable, "-m", "tests.procs.seed", os.path.join(SEEDS, example)] + (["--then", then] if then else [])
-    return subprocess.Popen(args, env=full, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    argv = [os.path.join(SEEDS, example)] + (["--then", then] if then else [])
+    # forked from the test zygote (torch imported once for the session), else a fresh interpreter
+    return zygote.spawn("tests.procs.seed", full, str(cwd), argv=argv) or subprocess.Popen(
+        [sys.executable, "-m", "tests.procs.seed", *argv], env=full, cwd=str(cwd), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def report(proc: subprocess.Popen) -> dict:
