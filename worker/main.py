@@ -204,9 +204,9 @@ class Worker:
         self.busy = True
         try:
             if entry.group is None:
-                return entry.module(*args)  # grad mode is off for this whole thread (see serve)
+                return entry.forward(*args)  # grad mode is off for this whole thread (see serve)
             with collectives.active(entry.group):
-                return entry.module(*args)
+                return entry.forward(*args)
         except Exception as exc:
             entry.failures += 1
             first = str(exc).strip().splitlines()

@@ -37,6 +37,12 @@ class Entry:
     queue_s: float = 0.0
     compute_s: float = 0.0
     group: Any = None  # collectives.Group of a tensor-parallel rank: its collectives run in it
+    forward: Any = None  # the module's forward method: a call skips nn.Module.__call__ (a TorchScript module has no
+    # Python hooks to run)
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = getattr(self.module, "forward", self.module)
 
 
 M_TRIM_THRESHOLD = -1

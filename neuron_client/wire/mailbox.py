@@ -456,8 +456,9 @@ def recv_exact(conn: socket.socket, n: int, deadline: float) -> bytearray:
 class SpinPolicy:
     """When a bounded spin before blocking pays: while most recent spins found what they waited for (an EWMA of
     their hits), and a CPU of the host is free. Every :data:`PROBE_EVERY`-th wait spins regardless (a CPU free), so
-    that a side that stopped spinning notices when spins would pay again: a blocked wait is slower by the wake-up,
-    so its own time never tells."""
+    that a side that stopped spinning notices when spins would pay again (a blocked wait is slower by the wake-up,
+    so its own time never tells); a probe that hits restores the spin at once, rather than hovering at the threshold
+    where every miss stops it for another :data:`PROBE_EVERY` waits."""
 
     PROBE_EVERY = 32
 
@@ -473,7 +474,10 @@ class SpinPolicy:
         return (self.hits >= 0.5 or not self.waits % self.PROBE_EVERY) and cpu_free(now)
 
     def record(self, hit: bool) -> None:
-        self.hits += 0.125 * ((1.0 if hit else 0.0) - self.hits)
+        if hit and self.hits < 0.5:  # a probe that paid: the calls come back to back again
+            self.hits = 1.0
+        else:
+            self.hits += 0.125 * ((1.0 if hit else 0.0) - self.hits)
 
 
 
