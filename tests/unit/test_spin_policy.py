@@ -1,0 +1,61 @@
+"""The fast path's spin policy (neuron_client.wire.mailbox.SpinPolicy): spin while recent spins paid, probe now and
+then after they stopped paying, and come back at once when a probe pays."""
+from __future__ import annotations
+
+from neuron_client.wire import mailbox, procs
+
+
+def _policy(monkeypatch, free: bool = True) -> mailbox.SpinPolicy:
+    monkeypatch.setattr(mailbox, "cpu_free", lambda now: free)
+    return mailbox.SpinPolicy(100e-6)
+
+
+def test_misses_stop_the_spin_and_only_every_32nd_wait_probes(monkeypatch):
+    p = _policy(monkeypatch)
+    assert p.should(0.0)
+    for _ in range(8):
+        p.record(False)
+    assert p.hits < 0.5
+    spun = [i for i in range(64) if p.should(0.0)]
+    assert len(spun) == 2 and spun[1] - spun[0] == p.PROBE_EVERY  # the probes
+
+
+def test_a_probe_that_pays_restores_the_spin_at_once(monkeypatch):
+    p = _policy(monkeypatch)
+    for _ in range(8):
+        p.record(False)
+    p.record(True)  # the probe found its reply within the spin
+    assert p.hits == 1.0
+    p.record(False)  # one miss later it still spins: not hovering at the threshold
+    assert p.should(0.0)
+
+
+def test_a_hit_while_spinning_moves_the_average_a_little(monkeypatch):
+    p = _policy(monkeypatch)
+    p.record(False)
+    before = p.hits
+    p.record(True)
+    assert before < p.hits < 1.0
+
+
+def test_no_spin_without_a_budget_or_without_a_free_cpu(monkeypatch):
+    assert not mailbox.SpinPolicy(0.0).should(0.0)
+    assert not _policy(monkeypatch, free=False).should(0.0)
+
+
+def test_cpu_free_reads_the_run_queue_once_per_ttl(monkeypatch):
+    reads = []
+    real_open = open
+
+    def counting_open(path, *a, **kw):
+        if path == "/proc/loadavg":
+            reads.append(path)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    monkeypatch.setattr(procs, "_cpu_free", [0.0, False])
+    t0 = 1000.0
+    first = procs.cpu_free(t0)
+    assert procs.cpu_free(t0 + procs.CPU_FREE_TTL_S / 2) == first and len(reads) == 1
+    procs.cpu_free(t0 + procs.CPU_FREE_TTL_S * 2)
+    assert len(reads) == 2
