@@ -153,7 +153,7 @@ class _Zygote:
             self.proc.wait(5)
 
     def spawn(self, module: str, env: dict, cwd: str, stderr_fd: int | None, argv=()) -> ZygoteProc | None:
-        if not self._ready():
+        if os.environ.get(ENV_SWITCH, "1") == "0" or not self._ready():
             return None
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()

@@ -162,6 +162,18 @@ def ping() -> dict:
     return {"pid": os.getpid()}
 
 
+@command
+def whoami(var: str = "") -> dict:
+    """What makes this process itself: pid, session, working directory, ``sys.path[0]``, an environment variable,
+    and a draw of torch's and Python's random generators."""
+    import random
+
+    import torch
+
+    return {"pid": os.getpid(), "sid": os.getsid(0), "cwd": os.getcwd(), "path0": sys.path[0],
+            "var": os.environ.get(var), "torch_rand": float(torch.rand(1)), "rand": random.random()}
+
+
 def _answer(out, doc: dict) -> None:
     try:
         line = json.dumps(doc)
