@@ -7,6 +7,7 @@ stress runs and tests that must start one, talk to it and always tear it down (w
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -37,6 +38,7 @@ class EmbeddedBroker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "broker", "start", "--foreground", "--dir", self.directory, "--cores", str(cores),
              *extra], env=self.env, stdout=self.log, stderr=self.log, start_new_session=True, cwd=ROOT)
+        atexit.register(self.stop)  # a script that raises or forgets stop() leaves no broker behind
         try:
             self.wait_ready(ready_timeout_s)
         except BaseException:
@@ -81,7 +83,10 @@ class EmbeddedBroker:
             return ""
 
     def stop(self) -> None:
-        """Ask nicely (SIGTERM: the broker stops its workers), then kill the whole process group."""
+        """Ask nicely (SIGTERM: the broker stops its workers), then kill the whole process group. Idempotent."""
+        atexit.unregister(self.stop)
+        if self.log.closed:
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
