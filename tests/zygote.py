@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,14 +36,14 @@ class ZygoteProc:
     """The part of ``subprocess.Popen`` the tests use, for a process the zygote forked: ``pid``, ``stdin``,
     ``stdout``, ``returncode``, :meth:`poll`, :meth:`wait`."""
 
-    def __init__(self, conn: socket.socket, pid: int, stdin, stdout, stderr=None):
+    def __init__(self, conn: socket.socket, pid: int, stdin, stdout, stderr=None, received: bytes = b""):
         self.conn = conn
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
         self.returncode = None
-        self._buffer = b""
+        self._buffer = received  # what the zygote sent after the pid (its exit line, for a process that ended)
 
     def _take(self, timeout_s: float | None) -> None:
         """Read the exit code, waiting at most ``timeout_s`` (None: as long as it takes)."""
@@ -57,8 +58,11 @@ class ZygoteProc:
             if chunk:
                 self._buffer += chunk
                 continue
-            # the zygote went away before it told: the process ends unreaped by it (init reaps it)
-            while not _pid_gone(self.pid):
+            # the zygote went away before it told: the process ends unreaped by it (init reaps it). Imported here:
+            # the zygote itself imports nothing of the runtime, which its children import afresh.
+            from neuron_client.wire.procs import pid_running
+
+            while pid_running(self.pid):
                 if deadline is not None and time.monotonic() >= deadline:
                     raise subprocess.TimeoutExpired(f"tests.procs pid {self.pid}", timeout_s or 0.0)
                 time.sleep(0.05)
@@ -105,12 +109,8 @@ class ZygoteProc:
         return out, err
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
+def _enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 class _Zygote:
@@ -123,7 +123,7 @@ class _Zygote:
     def start(self) -> None:
         """Start the zygote process (it imports torch in the background of the caller)."""
         with self.lock:
-            if self.failed or os.environ.get(ENV_SWITCH, "1") == "0":
+            if self.failed or not _enabled():
                 return
             if self.proc is not None and self.proc.poll() is None:
                 return
@@ -151,9 +151,11 @@ class _Zygote:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self.address is not None:
+            shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
     def spawn(self, module: str, env: dict, cwd: str, stderr_fd: int | None, argv=()) -> ZygoteProc | None:
-        if os.environ.get(ENV_SWITCH, "1") == "0" or not self._ready():
+        if not _enabled() or not self._ready():  # read at each start: a test may turn it off
             return None
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -184,10 +186,8 @@ class _Zygote:
             os.close(out_w)
             if err_r is not None:
                 os.close(stderr_fd)
-        proc = ZygoteProc(conn, pid, open(in_w, "wb", buffering=0), open(out_r, "rb", buffering=0),
-                          open(err_r, "rb", buffering=0) if err_r is not None else None)
-        proc._buffer = rest
-        return proc
+        return ZygoteProc(conn, pid, open(in_w, "wb", buffering=0), open(out_r, "rb", buffering=0),
+                          open(err_r, "rb", buffering=0) if err_r is not None else None, rest)
 
 
 ZYGOTE = _Zygote()

@@ -191,7 +191,7 @@ class WorkerChannel:
     def call(self, model_id: int, args: tuple, timeout_s: float):
         if self.fast and model_id not in self._socket_models:
             try:
-                return self._fast_call(model_id, args, timeout_s)  # the mailbox grows for large replies itself
+                return self._fast_call(model_id, args, timeout_s)
             except self._mb.NotCarried:
                 pass
         outputs = self._lean_call(model_id, args, timeout_s) if not self.reply_arena.size else NOT_SENT

@@ -480,7 +480,6 @@ class SpinPolicy:
             self.hits += 0.125 * ((1.0 if hit else 0.0) - self.hits)
 
 
-
 def close_fds(*fds: int) -> None:
     for fd in fds:
         try:
