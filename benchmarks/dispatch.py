@@ -157,7 +157,8 @@ def _path_of(rt, core: int) -> dict:
     ch = rt.channel(core)
     box = ch.mailbox
     return {"fast_path": ch.fast, "mailbox_calls": box.calls if box else 0,
-            "mailbox_spin_us": round(box.spin_s * 1e6) if box else None}
+            "mailbox_spin_us": round(box.spin_s * 1e6) if box else None,
+            "mailbox_blocked": box.blocked if box else 0}
 
 
 def _zmq_threads_cpu_s() -> float:
@@ -447,7 +448,8 @@ def _part_roundtrip(ctx, stack: contextlib.ExitStack, res: SectionResult) -> Non
     paths = checks[fmt_bytes(1 * KIB)]["paths"]
     L += ["", "Paths taken at 1 KiB: " + "; ".join(
         f"{name}: {'mailbox' if p['mailbox_calls'] else 'socket'} ({p['mailbox_calls']} mailbox calls, client spin "
-        f"{p['mailbox_spin_us']} µs)" for name, p in paths.items()) + ".", ""]
+        f"{p['mailbox_spin_us']} µs, {p['mailbox_blocked']} calls waited in poll)" for name, p in paths.items())
+        + ".", ""]
     kib = per_size[fmt_bytes(1 * KIB)]["variants"]
     if CODEC in kib:
         pz, cd, nc = kib[PYZMQ]["p50_us"], kib[CODEC]["p50_us"], kib[NEURON_SOCKET]["p50_us"]

@@ -38,6 +38,10 @@ class ServedMailbox:
         self.replied_at = 0.0  # perf_counter of the last reply (the spin's gap statistic)
         self.closed = False
 
+    def waiting(self, on: bool) -> None:
+        """Say in the control page whether this worker blocks in poll (then a request rings its doorbell)."""
+        self.ctl[mb._REQ_WAIT] = 1 if on else 0
+
     def pending(self) -> bool:
         return not self.queued and self.ctl[mb._REQ_SEQ] != self.last_seq
 
@@ -78,7 +82,7 @@ class ServedMailbox:
         ctl[mb._REP_SEQ] = self.last_seq
         self.queued = False
         try:
-            os.write(self.rep_bell, mb._ONE)
+            mb.ring_if_waiting(ctl, mb._REP_WAIT, self.rep_bell)
         except OSError:
             pass
         if kind == mb.KIND_STREAM:

@@ -62,6 +62,7 @@ class CallTimes:
         self.n = 0
 
     def record(self, seconds: float, end: float) -> None:
+        """A call of ``seconds`` that ended at ``end`` (``time.perf_counter()``, the clock the calls are timed by)."""
         self.sum_s += seconds
         self.buckets[bisect.bisect_left(messages.LATENCY_BUCKETS_S, seconds)] += 1
         self.ring[self.n % LATENCY_WINDOW] = (end, seconds)
@@ -121,6 +122,7 @@ class Worker:
         self.cfg = cfg
         self.core = cfg.core
         self.store = ModelStore(cfg.core, device, rendezvous_dir=cfg.directory)
+        self.device = None if device == "cpu" else device  # where inputs go before a call (None: they are there)
         self.segments = SegmentCache()
         self.lock = threading.Lock()
         self.owner_lease = ""  # set once, by the broker's assignment
@@ -193,14 +195,14 @@ class Worker:
         :class:`ModelExecutionError` naming it and the core. Counts the model's calls, failures, items, and its
         time waiting (since :attr:`received`) and running."""
         entry = self.store.get(model_id)
-        if self.store.device != "cpu":  # inputs arrive on the host; the model lives on the core's device
-            device = self.store.device
+        if self.device is not None:  # inputs arrive on the host; the model lives on the core's device
+            device = self.device
             args = tensors.map_tensors(args, lambda t: t.to(device, non_blocking=True))
         t0 = time.perf_counter()
         if self.received:
             entry.queue_s += t0 - self.received
         first = args[0] if args else None
-        entry.inferences += first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else 1
+        entry.inferences += len(first) if isinstance(first, torch.Tensor) and first.dim() else 1
         self.busy = True
         try:
             if entry.group is None:
@@ -242,10 +244,10 @@ class Worker:
                 model_id, container, args = box.reader.read(nbytes)
                 if container != mb.CONTAINER_TUPLE:
                     raise ProtocolError("a mailbox call's arguments must be a tuple")
-                outputs = self.run_model(model_id, tuple(args))
+                outputs = self.run_model(model_id, args)
                 self.requests += 1
                 box.reply(outputs=outputs)
-                self.times.record(time.perf_counter() - received, time.monotonic())
+                self.times.record(box.replied_at - received, box.replied_at)
             except (ProtocolError, NeuronRuntimeError) as exc:
                 self.errors += 1
                 box.reply(frames=codec.encode_reply(exc))
@@ -275,7 +277,7 @@ class Worker:
             if kind != mb.LEAN_CALL or container != mb.CONTAINER_TUPLE:
                 raise ProtocolError(f"a worker serves lean calls of a tuple, not kind {kind} of container {container}")
             self.authorize(token)
-            outputs = self.run_model(model_id, tuple(args))
+            outputs = self.run_model(model_id, args)
             self.requests += 1
             out = self.lean.result(rid, outputs)  # None past its buffer, sized by the shm threshold
             return self.answered(out or codec.encode_reply(messages.Result(outputs=outputs), rid), received)
@@ -287,7 +289,8 @@ class Worker:
     def answered(self, reply: list, received: float) -> list:
         """``reply``, its call's latency recorded (``received``: when it came off the socket; 0: not a call)."""
         if received:
-            self.times.record(time.perf_counter() - received, time.monotonic())
+            end = time.perf_counter()
+            self.times.record(end - received, end)
         return reply
 
     def error_reply(self, exc: BaseException, rid: int, frames) -> list:
@@ -345,9 +348,7 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 if not backlog and not (fast is not None and self.spin(fast, comm)):
-                    events = poller.poll(DATA_POLL_MS)
-                    if fast is not None and events:
-                        self.fast_events(fast, poller, events)
+                    self.block(fast, poller)
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
                 while len(backlog) < MAX_BACKLOG and comm.readable():
                     msg = comm.recv()
@@ -382,6 +383,26 @@ class Worker:
         except OSError as exc:  # the socket path serves every call
             log.warning("core %d: no fast path (%s); calls take the socket", self.core, exc)
             return None
+
+    def block(self, fast: FastPath | None, poller) -> None:
+        """Wait (bounded) for a request, a connection or a doorbell. The mailboxes say first that this worker blocks,
+        so that their next request rings (:func:`~neuron_client.wire.mailbox.ring_if_waiting`); a request stored
+        before a client saw that is found by the look after the fence."""
+        boxes = list(fast.boxes.values()) if fast is not None else []
+        for box in boxes:
+            box.waiting(True)
+        try:
+            if boxes:
+                mb.fence()
+                for box in boxes:
+                    if box.pending():
+                        return
+            events = poller.poll(DATA_POLL_MS)
+            if fast is not None and events:
+                self.fast_events(fast, poller, events)
+        finally:
+            for box in boxes:
+                box.waiting(False)
 
     def fast_events(self, fast: FastPath, poller, events) -> None:
         """Act on the fast path's part of a poll: a connecting client, a doorbell (drained: the sequence numbers
@@ -442,7 +463,7 @@ class Worker:
         except psutil.Error:
             rss = 0
         times = self.times
-        p50, p99, window = times.percentiles(time.monotonic())
+        p50, p99, window = times.percentiles(time.perf_counter())
         return messages.WorkerStats(core=self.core, models=self.store.info(), requests=self.requests,
                                     errors=self.errors, rss=rss, busy=self.busy, busy_s=times.busy_s,
                                     latency_p50_s=p50, latency_p99_s=p99, latency_window=window,

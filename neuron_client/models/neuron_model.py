@@ -198,7 +198,11 @@ class NeuronModel(PlacedModel):
             self.wait_loaded()
         rt = self._runtime
         r = replica
-        if r is None:
+        replicas = self.replicas
+        counted = r is not None or len(replicas) != 1
+        if not counted:  # one replica: nothing to pick, so no count of its calls in flight (only the pick reads it)
+            r = replicas[0]
+        elif r is None:
             r = self._pick()
         else:
             with self._lock:
@@ -220,8 +224,9 @@ class NeuronModel(PlacedModel):
                     self._recover(rt, r, "was replaced")
                 out = rt.channel(r.core).call(r.model_id, args, ch.timeout_s)
         finally:
-            with self._lock:
-                r.in_flight -= 1
+            if counted:
+                with self._lock:
+                    r.in_flight -= 1
         self._local.last_core = r.core
         if self.output_device is not None:
             device = self.output_device

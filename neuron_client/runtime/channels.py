@@ -112,11 +112,8 @@ class WorkerChannel:
             raise mailbox.NotCarried(0)
         for _ in range(2):
             try:
-                out = box.call(model_id, args, self.runtime.token, timeout_s, self._alive)
-                if box.grow_to and mailbox.capacity_for(box.grow_to, self.runtime.max_message_bytes) is None:
-                    self._socket_models.add(model_id)  # its replies outgrow any mailbox: the socket's arenas
-                    box.grow_to = 0
-                return out
+                return self._after_stream(box, model_id, box.call(model_id, args, self.runtime.token, timeout_s,
+                                                                  self._alive))
             except mailbox.NotCarried as too_big:  # grow the mailbox to fit, within its limit
                 capacity = mailbox.capacity_for(too_big.args[0], self.runtime.max_message_bytes)
                 if capacity is None:
@@ -127,6 +124,13 @@ class WorkerChannel:
             except WorkerUnavailableError:
                 raise self.runtime.worker_died(self.core, box.worker_pid) from None
         raise mailbox.NotCarried(0)
+
+    def _after_stream(self, box, model_id: int, out):
+        """``out``, a call's outputs; a model whose replies outgrow any mailbox takes the socket's arenas from now."""
+        if box.grow_to and self._mb.capacity_for(box.grow_to, self.runtime.max_message_bytes) is None:
+            self._socket_models.add(model_id)
+            box.grow_to = 0
+        return out
 
     def _alive(self) -> None:
         """While waiting for a reply: the lease still held, the worker still there."""
@@ -189,6 +193,18 @@ class WorkerChannel:
         return NOT_SENT if env is None else env.msg.outputs
 
     def call(self, model_id: int, args: tuple, timeout_s: float):
+        box = self.mailbox
+        if (box is not None and not box.closed and not box.grow_to and model_id not in self._socket_models
+                and box.worker_pid == self.runtime.workers[self.core].pid):  # the common case, in one test
+            try:
+                out = box.call(model_id, args, self.runtime.token, timeout_s, self._alive)
+                if not box.grow_to:
+                    return out
+                return self._after_stream(box, model_id, out)
+            except self._mb.NotCarried:
+                pass  # too large for this mailbox: the general path grows it, or takes the socket
+            except WorkerUnavailableError:
+                raise self.runtime.worker_died(self.core, box.worker_pid) from None
         if self.fast and model_id not in self._socket_models:
             try:
                 return self._fast_call(model_id, args, timeout_s)

@@ -7,10 +7,13 @@ A client thread and the worker of one of its cores, on one host, exchange calls 
   never a SIGBUS later) and sealed against shrinking and growing, so neither side can make the other's mapping
   fault. Layout: a control page of sequence numbers, then the request area, then the reply area, ``capacity`` bytes
   each.
-* **Doorbells**: two ``eventfd``\\ s, one per direction. A side writes its message, stores its sequence number, and
-  rings; the other may spin on the sequence number for a bounded, adaptive time before it blocks in ``poll`` on the
+* **Doorbells**: two ``eventfd``\\ s, one per direction. A side writes its message and stores its sequence number;
+  the other may spin on the sequence number for a bounded, adaptive time before it blocks in ``poll`` on the
   doorbell: on x86-64 only (where stores are seen in order), where the peer has a CPU of its own, while a CPU of the
-  host is free (:func:`~.procs.cpu_free`), and while replies come within the spin.
+  host is free (:func:`~.procs.cpu_free`), and while replies come within the spin. A side about to block says so in
+  the control page (its *waiting* slot), then looks at the sequence number once more; the writer rings only when
+  that slot is set. Each side puts a full fence (:func:`fence`) between its store and its look at the other's, so
+  that one of the two always sees the other (no lost wake-up). Elsewhere than on x86-64 every message rings.
 * **Binding**: the memfd and both eventfds travel once, with ``SCM_RIGHTS``, over an AF_UNIX connection to the core's
   worker (``<broker dir>/core-N.fast``). The client checks with ``SO_PEERCRED`` that the listening process is the
   worker the broker named for the core; the worker accepts only its owner (pid and uid from the kernel) bearing the
@@ -40,6 +43,7 @@ import platform
 import select
 import socket
 import struct
+import threading
 import time
 
 import msgpack
@@ -62,9 +66,12 @@ MAX_LAYOUTS = 64  # cached layouts per area (a model of many input shapes just r
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_HANDSHAKE_BYTES = 4096
 
-# control page: u64 slots; the request's on one cache line, the reply's on another
+# control page: u64 slots; the request's on one cache line, the reply's on another, each side's "I am blocking"
+# on a third and a fourth (written by the waiter, read by the writer)
 _REQ_SEQ, _REQ_KIND, _REQ_LEN = 8, 9, 10
 _REP_SEQ, _REP_KIND, _REP_LEN = 16, 17, 18
+_REQ_WAIT = 24  # the worker is about to block (or blocks) in poll: a request must ring
+_REP_WAIT = 32  # the client is about to block (or blocks) in poll: the reply must ring
 KIND_LEAN, KIND_FRAMES, KIND_STREAM = 1, 2, 3
 
 CONTAINER_ONE, CONTAINER_TUPLE, CONTAINER_LIST = 0, 1, 2
@@ -78,6 +85,27 @@ _U64 = struct.Struct("<Q")
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # Spinning on a sequence number reads it without a barrier: sound where stores become visible in program order.
 SPIN_ARCH = platform.machine() in ("x86_64", "AMD64", "i686", "i386")
+RING_ALWAYS = not SPIN_ARCH  # elsewhere, no fence is known to order a store before a later load: ring every message
+
+_fence_lock = threading.Lock()
+
+
+def fence() -> None:
+    """A full memory barrier on x86: taking and releasing an uncontended lock is a locked read-modify-write
+    (``lock cmpxchg`` in the semaphore or mutex behind ``threading.Lock``), which orders every earlier store before
+    every later load. The store-then-look-at-the-other handshake of the doorbells needs exactly that."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def ring_if_waiting(ctl, wait_slot: int, bell: int) -> None:
+    """After storing a sequence number: ring ``bell`` if the peer said it blocks (``ctl[wait_slot]``)."""
+    if RING_ALWAYS:
+        os.write(bell, _ONE)
+        return
+    fence()
+    if ctl[wait_slot]:
+        os.write(bell, _ONE)
 
 
 class NotCarried(Exception):
@@ -239,10 +267,10 @@ def parse_layout(head: bytes, n: int, container: int, area_bytes: int):
     return specs, end
 
 
-def views_of(buf, specs) -> list:
+def views_of(buf, specs) -> tuple:
     """Tensors over ``buf`` as ``specs`` place them (no copy)."""
-    return [torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape) if count
-            else torch.empty(shape, dtype=dtype) for dtype, count, offset, shape in specs]
+    return tuple(torch.frombuffer(buf, dtype=dtype, count=count, offset=offset).view(shape) if count
+                 else torch.empty(shape, dtype=dtype) for dtype, count, offset, shape in specs)
 
 
 class LeanReader:
@@ -496,7 +524,8 @@ def _peer(sock: socket.socket) -> tuple[int, int]:
 class ClientMailbox:
     """One client thread's mailbox to one core's worker (used by that thread only).
 
-    ``calls`` counts the calls it carried; ``spin_us`` is its spin budget (0: it always blocks)."""
+    ``calls`` counts the calls it carried, ``blocked`` those whose reply it waited for in ``poll`` (not found by the
+    spin); ``spin_us`` is its spin budget (0: it always blocks)."""
 
     def __init__(self, address: str, worker_pid: int, token: str, capacity: int = CAPACITY_BYTES,
                  spin_us: int | None = None, core: int = -1):
@@ -505,6 +534,7 @@ class ClientMailbox:
         self.address = address
         self.capacity = capacity
         self.calls = 0
+        self.blocked = 0
         self.seq = 0
         self.closed = False
         self.grow_to = 0  # bytes of the last reply, when it was too large for the reply area
@@ -574,7 +604,7 @@ class ClientMailbox:
         self.seq += 1
         ctl[_REQ_SEQ] = self.seq
         try:
-            os.write(self.req_bell, _ONE)
+            ring_if_waiting(ctl, _REQ_WAIT, self.req_bell)
             self._wait(timeout_s, alive)
         except BaseException:
             self.close()  # a call abandoned half way: its reply may still come, so this mailbox is not reused
@@ -592,6 +622,15 @@ class ClientMailbox:
                     self.spin.record(True)
                     return
             self.spin.record(False)
+        ctl[_REP_WAIT] = 1  # from here the worker rings; the look below catches a reply stored before it saw this
+        self.blocked += 1
+        try:
+            fence()
+            self._block(ctl, seq, timeout_s, alive)
+        finally:
+            ctl[_REP_WAIT] = 0
+
+    def _block(self, ctl, seq: int, timeout_s: float, alive) -> None:
         now = time.monotonic()
         deadline, check_at = now + timeout_s, now + LIVENESS_POLL_S
         slice_ms = int(LIVENESS_POLL_S * 1000)

@@ -25,24 +25,31 @@ def current_pid() -> int:
 
 
 CPU_FREE_TTL_S = 0.05  # how long a look at the run queue stands
-_cpu_free = [0.0, False]  # (when looked, a CPU was free)
+CPU_BUSY_LOOKS = 2  # a host is busy once this many looks in a row found more runnable threads than CPUs
+_cpu_free = [0.0, False, CPU_BUSY_LOOKS]  # (when looked, a CPU was free, looks in a row that found the host busy)
 
 
 def cpu_free(now: float) -> bool:
     """No thread of this host waits for a CPU: at most as many runnable threads as CPUs (``/proc/loadavg``'s running
     count: the caller and the peer it waits for among them), looked at most every :data:`CPU_FREE_TTL_S` (``now``:
     ``time.perf_counter()``). A spin before blocking pays only then; on a busier host it takes a CPU that a runnable
-    thread (the peer, maybe) is waiting for."""
-    if now - _cpu_free[0] < CPU_FREE_TTL_S:
-        return _cpu_free[1]
+    thread (the peer, maybe) is waiting for.
+
+    One look is a snapshot: a thread that wakes for a moment (a timer, a kernel worker) makes the count exceed the
+    CPUs, and the scheduler gives it a CPU at once anyway (a woken thread preempts a spinning one). So the host counts
+    as busy only after :data:`CPU_BUSY_LOOKS` looks in a row found it so: at least one TTL of sustained contention,
+    which stops a spin within ``CPU_BUSY_LOOKS * CPU_FREE_TTL_S`` of a real load, not for every passing thread."""
+    state = _cpu_free
+    if now - state[0] < CPU_FREE_TTL_S:
+        return state[1]
     try:
         with open("/proc/loadavg", "rb") as f:
             running = int(f.read().split()[3].split(b"/")[0])
-        free = running <= (os.cpu_count() or 1)
+        busy = 0 if running <= (os.cpu_count() or 1) else state[2] + 1
     except (OSError, IndexError, ValueError):
-        free = False
-    _cpu_free[0], _cpu_free[1] = now, free
-    return free
+        busy = CPU_BUSY_LOOKS
+    state[0], state[1], state[2] = now, busy < CPU_BUSY_LOOKS, busy
+    return state[1]
 
 
 def command_line(proc: psutil.Process) -> str:

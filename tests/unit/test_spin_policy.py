@@ -2,6 +2,9 @@
 then after they stopped paying, and come back at once when a probe pays."""
 from __future__ import annotations
 
+import io
+import os
+
 from neuron_client.wire import mailbox, procs
 
 
@@ -53,9 +56,33 @@ def test_cpu_free_reads_the_run_queue_once_per_ttl(monkeypatch):
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr("builtins.open", counting_open)
-    monkeypatch.setattr(procs, "_cpu_free", [0.0, False])
+    monkeypatch.setattr(procs, "_cpu_free", [0.0, False, procs.CPU_BUSY_LOOKS])
     t0 = 1000.0
     first = procs.cpu_free(t0)
     assert procs.cpu_free(t0 + procs.CPU_FREE_TTL_S / 2) == first and len(reads) == 1
     procs.cpu_free(t0 + procs.CPU_FREE_TTL_S * 2)
     assert len(reads) == 2
+
+
+def _loadavg(monkeypatch, running_counts):
+    """/proc/loadavg reads that report these running counts, one per read."""
+    counts = iter(running_counts)
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/loadavg":
+            return io.BytesIO(f"0.50 0.40 0.30 {next(counts)}/300 4242\n".encode())
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(procs, "_cpu_free", [0.0, True, 0])
+
+
+def test_one_passing_thread_does_not_stop_the_spin_but_sustained_contention_does(monkeypatch):
+    _loadavg(monkeypatch, [2, 3, 2, 3, 3, 3, 1])
+    ttl = procs.CPU_FREE_TTL_S
+    looks = [procs.cpu_free(1000.0 + i * 2 * ttl) for i in range(7)]
+    # 2 free; 3 (one look over: a thread passing) free; 2 free; 3 free; 3 again (two in a row): busy, and stays busy
+    # while the contention lasts; back to 1 runnable: free at once
+    assert looks == [True, True, True, True, False, False, True]
