@@ -40,6 +40,8 @@ from .store import ModelStore, tune_allocator
 
 log = logging.getLogger("neuron.worker")
 DATA_POLL_MS = 200
+SOCKET_LOOK_S = 0.0005  # while mailbox calls come back to back, the socket is looked at least this often
+SPUN_TO_MAILBOX, SPUN_TO_SOCKET = "mailbox", "socket"  # what a spin found
 LATENCY_WINDOW = 512  # p50/p99 in the stats are over at most this many recent calls ...
 LATENCY_WINDOW_S = 60.0  # ... that ended within this many seconds
 FINAL_STATS_LINGER_S = 1.0  # a retiring worker waits at most this long for its last stats to leave
@@ -345,15 +347,23 @@ class Worker:
         control.start()
         # FIFO, like the socket: (mailbox, kind, bytes, received) or (None, identity, frames, received)
         backlog: collections.deque = collections.deque()
+        socket_due = 0.0  # while the mailboxes keep this loop busy, the socket is looked at again from then on
         try:
             while not self.stopping.is_set():
-                if not backlog and not (fast is not None and self.spin(fast, comm)):
-                    self.block(fast, poller)
+                look = True
+                if not backlog:
+                    found = self.spin(fast, comm) if fast is not None else None
+                    if found is None:
+                        self.block(fast, poller)  # then look: the socket may be what woke it
+                    elif found is SPUN_TO_MAILBOX and time.perf_counter() < socket_due:
+                        look = False  # a look costs ZeroMQ's bookkeeping (~3 us); the spin looks every 32 turns
                 # take what has arrived, so that the queue depth is known (no exception-driven draining: cheap)
-                while len(backlog) < MAX_BACKLOG and comm.readable():
-                    msg = comm.recv()
-                    if len(msg) >= 2:
-                        backlog.append((None, msg[0], msg[1:], time.perf_counter()))
+                if look:
+                    while len(backlog) < MAX_BACKLOG and comm.readable():
+                        msg = comm.recv()
+                        if len(msg) >= 2:
+                            backlog.append((None, msg[0], msg[1:], time.perf_counter()))
+                    socket_due = time.perf_counter() + SOCKET_LOOK_S
                 if fast is not None:
                     for box in fast.boxes.values():
                         if box.pending():
@@ -432,29 +442,30 @@ class Worker:
                 pass
         fast.drop(box)
 
-    def spin(self, fast: FastPath, comm) -> bool:
-        """After a reply, watch the mailboxes (and the socket) for a bounded time before blocking: True if a request
-        came. Only where this worker has its CPUs to itself, while a CPU of the host is free, and while such watches
-        find the next request (:class:`~neuron_client.wire.mailbox.SpinPolicy`)."""
+    def spin(self, fast: FastPath, comm):
+        """After a reply, watch the mailboxes (and the socket) for a bounded time before blocking: what came
+        (:data:`SPUN_TO_MAILBOX` or :data:`SPUN_TO_SOCKET`), or None. Only where this worker has its CPUs to itself,
+        while a CPU of the host is free, and while such watches find the next request
+        (:class:`~neuron_client.wire.mailbox.SpinPolicy`)."""
         window = self.cfg.spin_us / 1e6
         if not window or not fast.boxes:
-            return False
+            return None
         boxes = list(fast.boxes.values())
         stop = max(box.replied_at for box in boxes) + window
         now = time.perf_counter()
         if now >= stop or not self.spin_policy.should(now):
-            return False
+            return None
         i = 0
         while time.perf_counter() < stop:
             for box in boxes:
                 if box.pending():
                     self.spin_policy.record(True)
-                    return True
+                    return SPUN_TO_MAILBOX
             i += 1
             if not i & 31 and comm.readable():
-                return True
+                return SPUN_TO_SOCKET
         self.spin_policy.record(False)
-        return False
+        return None
 
     # -- control plane ---------------------------------------------------------------------------------------
     def stats(self) -> messages.WorkerStats:

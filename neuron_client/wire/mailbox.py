@@ -90,20 +90,21 @@ RING_ALWAYS = not SPIN_ARCH  # elsewhere, no fence is known to order a store bef
 _fence_lock = threading.Lock()
 
 
-def fence() -> None:
-    """A full memory barrier on x86: taking and releasing an uncontended lock is a locked read-modify-write
-    (``lock cmpxchg`` in the semaphore or mutex behind ``threading.Lock``), which orders every earlier store before
-    every later load. The store-then-look-at-the-other handshake of the doorbells needs exactly that."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+def fence(lock: threading.Lock = _fence_lock) -> None:
+    """A full memory barrier on x86: taking and releasing a lock is a locked read-modify-write (``lock cmpxchg`` in
+    the semaphore or mutex behind ``threading.Lock``), which orders every earlier store before every later load. The
+    store-then-look-at-the-other handshake of the doorbells needs exactly that. Any lock will do; a mailbox passes
+    its own, which only its thread takes, so that it is never contended."""
+    lock.acquire()
+    lock.release()
 
 
-def ring_if_waiting(ctl, wait_slot: int, bell: int) -> None:
+def ring_if_waiting(ctl, wait_slot: int, bell: int, lock: threading.Lock = _fence_lock) -> None:
     """After storing a sequence number: ring ``bell`` if the peer said it blocks (``ctl[wait_slot]``)."""
     if RING_ALWAYS:
         os.write(bell, _ONE)
         return
-    fence()
+    fence(lock)
     if ctl[wait_slot]:
         os.write(bell, _ONE)
 
@@ -536,6 +537,7 @@ class ClientMailbox:
         self.calls = 0
         self.blocked = 0
         self.seq = 0
+        self.fence_lock = threading.Lock()  # this thread's (see fence)
         self.closed = False
         self.grow_to = 0  # bytes of the last reply, when it was too large for the reply area
         fds = []
@@ -604,7 +606,7 @@ class ClientMailbox:
         self.seq += 1
         ctl[_REQ_SEQ] = self.seq
         try:
-            ring_if_waiting(ctl, _REQ_WAIT, self.req_bell)
+            ring_if_waiting(ctl, _REQ_WAIT, self.req_bell, self.fence_lock)
             self._wait(timeout_s, alive)
         except BaseException:
             self.close()  # a call abandoned half way: its reply may still come, so this mailbox is not reused
@@ -625,7 +627,7 @@ class ClientMailbox:
         ctl[_REP_WAIT] = 1  # from here the worker rings; the look below catches a reply stored before it saw this
         self.blocked += 1
         try:
-            fence()
+            fence(self.fence_lock)
             self._block(ctl, seq, timeout_s, alive)
         finally:
             ctl[_REP_WAIT] = 0

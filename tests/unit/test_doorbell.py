@@ -52,6 +52,7 @@ class _Box(mb.ClientMailbox):
 
     def __init__(self, region, rep_bell: int, conn_fd: int):
         self.region, self.rep_bell, self.seq, self.blocked, self.core, self.worker_pid = region, rep_bell, 1, 0, 0, 0
+        self.fence_lock = threading.Lock()
         self.spin = mb.SpinPolicy(0.0)  # blocks at once
         self.spin_s = 0.0
         self.poll = select.poll()
