@@ -55,7 +55,7 @@ from .errors import ProtocolError, RequestTimeoutError, WorkerUnavailableError, 
 from .procs import cpu_free
 from .shm import SharedMemoryError, _full_error
 
-VERSION = 1
+VERSION = 2  # 2: a doorbell rings only for a peer that said it blocks (a version-1 peer waits for every ring)
 CTL_BYTES = 4096
 ALIGN = 64
 CAPACITY_BYTES = 256 * 1024  # each direction, at first; a mailbox grows to fit a call, up to ...

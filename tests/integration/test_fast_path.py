@@ -96,6 +96,18 @@ def test_only_the_owner_with_its_token_gets_a_mailbox(broker, client, models_dir
     assert own["same"] and own["paths"]["5"]["mailbox_calls"] == 1, own
 
 
+def test_a_client_of_another_mailbox_protocol_is_refused_and_keeps_the_socket_path(broker, client, models_dir):
+    """Version 2 changed when a doorbell rings (only for a peer that said it blocks): a version-1 peer would wait
+    for rings that never come, so a worker takes only its own version's hello, and says which it speaks."""
+    client.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "6"})
+    assert mailbox.VERSION == 2
+    old = client.do("fast_hello", core=6, version=1)
+    assert old["error"] == "ProtocolError" and "this worker speaks 2" in old["message"], old
+    assert client.ok("fast_hello", core=6)["ok"]  # its own version is taken
+    affine = client.ok("load", path=os.path.join(models_dir, "affine.pt"))["model"]
+    assert client.ok("call", model=affine, ref="affine", args=[{"rand": [2, 4]}])["same"]
+
+
 def test_no_memory_for_a_mailbox_is_a_warning_and_the_socket_path(fresh_broker, apps, models_dir):
     b = fresh_broker(1)
     app = apps(b)

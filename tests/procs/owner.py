@@ -98,16 +98,22 @@ def limit_file_size(nbytes: int) -> dict:
 
 
 @harness.command
-def fast_hello(core: int, token: str) -> dict:
-    """Ask ``core``'s worker for a mailbox with ``token`` (not this lease's, say): its refusal, or ok."""
+def fast_hello(core: int, token: str = "", version: int | None = None) -> dict:
+    """Ask ``core``'s worker for a mailbox with ``token`` (default: this lease's; not it, say), speaking mailbox
+    protocol ``version`` (default: this library's): its refusal, or ok."""
     from neuron_client.wire import mailbox
 
     rt = runtime()
+    saved = mailbox.VERSION
     try:
-        box = mailbox.ClientMailbox(mailbox.fast_path_address(rt.directory, core), rt.worker(core).pid, token,
-                                    core=core)
+        if version is not None:
+            mailbox.VERSION = version
+        box = mailbox.ClientMailbox(mailbox.fast_path_address(rt.directory, core), rt.worker(core).pid,
+                                    token or rt.token, core=core)
     except Exception as exc:  # noqa: BLE001 - the test asserts on it
         return harness.error_doc(exc)
+    finally:
+        mailbox.VERSION = saved
     box.close()
     return {"ok": True}
 
