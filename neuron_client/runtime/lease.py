@@ -69,6 +69,7 @@ class Runtime:
         self.cores: list[int] = list(granted.cores)
         self.max_message_bytes: int = granted.max_message_bytes
         self.workers: dict[int, messages.WorkerInfo] = {w.core: w for w in granted.workers}  # pushed on change
+        self._replaced: dict[int, set[int]] = {}  # core -> pids of its workers that a later one replaced
         self.lost: str | None = None
         self.closed = False
         self._local = threading.local()
@@ -213,8 +214,18 @@ class Runtime:
         return None
 
     def _update_workers(self, workers: list[messages.WorkerInfo]) -> None:
+        """Take the broker's word on the workers. Two threads may ask at once (the lease link's pushes, a heartbeat
+        after a failed call), so a word can arrive after a newer one: a report naming a worker that a later one
+        already replaced, and that is dead, is stale and changes nothing (calls would go to the dead worker)."""
         with self._lock:
             for w in workers:
+                cur = self.workers.get(w.core)
+                if cur is not None and w.pid != cur.pid:
+                    replaced = self._replaced.setdefault(w.core, set())
+                    if w.pid in replaced and not pid_running(w.pid):
+                        continue
+                    if cur.pid:
+                        replaced.add(cur.pid)
                 self.workers[w.core] = w
 
     def worker(self, core: int) -> messages.WorkerInfo:
