@@ -197,10 +197,8 @@ class WorkerChannel:
         if (box is not None and not box.closed and not box.grow_to and model_id not in self._socket_models
                 and box.worker_pid == self.runtime.workers[self.core].pid):  # the common case, in one test
             try:
-                out = box.call(model_id, args, self.runtime.token, timeout_s, self._alive)
-                if not box.grow_to:
-                    return out
-                return self._after_stream(box, model_id, out)
+                return self._after_stream(box, model_id, box.call(model_id, args, self.runtime.token, timeout_s,
+                                                                  self._alive))
             except self._mb.NotCarried:
                 pass  # too large for this mailbox: the general path grows it, or takes the socket
             except WorkerUnavailableError:
