@@ -1,6 +1,6 @@
 """Section 1, dispatch: what a call through neuron_client costs compared with the transports under it.
 
-Three parts, each interleaved in rounds:
+Five parts, each interleaved in rounds (4 and 5 are in :mod:`benchmarks.loop`):
 
 1. The round trip of a call of an identity TorchScript model (traced with ``neuron_client.trace``) on one core,
    with a 1 KiB, 1 MiB and 16 MiB float32 tensor, against the same bytes through bare pyzmq (DEALER to a ROUTER
@@ -13,6 +13,8 @@ Three parts, each interleaved in rounds:
 3. The threshold sweep: 16 KiB..4 MiB with and without shared memory, against a second broker whose workers write
    every reply into the client's segment when the client offers one (workers' threshold 1 byte), so that the
    client alone decides, for both directions. The crossover is where shared memory starts to win for good.
+4. Closed-loop throughput of one process per core calling a small MLP, against in-process processes.
+5. A compute-bound MLP in a worker against a plain pinned process.
 """
 from __future__ import annotations
 
@@ -213,8 +215,15 @@ def run(ctx) -> SectionResult:
         _part_roundtrip(ctx, stack, res)
     with contextlib.ExitStack() as stack:
         _part_sweep(ctx, stack, res)
+    from neuron_client.wire import config
+
+    from . import loop
+
     with contextlib.ExitStack() as stack:
-        _part_closed_loop(ctx, stack, res)
+        loop.part_closed_loop(ctx, stack, res, {NEURON: {}, NEURON_BLOCK: {config.ENV_FAST_PATH_SPIN_US: "0"},
+                                                NEURON_SOCKET: {config.ENV_FAST_PATH: "0"}}, NEURON)
+    with contextlib.ExitStack() as stack:
+        loop.part_worker_speed(ctx, stack, res, {})
     res.notes += [
         "Shared memory off: a `WorkerChannel` reads `NEURON_SHM_THRESHOLD_BYTES` when it is created (one channel per "
         "thread and core), so the suite creates one thread's channel with the threshold at 2^62; a channel that never "
@@ -649,84 +658,3 @@ def crossover(points: list[dict]) -> dict:
     return {"text": f"shared memory wins from {fmt_bytes(s1)} on ({fmt_ratio(r1)}; {rule}); at {fmt_bytes(s0)} it is "
                     f"{below} ({fmt_ratio(r0)}){near}. Measured setting: SHM_THRESHOLD_BYTES = {s1} ({fmt_bytes(s1)})",
             "rule": rule, "first_winning_bytes": s1, "interpolated_bytes": at, "suggested_threshold_bytes": s1}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Part 4: closed-loop throughput of one process per core.
-
-LOOP_SECONDS = (2.0, 0.5)  # per variant and round (full, quick)
-LOOP_ROUNDS = (8, 3)
-TARGET_LOOP_RATIO = 0.4  # calls/s through neuron_client at least 0.4x in-process, one process per CPU
-INPROC_LOOP = "in-process, one process per CPU"
-
-
-def _save_mlp(directory: str) -> str:
-    import torch
-
-    import neuron_client
-
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256)).eval()
-    path = os.path.join(directory, "mlp.pt")
-    torch.jit.save(neuron_client.trace(mlp, torch.rand(8, 256)), path)
-    return path
-
-
-def _part_closed_loop(ctx, stack: contextlib.ExitStack, res: SectionResult) -> None:
-    from neuron_client.wire import config
-
-    from .loop import LoopChild, run_together
-
-    p = ctx.progress
-    n = BROKER_CORES
-    path = _save_mlp(str(ctx.tmp))
-    paths = {NEURON: {}, NEURON_BLOCK: {config.ENV_FAST_PATH_SPIN_US: "0"}, NEURON_SOCKET: {config.ENV_FAST_PATH: "0"}}
-    p.note(f"closed loop: {n} processes per variant (one per core and CPU), a small MLP ([8, 256] -> 256 -> 256); "
-           f"one broker of {n} cores per neuron_client variant")
-    groups = {INPROC_LOOP: [LoopChild("inproc", path, i, dict(os.environ)) for i in range(n)]}
-    for g in groups[INPROC_LOOP]:
-        stack.callback(g.close)
-    for name, env in paths.items():
-        broker = ctx.start_broker(f"loop-{len(groups)}", cores=n)
-        stack.callback(broker.stop)
-        groups[name] = [LoopChild("neuron", path, i, {**broker.env, **env}) for i in range(n)]
-        for g in groups[name]:
-            stack.callback(g.close)
-    rounds = ctx.n_rounds(*LOOP_ROUNDS)
-    seconds = LOOP_SECONDS[1] if ctx.quick else LOOP_SECONDS[0]
-    task = p.task(f"closed loop ({len(groups)} variants x {seconds:g}s)", rounds)
-    per_round = []
-    load = []
-    for _ in range(rounds):
-        order = list(groups)
-        ctx.rng.shuffle(order)
-        per_round.append({name: run_together(groups[name], seconds) for name in order})
-        load.append(os.getloadavg()[0])
-        task.advance()
-    task.finish()
-    import statistics
-
-    table, figures = [], {}
-    base = [r[INPROC_LOOP] for r in per_round]
-    for name in groups:
-        rates = [r[name] for r in per_round]
-        ratios = sorted(r[name] / r[INPROC_LOOP] for r in per_round if r[INPROC_LOOP])
-        figures[name] = {"calls_per_s": statistics.median(rates), "ratio_to_inproc": statistics.median(ratios),
-                         "ratio_p25": ratios[len(ratios) // 4], "ratio_p75": ratios[(3 * len(ratios)) // 4]}
-        table.append([name, f"{figures[name]['calls_per_s']:,.0f}", fmt_ratio(figures[name]["ratio_to_inproc"]),
-                      f"{figures[name]['ratio_p25']:.2f}-{figures[name]['ratio_p75']:.2f}"])
-    best = figures[NEURON]["ratio_to_inproc"]
-    res.figures["closed_loop"] = {"processes": n, "seconds": seconds, "rounds": rounds, "variants": figures,
-                                  "load_avg_1m": load, "inproc_calls_per_s": statistics.median(base),
-                                  "target": {"goal": f">= {TARGET_LOOP_RATIO}x", "value": best,
-                                             "met": best >= TARGET_LOOP_RATIO}}
-    L = res.lines
-    L += ["### Closed-loop throughput, one process per core", "",
-          f"{n} processes at once, each calling a small MLP ([8, 256] through two 256-wide layers) back to back for "
-          f"{seconds:g} s, in {rounds} rounds (variants in a fresh order each round): in-process (each pinned to one "
-          f"CPU, one torch thread: the machine's ceiling) against processes owning one core each of a {n}-core "
-          "broker (one broker per variant). Load average (1 min) during the rounds: "
-          f"{', '.join(f'{v:.1f}' for v in load)}.", ""]
-    L += md_table(["variant", "calls/s (all processes)", "vs in-process", "round spread"], table)
-    L += ["", f"Target: neuron_client (default path) >= {TARGET_LOOP_RATIO}x in-process: "
-          f"{fmt_ratio(best)} {verdict(best >= TARGET_LOOP_RATIO)}.", ""]

@@ -102,6 +102,7 @@ class WorkerChannel:
             self._fast_retry_at = time.monotonic() + FAST_PATH_RETRY_S
             return None
         self._fast_capacity = self.mailbox.capacity
+        self._worker_pid = pid  # the worker this channel's calls now go to: the one _alive watches
         return self.mailbox
 
     def _fast_call(self, model_id: int, args: tuple, timeout_s: float):

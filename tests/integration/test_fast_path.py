@@ -12,7 +12,7 @@ import time
 import msgpack
 import pytest
 
-from neuron_client.wire import mailbox
+from neuron_client.wire import config, mailbox
 
 SOCKET = {"NEURON_FAST_PATH": "0"}
 
@@ -176,3 +176,26 @@ def test_a_stopped_worker_holds_a_call_no_longer_than_its_timeout(fresh_broker, 
     # the worker, running again, serves the next call through a fresh mailbox (the timed-out one is not reused)
     again = app.ok("call", model=m["model"], ref="affine", args=[{"rand": [2, 4]}])
     assert again["same"] and again["paths"][str(core)]["mailbox_calls"] == 1
+
+
+def test_a_thread_whose_socket_last_served_a_dead_worker_calls_its_replacement(broker, client, tmp_path):
+    """A thread that loaded on a worker, which died, then calls its replacement through a fresh mailbox (another thread
+    did the reload) must check the replacement's liveness, not the dead one's: a call outlasting the liveness poll
+    (0.25 s) failed, naming the dead worker (seen as a tensor-parallel call failing right after a rank's worker
+    was replaced)."""
+    app = client
+    app.ok("acquire", env={"NEURON_RT_VISIBLE_CORES": "5"})
+    m = app.ok("load", path=app.ok("save", name="slowest", directory=str(tmp_path))["path"])["model"]
+    assert app.ok("call", model=m, shape=[1024, 1024])["paths"]["5"]["mailbox_calls"] == 1  # this thread's mailbox
+    dead = app.ok("worker", core=5)["pid"]
+    os.kill(dead, signal.SIGKILL)
+    broker.wait_for(lambda d: d.cores[5].worker.pid not in (None, 0, dead) and d.cores[5].worker.ready, 30,
+                    "a fresh worker")
+    again = app.ok("call_in_thread", model=m, shape=[1024, 1024], env={})  # reloads the model on the fresh worker
+    assert "error" not in again, again
+    t0 = time.monotonic()
+    out = app.do("call", model=m, shape=[1024, 1024])  # the first thread's mailbox to the fresh worker
+    took = time.monotonic() - t0
+    assert "error" not in out, out
+    assert took > config.LIVENESS_POLL_S  # the call outlasted a liveness poll: it was checked while it ran
+    assert out["paths"]["5"]["mailbox_calls"] == 1  # through a fresh mailbox

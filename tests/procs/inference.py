@@ -92,6 +92,7 @@ def module(name: str):
             "affine": lambda: (Affine(), torch.rand(2, 4)),
             "slow": lambda: (MatmulChain(150, 256), torch.rand(64, 256)),  # ~0.1 s a call: overlaps are visible
             "slower": lambda: (MatmulChain(400, 256), torch.rand(256, 256)),  # long calls to be killed under
+            "slowest": lambda: (MatmulChain(16, 1024), torch.rand(1024, 1024)),  # ~0.4 s: calls outlast a liveness poll
             "wide": lambda: (Wide(), torch.rand(1, 2048)),
             "expand": lambda: (Expand(), torch.rand(1, 64)),
         }
@@ -100,7 +101,7 @@ def module(name: str):
     return _modules[name]
 
 
-MODULES = ("affine", "slow", "slower", "wide", "expand")
+MODULES = ("affine", "slow", "slower", "slowest", "wide", "expand")
 
 
 @harness.command
