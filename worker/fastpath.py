@@ -20,6 +20,11 @@ from neuron_client.wire.errors import NeuronRuntimeError, ProtocolError, code_of
 log = logging.getLogger("neuron.worker")
 HANDSHAKE_TIMEOUT_S = 2.0
 STREAM_TIMEOUT_S = 30.0  # a streamed reply that the client does not read within this long ends its mailbox
+# The worker's spin after a reply lasts its budget, or longer where this client's next request usually takes longer
+# to come (a large reply to copy out, its own work between calls): GAP_FACTOR times the usual gap, up to
+# GAP_SPIN_MAX_S. Gaps longer than that are idle time, not a client's turnaround, and do not count.
+GAP_FACTOR = 1.5
+GAP_SPIN_MAX_S = 1e-3
 
 
 class ServedMailbox:
@@ -36,6 +41,7 @@ class ServedMailbox:
         self.reader = mb.LeanReader(region.request)
         self.writer = mb.LeanWriter(region.reply)
         self.replied_at = 0.0  # perf_counter of the last reply (the spin's gap statistic)
+        self.gap = 0.0  # the usual time from a reply to this client's next request (mailbox.track, of those that count)
         self.closed = False
 
     def waiting(self, on: bool) -> None:
@@ -45,8 +51,11 @@ class ServedMailbox:
     def pending(self) -> bool:
         return not self.queued and self.ctl[mb._REQ_SEQ] != self.last_seq
 
-    def take(self) -> tuple[int, int]:
-        """Mark the waiting request as taken; its (kind, bytes)."""
+    def take(self, now: float) -> tuple[int, int]:
+        """Mark the waiting request as taken (``now``: ``perf_counter``); its (kind, bytes)."""
+        gap = now - self.replied_at
+        if gap < GAP_SPIN_MAX_S:
+            self.gap = mb.track(self.gap, gap)
         self.last_seq = self.ctl[mb._REQ_SEQ]
         self.queued = True
         return self.ctl[mb._REQ_KIND], self.ctl[mb._REQ_LEN]
@@ -92,6 +101,10 @@ class ServedMailbox:
             finally:
                 self.conn.setblocking(False)
         self.replied_at = time.perf_counter()
+
+    def spin_until(self, budget_s: float) -> float:
+        """Until when a spin after this mailbox's last reply may wait for its next request."""
+        return self.replied_at + max(budget_s, min(GAP_FACTOR * self.gap, GAP_SPIN_MAX_S))
 
     def close(self) -> None:
         self.closed = True

@@ -367,7 +367,8 @@ class Worker:
                 if fast is not None:
                     for box in fast.boxes.values():
                         if box.pending():
-                            backlog.append((box, *box.take(), time.perf_counter()))
+                            now = time.perf_counter()
+                            backlog.append((box, *box.take(now), now))
                 if not backlog:
                     continue
                 box, a, b, received = backlog.popleft()
@@ -451,7 +452,7 @@ class Worker:
         if not window or not fast.boxes:
             return None
         boxes = list(fast.boxes.values())
-        stop = max(box.replied_at for box in boxes) + window
+        stop = max(box.spin_until(window) for box in boxes)
         now = time.perf_counter()
         if now >= stop or not self.spin_policy.should(now):
             return None

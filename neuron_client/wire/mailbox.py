@@ -89,6 +89,27 @@ RING_ALWAYS = not SPIN_ARCH  # elsewhere, no fence is known to order a store bef
 
 _fence_lock = threading.Lock()
 
+# A call whose reply is due later than the spin reaches (a model that computes longer than the spin budget): with a
+# CPU free the client dozes in poll, woken early by the reply's ring, until a lead before the reply is due, then
+# spins across it; the reply then needs no ring and the client's next request comes within the worker's own spin, so
+# neither side pays a wake-up from idle (hundreds of microseconds on a VM). Calls due beyond DOZE_MAX_S just block:
+# there a wake-up is noise.
+DOZE_LEAD_S = 200e-6  # wake this long before the reply is due (a timer's wake-up takes 80-160 us here)
+DOZE_MIN_S = 300e-6  # shorter dozes are spun through instead
+DOZE_MAX_S = 0.1
+EXPECT_WEIGHT = 0.25  # of the latest sample in a usual time (track)
+FD_SETSIZE = 1024  # select() takes descriptors below it (sub-millisecond timeouts, which poll does not)
+
+
+def track(usual: float, sample: float) -> float:
+    """The usual duration after ``sample``: it falls at once to a sample under half of it and follows shorter ones
+    quickly, but rises by at most a quarter per sample, so that an outlier (a wake-up from idle, a collection, a
+    descheduled thread) barely moves it. A spin or doze sized by it then rarely overshoots a reply that comes early,
+    which would cost the very wake-up it is there to avoid. ``usual`` 0: no sample yet."""
+    if not usual or sample < 0.5 * usual:
+        return sample
+    return usual + EXPECT_WEIGHT * min(sample - usual, usual)
+
 
 def fence(lock: threading.Lock = _fence_lock) -> None:
     """A full memory barrier on x86: taking and releasing a lock is a locked read-modify-write (``lock cmpxchg`` in
@@ -582,6 +603,8 @@ class ClientMailbox:
         free_cpu = bool(set(os.sched_getaffinity(0)) - cpus) if cpus else False
         self.spin_s = (worker_spin if spin_us is None else spin_us) / 1e6 if (SPIN_ARCH and free_cpu) else 0.0
         self.spin = SpinPolicy(self.spin_s)
+        self.expect: dict[int, float] = {}  # model id -> its calls' time, write to reply (an EWMA)
+        self.dozed = 0  # calls whose wait began with a doze (their reply due beyond the spin)
         self.writer = LeanWriter(self.region.request)
         self.reader = LeanReader(self.region.reply)
         self.poll = select.poll()
@@ -607,30 +630,63 @@ class ClientMailbox:
         ctl[_REQ_SEQ] = self.seq
         try:
             ring_if_waiting(ctl, _REQ_WAIT, self.req_bell, self.fence_lock)
-            self._wait(timeout_s, alive)
+            self._wait(timeout_s, alive, model_id)
         except BaseException:
             self.close()  # a call abandoned half way: its reply may still come, so this mailbox is not reused
             raise
         self.calls += 1
         return self._read_reply(timeout_s)
 
-    def _wait(self, timeout_s: float, alive) -> None:
+    def _wait(self, timeout_s: float, alive, model_id: int) -> None:
         ctl, seq = self.region.ctl, self.seq
-        now = time.perf_counter()
-        if self.spin.should(now):
-            stop = now + self.spin_s
-            while time.perf_counter() < stop:
-                if ctl[_REP_SEQ] == seq:
-                    self.spin.record(True)
+        sent = time.perf_counter()
+        expect = self.expect.get(model_id, 0.0)
+        try:
+            if 0 < self.spin_s < expect <= DOZE_MAX_S and cpu_free(sent):
+                # its reply comes later than the spin reaches: be awake when it is due, and spin across it
+                if expect >= DOZE_MIN_S + DOZE_LEAD_S and self._doze(ctl, seq, expect - DOZE_LEAD_S):
                     return
-            self.spin.record(False)
-        ctl[_REP_WAIT] = 1  # from here the worker rings; the look below catches a reply stored before it saw this
-        self.blocked += 1
+                stop = sent + expect + self.spin_s
+                while time.perf_counter() < stop:
+                    if ctl[_REP_SEQ] == seq:
+                        return
+            elif self.spin.should(sent):
+                stop = sent + self.spin_s
+                while time.perf_counter() < stop:
+                    if ctl[_REP_SEQ] == seq:
+                        self.spin.record(True)
+                        return
+                self.spin.record(False)
+            ctl[_REP_WAIT] = 1  # from here the worker rings; the look below catches a reply stored before it saw this
+            self.blocked += 1
+            try:
+                fence(self.fence_lock)
+                self._block(ctl, seq, timeout_s, alive)
+            finally:
+                ctl[_REP_WAIT] = 0
+        finally:
+            self.expect[model_id] = track(expect, time.perf_counter() - sent)
+
+    def _doze(self, ctl, seq: int, for_s: float) -> bool:
+        """Sleep in poll for ``for_s``, woken early by the reply's ring; True if the reply came meanwhile."""
+        ctl[_REP_WAIT] = 1  # a reply stored from here rings; one stored before is seen by the look after the fence
+        self.dozed += 1
         try:
             fence(self.fence_lock)
-            self._block(ctl, seq, timeout_s, alive)
+            if ctl[_REP_SEQ] == seq:
+                return True
+            if self.rep_bell < FD_SETSIZE:
+                ready = select.select((self.rep_bell,), (), (), for_s)[0]
+            else:
+                ready = [fd for fd, _ in self.poll.poll(max(1, int(for_s * 1000)))]
+            if self.rep_bell in ready:
+                try:
+                    os.read(self.rep_bell, 8)
+                except BlockingIOError:
+                    pass
         finally:
-            ctl[_REP_WAIT] = 0
+            ctl[_REP_WAIT] = 0  # a ring the worker decided on already leaves a count, which the next block drains
+        return ctl[_REP_SEQ] == seq
 
     def _block(self, ctl, seq: int, timeout_s: float, alive) -> None:
         now = time.monotonic()

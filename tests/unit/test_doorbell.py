@@ -55,6 +55,7 @@ class _Box(mb.ClientMailbox):
         self.fence_lock = threading.Lock()
         self.spin = mb.SpinPolicy(0.0)  # blocks at once
         self.spin_s = 0.0
+        self.expect, self.dozed = {}, 0
         self.poll = select.poll()
         self.poll.register(rep_bell, select.POLLIN)
         self.poll.register(conn_fd, select.POLLIN)
@@ -81,7 +82,7 @@ def test_a_blocked_client_says_so_and_the_reply_wakes_it(region, monkeypatch):
         t = threading.Thread(target=worker)
         t.start()
         t0 = time.monotonic()
-        box._wait(10.0, None)
+        box._wait(10.0, None, 0)
         took = time.monotonic() - t0
         t.join(10)
         assert seen["waiting"] == 1
@@ -91,8 +92,63 @@ def test_a_blocked_client_says_so_and_the_reply_wakes_it(region, monkeypatch):
         box.seq = 2
         ctl[mb._REP_SEQ] = 2
         t0 = time.monotonic()
-        box._wait(10.0, None)
+        box._wait(10.0, None, 0)
         assert time.monotonic() - t0 < 20.0 and box.blocked == 2
+    finally:
+        for fd in (rep_bell, r, w):
+            os.close(fd)
+
+
+def test_a_call_due_beyond_the_spin_dozes_woken_early_by_its_reply(region, monkeypatch):
+    """With a CPU free, a call whose model usually takes longer than the spin dozes until a lead before its reply is
+    due; a reply that comes during the doze rings (the client said it waits) and ends it at once, its count drained;
+    one that comes later is caught by the spin across the due time, or by the block after it."""
+    monkeypatch.setattr(mb, "cpu_free", lambda now: True)  # the host's load is not the subject here
+    monkeypatch.setattr(mb, "LIVENESS_POLL_S", 30.0)
+    rep_bell = os.eventfd(0, os.EFD_NONBLOCK)
+    r, w = os.pipe()
+    try:
+        box = _Box(region, rep_bell, r)
+        box.spin_s = 100e-6
+        ctl = region.ctl
+        box.expect[7] = 0.08  # model 7's calls take 80 ms: the doze lasts 79.8 ms unless the reply rings
+        dozing = {}
+
+        def early():
+            deadline = time.monotonic() + 10
+            while not ctl[mb._REP_WAIT] and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            dozing["waiting"] = ctl[mb._REP_WAIT]
+            ctl[mb._REP_SEQ] = 1
+            mb.ring_if_waiting(ctl, mb._REP_WAIT, rep_bell)
+
+        t = threading.Thread(target=early)
+        t.start()
+        box._wait(10.0, None, 7)
+        t.join(10)
+        assert dozing["waiting"] == 1 and box.dozed == 1 and box.blocked == 0
+        assert ctl[mb._REP_WAIT] == 0 and not _rung(rep_bell)  # the ring woke the doze, which took its count
+        assert box.expect[7] < 0.08  # this call was quicker: the next doze is shorter
+
+        box.seq = 2
+        box.expect[7] = 0.002
+        def late():  # after the doze and its spin: the client blocks, and the worker rings as it says it waits
+            ctl[mb._REP_SEQ] = 2
+            mb.ring_if_waiting(ctl, mb._REP_WAIT, rep_bell)
+
+        later = threading.Timer(0.01, late)
+        later.start()
+        t0 = time.monotonic()
+        box._wait(10.0, None, 7)
+        took = time.monotonic() - t0
+        later.join(10)
+        assert ctl[mb._REP_SEQ] == 2 and ctl[mb._REP_WAIT] == 0 and box.dozed == 2
+        assert took < 20.0  # woken by the ring after the doze, not by the 30 s poll: no wake-up lost between them
+        box.seq = 3
+        box.expect[7] = 1e-5  # within the spin: no doze
+        ctl[mb._REP_SEQ] = 3
+        box._wait(10.0, None, 7)
+        assert box.dozed == 2
     finally:
         for fd in (rep_bell, r, w):
             os.close(fd)

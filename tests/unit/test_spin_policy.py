@@ -86,3 +86,43 @@ def test_one_passing_thread_does_not_stop_the_spin_but_sustained_contention_does
     # 2 free; 3 (one look over: a thread passing) free; 2 free; 3 free; 3 again (two in a row): busy, and stays busy
     # while the contention lasts; back to 1 runnable: free at once
     assert looks == [True, True, True, True, False, False, True]
+
+
+def test_a_workers_spin_lasts_as_long_as_its_clients_usual_turnaround_within_a_bound():
+    """The worker spins after a reply for its budget, or 1.5x the usual gap until this client's next request (a
+    client copying out a large reply takes longer), up to 1 ms; an idle pause longer than that is not a gap."""
+    import socket
+
+    from worker import fastpath
+
+    fd = mailbox.create_memfd(mailbox.CAPACITY_BYTES)
+    a, b = socket.socketpair()
+    bells = [os.eventfd(0), os.eventfd(0)]
+    try:
+        box = fastpath.ServedMailbox(a, mailbox.Region(fd, mailbox.CAPACITY_BYTES), *bells)
+        box.replied_at = 10.0
+        assert box.spin_until(100e-6) == 10.0 + 100e-6  # no gap seen yet: the budget
+        for _ in range(40):  # the client's next request comes 400 us after each reply
+            box.take(box.replied_at + 400e-6)
+        assert abs(box.gap - 400e-6) < 1e-6
+        assert abs(box.spin_until(100e-6) - (10.0 + 600e-6)) < 1e-6
+        box.take(box.replied_at + 5.0)  # an idle pause: not counted
+        assert abs(box.gap - 400e-6) < 1e-6
+        box.gap = 3e-3  # (not reachable by takes: gaps of 1 ms or more do not count) the bound holds anyway
+        assert box.spin_until(100e-6) == 10.0 + fastpath.GAP_SPIN_MAX_S
+        assert box.spin_until(5e-3) == 10.0 + 5e-3  # a larger budget stays
+    finally:
+        a.close(), b.close(), os.close(fd)
+        mailbox.close_fds(*bells)
+
+
+def test_a_usual_time_shrugs_off_an_outlier_and_falls_at_once():
+    usual = mailbox.track(0.0, 40e-6)
+    assert usual == 40e-6  # the first sample
+    usual = mailbox.track(usual, 5e-3)  # one slow call (a wake-up from idle, a collection)
+    assert usual == 50e-6  # rose by a quarter of itself, not towards 5 ms
+    usual = mailbox.track(usual, 20e-6)
+    assert usual == 20e-6  # under half: taken at once
+    for _ in range(40):  # a model that really became slower is followed, a quarter per call
+        usual = mailbox.track(usual, 10e-3)
+    assert abs(usual - 10e-3) < 1e-4
