@@ -34,6 +34,7 @@ SMALL_MLP = ([8, 256], [256, 256])  # input shape, layer widths
 BIG_MLP = ([64, 1024], [1024, 1024, 1024])  # a few ms a call on one CPU thread
 SPEED_SECONDS = (2.0, 0.6)
 SPEED_ROUNDS = (8, 3)
+COUNTERS_WAIT_S = 10.0
 TARGET_SPEED_RATIO = 1.05  # time per call of the big MLP through a worker at most 1.05x a plain pinned process's
 PLAIN = "plain process, pinned"
 IN_WORKER = "neuron_client (the core's worker, pinned)"
@@ -96,7 +97,7 @@ def run_together(children: list[LoopChild], seconds: float) -> dict:
         c.start(seconds)
     got = [c.result(seconds) for c in children]
     calls = sum(g["calls"] for g in got)
-    return {"calls_per_s": sum(g["calls"] / g["seconds"] for g in got),
+    return {"calls": calls, "calls_per_s": sum(g["calls"] / g["seconds"] for g in got),
             "s_per_call": statistics.mean(g["seconds"] / g["calls"] for g in got),
             "client_cpu_us": sum(g["cpu_s"] for g in got) / calls * 1e6,
             "worker_cpu_us": sum(g["worker_cpu_s"] for g in got) / calls * 1e6}
@@ -215,10 +216,16 @@ def _speed_of(ctx, stack, spec, env: dict, name: str) -> dict:
     rounds = ctx.n_rounds(*SPEED_ROUNDS)
     seconds = SPEED_SECONDS[1] if ctx.quick else SPEED_SECONDS[0]
     broker = groups[IN_WORKER][0].broker
-    before = broker.status().cores[0].models[0]
+
+    def counters(least: int = 0):  # the worker reports its counters every 50-500 ms: wait for those of the calls
+        doc = broker.wait_for(lambda d: d.cores[0].models and d.cores[0].models[0].requests >= least,
+                              COUNTERS_WAIT_S, "the worker's counters of the model")
+        return doc.cores[0].models[0]
+
+    before = counters()
     per_round, load = _rounds(ctx, groups, seconds, rounds,
                               ctx.progress.task(f"worker speed, {name} MLP (2 variants x {seconds:g}s)", rounds))
-    after = broker.status().cores[0].models[0]
+    after = counters(before.requests + sum(r[IN_WORKER]["calls"] for r in per_round))
     med = {n: {k: statistics.median(r[n][k] for r in per_round) for k in per_round[0][n]} for n in groups}
     return {"model": {"input": shape, "widths": widths}, "seconds": seconds, "rounds": rounds, "load_avg_1m": load,
             "time_ratio": _spread([r[IN_WORKER]["s_per_call"] / r[PLAIN]["s_per_call"] for r in per_round]),
