@@ -121,9 +121,10 @@ def save_mlp(directory: str, spec=SMALL_MLP) -> str:
 
 
 def _spread(ratios: list[float]) -> dict:
-    ratios = sorted(ratios)
-    return {"median": statistics.median(ratios), "p25": ratios[len(ratios) // 4],
-            "p75": ratios[(3 * len(ratios)) // 4]}
+    """A ratio over rounds: its median and quartiles (as :func:`benchmarks.harness.round_ratio`)."""
+    from .harness import percentile
+
+    return {"median": percentile(ratios, 50), "p25": percentile(ratios, 25), "p75": percentile(ratios, 75)}
 
 
 def _rounds(ctx, groups: dict, seconds: float, rounds: int, task) -> tuple[list, list]:
@@ -157,7 +158,7 @@ def _children(ctx, stack, name: str, path: str, cpus: list[int], env: dict | Non
 
 def part_closed_loop(ctx, stack: contextlib.ExitStack, res, paths: dict, default: str) -> None:
     """Part 4. ``paths``: neuron_client variant name -> its environment; ``default`` names the one with the target."""
-    from .harness import fmt_ratio, md_table, verdict
+    from .harness import fmt_ratio, fmt_spread, md_table, verdict
 
     p = ctx.progress
     n = max(1, min(8, os.cpu_count() or 1))
@@ -180,7 +181,7 @@ def part_closed_loop(ctx, stack: contextlib.ExitStack, res, paths: dict, default
                          "ratio_p75": spread["p75"]}
         total = med["client_cpu_us"] + med["worker_cpu_us"]
         table.append([name, f"{med['calls_per_s']:,.0f}", fmt_ratio(spread["median"]),
-                      f"{spread['p25']:.2f}-{spread['p75']:.2f}", f"{med['client_cpu_us']:.0f} µs",
+                      fmt_spread(spread), f"{med['client_cpu_us']:.0f} µs",
                       f"{med['worker_cpu_us']:.0f} µs" if name != INPROC_LOOP else "-",
                       f"{total:.0f} µs", fmt_ratio(total / base_cpu)])
     best = figures[default]["ratio_to_inproc"]
@@ -238,7 +239,7 @@ def _speed_of(ctx, stack, spec, env: dict, name: str) -> dict:
 def part_worker_speed(ctx, stack: contextlib.ExitStack, res, env: dict) -> None:
     """Part 5: a small and a compute-bound MLP, one process at a time, in a plain pinned process and through a worker
     pinned alike; the target is the compute-bound one's."""
-    from .harness import fmt_ratio, fmt_us, md_table, verdict
+    from .harness import fmt_ratio, fmt_spread, fmt_us, md_table, verdict
 
     ctx.progress.note("a worker's speed: two MLPs, one process at a time on CPU 0, plain and through a worker")
     figs = {"small": _speed_of(ctx, stack, SMALL_MLP, env, "small"), "big": _speed_of(ctx, stack, BIG_MLP, env, "big")}
@@ -247,7 +248,7 @@ def part_worker_speed(ctx, stack: contextlib.ExitStack, res, env: dict) -> None:
         label = f"{f['model']['input']} through {len(f['model']['widths'])} x {f['model']['widths'][0]}"
         t = f["time_ratio"]
         table.append([label, fmt_us(f["plain_s"] * 1e6), fmt_us(f["worker_s"] * 1e6),
-                      f"{fmt_ratio(t['median'])} ({t['p25']:.2f}-{t['p75']:.2f})", fmt_us(f["model_s"] * 1e6),
+                      f"{fmt_ratio(t['median'])} ({fmt_spread(t)})", fmt_us(f["model_s"] * 1e6),
                       fmt_ratio(f["model_s"] / f["plain_s"]), fmt_us(f["worker_cpu_us"]), fmt_us(f["caller_cpu_us"])])
     big = figs["big"]
     value = big["time_ratio"]["median"]

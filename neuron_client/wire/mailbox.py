@@ -90,7 +90,7 @@ RING_ALWAYS = not SPIN_ARCH  # elsewhere, no fence is known to order a store bef
 _fence_lock = threading.Lock()
 
 # A call whose reply is due later than the spin reaches (a model that computes longer than the spin budget): with a
-# CPU free the client dozes in poll, woken early by the reply's ring, until a lead before the reply is due, then
+# CPU free the client dozes in select, woken early by the reply's ring, until a lead before the reply is due, then
 # spins across it; the reply then needs no ring and the client's next request comes within the worker's own spin, so
 # neither side pays a wake-up from idle (hundreds of microseconds on a VM). Calls due beyond DOZE_MAX_S just block:
 # there a wake-up is noise.
@@ -109,6 +109,14 @@ def track(usual: float, sample: float) -> float:
     if not usual or sample < 0.5 * usual:
         return sample
     return usual + EXPECT_WEIGHT * min(sample - usual, usual)
+
+
+def _spin_for(ctl, seq: int, stop: float) -> bool:
+    """Watch the reply's sequence number until ``stop`` (``perf_counter``); True if reply ``seq`` came."""
+    while time.perf_counter() < stop:
+        if ctl[_REP_SEQ] == seq:
+            return True
+    return False
 
 
 def fence(lock: threading.Lock = _fence_lock) -> None:
@@ -603,7 +611,7 @@ class ClientMailbox:
         free_cpu = bool(set(os.sched_getaffinity(0)) - cpus) if cpus else False
         self.spin_s = (worker_spin if spin_us is None else spin_us) / 1e6 if (SPIN_ARCH and free_cpu) else 0.0
         self.spin = SpinPolicy(self.spin_s)
-        self.expect: dict[int, float] = {}  # model id -> its calls' time, write to reply (an EWMA)
+        self.expect: dict[int, float] = {}  # model id -> its calls' usual time, write to reply (track)
         self.dozed = 0  # calls whose wait began with a doze (their reply due beyond the spin)
         self.writer = LeanWriter(self.region.request)
         self.reader = LeanReader(self.region.reply)
@@ -646,17 +654,13 @@ class ClientMailbox:
                 # its reply comes later than the spin reaches: be awake when it is due, and spin across it
                 if expect >= DOZE_MIN_S + DOZE_LEAD_S and self._doze(ctl, seq, expect - DOZE_LEAD_S):
                     return
-                stop = sent + expect + self.spin_s
-                while time.perf_counter() < stop:
-                    if ctl[_REP_SEQ] == seq:
-                        return
+                if _spin_for(ctl, seq, sent + expect + self.spin_s):
+                    return
             elif self.spin.should(sent):
-                stop = sent + self.spin_s
-                while time.perf_counter() < stop:
-                    if ctl[_REP_SEQ] == seq:
-                        self.spin.record(True)
-                        return
-                self.spin.record(False)
+                hit = _spin_for(ctl, seq, sent + self.spin_s)
+                self.spin.record(hit)
+                if hit:
+                    return
             ctl[_REP_WAIT] = 1  # from here the worker rings; the look below catches a reply stored before it saw this
             self.blocked += 1
             try:
@@ -668,7 +672,7 @@ class ClientMailbox:
             self.expect[model_id] = track(expect, time.perf_counter() - sent)
 
     def _doze(self, ctl, seq: int, for_s: float) -> bool:
-        """Sleep in poll for ``for_s``, woken early by the reply's ring; True if the reply came meanwhile."""
+        """Sleep in select for ``for_s``, woken early by the reply's ring; True if the reply came meanwhile."""
         ctl[_REP_WAIT] = 1  # a reply stored from here rings; one stored before is seen by the look after the fence
         self.dozed += 1
         try:
